@@ -1,0 +1,55 @@
+//! The closed set of handler kinds, selected by a group's `handler = "…"` key, each with its
+//! own options struct (`[groups.<name>.options]`). A new handler is one file, one variant
+//! here and one match arm in the runtime; the compiler catches a missing arm.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::noop::NoopOptions;
+use crate::webhook::WebhookOptions;
+
+/// A handler kind and its options, as configured.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(tag = "handler", content = "options", rename_all = "snake_case")]
+pub enum HandlerSpec {
+    Noop(NoopOptions),
+    Webhook(WebhookOptions),
+}
+
+/// A problem with one option, found at load time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OptionProblem {
+    /// The option's key below `options`, e.g. `url`.
+    pub key: String,
+    pub message: String,
+}
+
+impl HandlerSpec {
+    /// The names `handler = "…"` accepts.
+    pub const KINDS: &'static [&'static str] = &["noop", "webhook"];
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Noop(_) => "noop",
+            Self::Webhook(_) => "webhook",
+        }
+    }
+
+    /// Cross-field checks serde cannot express. `handler_timeout` is the group's, so that
+    /// a handler's own timeouts can be checked against it.
+    pub fn validate(&self, handler_timeout: Duration) -> Vec<OptionProblem> {
+        match self {
+            Self::Noop(_) => Vec::new(),
+            Self::Webhook(o) => o.validate(handler_timeout),
+        }
+    }
+
+    /// A copy safe to print: every secret replaced by `"<redacted>"`.
+    pub fn redacted(&self) -> Self {
+        match self {
+            Self::Noop(o) => Self::Noop(o.clone()),
+            Self::Webhook(o) => Self::Webhook(o.redacted()),
+        }
+    }
+}

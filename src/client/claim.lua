@@ -1,0 +1,15 @@
+-- Reclaims entries idle longer than min-idle from any consumer of the group (XAUTOCLAIM,
+-- cursor carried by the caller) and returns each with its delivery count, which
+-- XAUTOCLAIM itself does not report.
+-- KEYS[1] stream
+-- ARGV[1] group, ARGV[2] this consumer, ARGV[3] min idle ms, ARGV[4] cursor, ARGV[5] count
+-- Returns {next cursor, {{id, delivery count, {field, value, ...}}, ...}, {deleted id, ...}}
+local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
+local out = {}
+for _, e in ipairs(r[2]) do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1)
+  local count = 1
+  if #p == 1 then count = p[1][4] end
+  out[#out + 1] = {e[1], count, e[2]}
+end
+return {r[1], out, r[3] or {}}

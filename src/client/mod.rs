@@ -1,0 +1,655 @@
+//! The only module that sends commands to Redis.
+//!
+//! Two kinds of connection, because a blocking XREADGROUP stalls every other request
+//! multiplexed on its socket (and redis-rs gives up on a reply after its response timeout):
+//! - one shared [`ConnectionManager`] for short commands (acknowledgements, claims, scripts,
+//!   leases), reconnecting by itself, with `command_timeout` per reply;
+//! - one [`Reader`] per group for blocking reads, whose response timeout exceeds `block`,
+//!   and whose client id lets shutdown unblock it with CLIENT UNBLOCK.
+//!
+//! Replies are parsed straight from [`redis::Value`] into [`RawEntry`]s, moving the field
+//! bytes instead of building a map of owned strings per entry.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, IntoConnectionInfo, RedisError, Script, Value};
+use streamworker_handlers::EntryId;
+
+use crate::config::{RedisConfig, redact_url};
+
+/// An entry as read from Redis, before its payload is decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawEntry {
+    pub id: EntryId,
+    pub delivery_count: u64,
+    pub fields: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// What a page of reclaiming or re-reading found.
+#[derive(Debug, Default)]
+pub struct Claimed {
+    /// Where the next page starts; `None` when the scan is complete.
+    pub next: Option<EntryId>,
+    pub entries: Vec<RawEntry>,
+    /// Entries deleted or trimmed from the stream while pending: Redis removed them from
+    /// the pending list; there is nothing left to handle.
+    pub deleted: Vec<EntryId>,
+}
+
+/// Why talking to Redis failed, sorted by what the caller should do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The connection broke or the server is not serving (loading, failing over): back off,
+    /// reconnect, try again.
+    #[error("Redis is unreachable: {0}")]
+    Unavailable(RedisError),
+    /// The group (or its stream) does not exist, e.g. after a restart of a Redis without
+    /// persistence.
+    #[error("the consumer group does not exist (NOGROUP): {0}")]
+    NoGroup(RedisError),
+    /// Anything else: a bug, a wrong key type, a permission missing from the ACL user.
+    #[error("Redis refused a command: {0}")]
+    Command(RedisError),
+    #[error("unexpected reply from Redis to {command}: {detail}")]
+    Protocol {
+        command: &'static str,
+        detail: String,
+    },
+}
+
+impl From<RedisError> for ClientError {
+    fn from(e: RedisError) -> Self {
+        if e.code() == Some("NOGROUP") {
+            Self::NoGroup(e)
+        } else if e.is_io_error()
+            || e.is_timeout()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || matches!(
+                e.code(),
+                Some("LOADING" | "BUSY" | "MASTERDOWN" | "TRYAGAIN" | "CLUSTERDOWN" | "READONLY")
+            )
+        {
+            Self::Unavailable(e)
+        } else {
+            Self::Command(e)
+        }
+    }
+}
+
+impl ClientError {
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
+    /// A short label for `streamworker_redis_errors_total{kind}`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Unavailable(_) => "unavailable",
+            Self::NoGroup(_) => "nogroup",
+            Self::Command(_) => "command",
+            Self::Protocol { .. } => "protocol",
+        }
+    }
+}
+
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+struct Scripts {
+    release: Script,
+    dead_letter: Script,
+    claim: Script,
+    own_pending: Script,
+    lease: Script,
+    lease_release: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Self {
+            release: Script::new(include_str!("release.lua")),
+            dead_letter: Script::new(include_str!("dead_letter.lua")),
+            claim: Script::new(include_str!("claim.lua")),
+            own_pending: Script::new(include_str!("own_pending.lua")),
+            lease: Script::new(include_str!("lease.lua")),
+            lease_release: Script::new(include_str!("lease_release.lua")),
+        }
+    }
+}
+
+/// A handle on one Redis deployment; cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    redis: redis::Client,
+    commands: ConnectionManager,
+    scripts: std::sync::Arc<Scripts>,
+    command_timeout: Duration,
+    connect_timeout: Duration,
+    /// The URL with its password hidden, for messages.
+    pub display_url: String,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("url", &self.display_url)
+            .finish()
+    }
+}
+
+/// The oldest servers whose stream commands streamworker relies on (XAUTOCLAIM's
+/// deleted-id list, XINFO GROUPS lag).
+const MIN_REDIS: (u64, u64) = (7, 0);
+const MIN_VALKEY: (u64, u64) = (7, 2);
+
+impl Client {
+    /// Connects and checks the server version. Fails fast when Redis is unreachable; the
+    /// caller decides whether to wait and try again.
+    pub async fn connect(config: &RedisConfig) -> Result<Self> {
+        let display_url = redact_url(&config.url);
+        let mut info = config
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(ClientError::Command)?;
+        if let Some(path) = &config.password_file {
+            let password = std::fs::read_to_string(path).map_err(|e| {
+                ClientError::Command(RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "cannot read redis.password_file",
+                    format!("{}: {e}", path.display()),
+                )))
+            })?;
+            let settings = info
+                .redis_settings()
+                .clone()
+                .set_password(password.trim_end_matches(['\n', '\r']));
+            info = info.set_redis_settings(settings);
+        }
+        let tcp = info.tcp_settings().clone().set_nodelay(true);
+        info = info.set_tcp_settings(tcp);
+        let redis = redis::Client::open(info).map_err(ClientError::Command)?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(config.command_timeout))
+            .set_connection_timeout(Some(config.connect_timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let commands = redis
+            .get_connection_manager_with_config(manager_config)
+            .await?;
+        let client = Self {
+            redis,
+            commands,
+            scripts: std::sync::Arc::new(Scripts::new()),
+            command_timeout: config.command_timeout,
+            connect_timeout: config.connect_timeout,
+            display_url,
+        };
+        client.check_version().await?;
+        Ok(client)
+    }
+
+    fn commands(&self) -> ConnectionManager {
+        self.commands.clone()
+    }
+
+    async fn check_version(&self) -> Result<()> {
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut self.commands())
+            .await?;
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .map(str::trim)
+        };
+        let (product, version, minimum) = match field("valkey_version") {
+            Some(v) => ("Valkey", v, MIN_VALKEY),
+            None => (
+                "Redis",
+                field("redis_version").unwrap_or("0.0.0"),
+                MIN_REDIS,
+            ),
+        };
+        let mut parts = version.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
+        let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+        if found < minimum {
+            return Err(ClientError::Command(RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "server too old",
+                format!(
+                    "{} runs {product} {version}; streamworker needs {product} {}.{} or later (XAUTOCLAIM's deleted-id list, XINFO GROUPS lag)",
+                    self.display_url, minimum.0, minimum.1
+                ),
+            ))));
+        }
+        Ok(())
+    }
+
+    /// PING through the shared connection: is Redis serving us?
+    pub async fn ping(&self) -> Result<()> {
+        let _: String = redis::cmd("PING").query_async(&mut self.commands()).await?;
+        Ok(())
+    }
+
+    /// Opens a dedicated connection for blocking reads of one group.
+    pub async fn reader(&self, block: Duration, name: &str) -> Result<Reader> {
+        let config = AsyncConnectionConfig::new()
+            .set_response_timeout(Some(block + self.command_timeout))
+            .set_connection_timeout(Some(self.connect_timeout));
+        let mut conn = self
+            .redis
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        let client_id: i64 = redis::cmd("CLIENT")
+            .arg("ID")
+            .query_async(&mut conn)
+            .await?;
+        // Shows in CLIENT LIST which group and consumer a connection reads for.
+        let _: Result<(), _> = redis::cmd("CLIENT")
+            .arg("SETNAME")
+            .arg(client_name(name))
+            .query_async(&mut conn)
+            .await;
+        Ok(Reader { conn, client_id })
+    }
+
+    /// Wakes a blocked read so shutdown does not wait out `block`.
+    pub async fn unblock(&self, reader_id: i64) -> Result<()> {
+        let _: i64 = redis::cmd("CLIENT")
+            .arg("UNBLOCK")
+            .arg(reader_id)
+            .query_async(&mut self.commands())
+            .await?;
+        Ok(())
+    }
+
+    /// XGROUP CREATE … MKSTREAM. Returns false when the group already existed.
+    pub async fn create_group(&self, stream: &str, group: &str, start: &str) -> Result<bool> {
+        let created: Result<(), RedisError> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(stream)
+            .arg(group)
+            .arg(start)
+            .arg("MKSTREAM")
+            .query_async(&mut self.commands())
+            .await;
+        match created {
+            Ok(()) => Ok(true),
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Takes or renews a lease. `Ok(None)` when ours, `Ok(Some(ttl))` when another live
+    /// process holds it for `ttl` more.
+    pub async fn lease(&self, key: &str, token: &str, ttl: Duration) -> Result<Option<Duration>> {
+        let (ours, ttl_ms): (i64, i64) = self
+            .scripts
+            .lease
+            .key(key)
+            .arg(token)
+            .arg(ttl.as_millis() as u64)
+            .invoke_async(&mut self.commands())
+            .await?;
+        Ok((ours == 0).then(|| Duration::from_millis(ttl_ms.max(0) as u64)))
+    }
+
+    pub async fn release_lease(&self, key: &str, token: &str) -> Result<()> {
+        let _: i64 = self
+            .scripts
+            .lease_release
+            .key(key)
+            .arg(token)
+            .invoke_async(&mut self.commands())
+            .await?;
+        Ok(())
+    }
+
+    /// XACK in one command. Returns how many were still pending.
+    pub async fn ack(&self, stream: &str, group: &str, ids: &[EntryId]) -> Result<u64> {
+        let mut cmd = redis::cmd("XACK");
+        cmd.arg(stream).arg(group);
+        let mut buf = Vec::with_capacity(24);
+        for id in ids {
+            buf.clear();
+            id.write_to(&mut buf);
+            cmd.arg(&buf[..]);
+        }
+        Ok(cmd.query_async(&mut self.commands()).await?)
+    }
+
+    /// Hands entries this consumer owns to `target`; see `release.lua`.
+    pub async fn release(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        target: &str,
+        entries: &[Release],
+    ) -> Result<u64> {
+        let mut inv = self.scripts.release.key(stream);
+        inv.arg(group).arg(consumer).arg(target);
+        for r in entries {
+            inv.arg(r.id.to_string())
+                .arg(r.idle.as_millis() as u64)
+                .arg(r.delivery_count.map_or(-1, |c| c as i64));
+        }
+        Ok(inv.invoke_async(&mut self.commands()).await?)
+    }
+
+    /// Moves one entry to `dead_letter_stream`; see `dead_letter.lua`. `Ok(None)` when the
+    /// entry is no longer pending for this consumer.
+    pub async fn dead_letter(
+        &self,
+        stream: &str,
+        dead_letter_stream: &str,
+        group: &str,
+        consumer: &str,
+        id: EntryId,
+        fields: &[(&[u8], &[u8])],
+    ) -> Result<Option<String>> {
+        let mut inv = self.scripts.dead_letter.key(stream);
+        inv.key(dead_letter_stream)
+            .arg(group)
+            .arg(consumer)
+            .arg(id.to_string());
+        for (name, value) in fields {
+            inv.arg(*name).arg(*value);
+        }
+        Ok(inv.invoke_async(&mut self.commands()).await?)
+    }
+
+    /// One page of XAUTOCLAIM from `cursor`; see `claim.lua`.
+    pub async fn claim(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        min_idle: Duration,
+        cursor: EntryId,
+        count: usize,
+    ) -> Result<Claimed> {
+        let reply: Value = self
+            .scripts
+            .claim
+            .key(stream)
+            .arg(group)
+            .arg(consumer)
+            .arg(min_idle.as_millis() as u64)
+            .arg(cursor.to_string())
+            .arg(count)
+            .invoke_async(&mut self.commands())
+            .await?;
+        let mut claimed = parse_claimed(reply, "XAUTOCLAIM")?;
+        if claimed.next == Some(EntryId::ZERO) {
+            claimed.next = None;
+        }
+        Ok(claimed)
+    }
+
+    /// One page of this consumer's own pending entries after `after`; see
+    /// `own_pending.lua`.
+    pub async fn own_pending(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        after: Option<EntryId>,
+        count: usize,
+    ) -> Result<Claimed> {
+        let start = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
+        let reply: Value = self
+            .scripts
+            .own_pending
+            .key(stream)
+            .arg(group)
+            .arg(consumer)
+            .arg(start)
+            .arg(count)
+            .invoke_async(&mut self.commands())
+            .await?;
+        let mut claimed = parse_claimed(reply, "own pending")?;
+        if claimed.entries.len() + claimed.deleted.len() < count {
+            claimed.next = None;
+        }
+        Ok(claimed)
+    }
+}
+
+/// One entry to hand over with `release`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Release {
+    pub id: EntryId,
+    pub idle: Duration,
+    /// The delivery count to set, or `None` to keep it.
+    pub delivery_count: Option<u64>,
+}
+
+fn client_name(name: &str) -> String {
+    name.chars()
+        .map(|c| if c.is_ascii_graphic() { c } else { '_' })
+        .collect()
+}
+
+/// A connection of its own for one group's blocking reads.
+#[derive(Clone)]
+pub struct Reader {
+    conn: MultiplexedConnection,
+    /// CLIENT ID of this connection, for CLIENT UNBLOCK.
+    pub client_id: i64,
+}
+
+impl Reader {
+    /// XREADGROUP GROUP g c COUNT n BLOCK ms STREAMS s >. Several may be in flight at once:
+    /// they are pipelined on the one connection. Entries read this way are new to the group,
+    /// so their delivery count is 1.
+    pub fn read_new(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        count: usize,
+        block: Duration,
+    ) -> impl Future<Output = Result<Vec<RawEntry>>> + Send + 'static {
+        let mut conn = self.conn.clone();
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(group)
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(count)
+            .arg("BLOCK")
+            .arg(block.as_millis().max(1) as u64)
+            .arg("STREAMS")
+            .arg(stream)
+            .arg(">");
+        async move {
+            let reply: Value = cmd.query_async(&mut conn).await?;
+            parse_read(reply)
+        }
+    }
+}
+
+fn protocol(command: &'static str, detail: impl Into<String>) -> ClientError {
+    ClientError::Protocol {
+        command,
+        detail: detail.into(),
+    }
+}
+
+fn parse_id(value: &Value, command: &'static str) -> Result<EntryId> {
+    let bytes = match value {
+        Value::BulkString(b) => b.as_slice(),
+        Value::SimpleString(s) => s.as_bytes(),
+        other => {
+            return Err(protocol(
+                command,
+                format!("expected an entry id, got {other:?}"),
+            ));
+        }
+    };
+    EntryId::parse(bytes).ok_or_else(|| {
+        protocol(
+            command,
+            format!("`{}` is not an entry id", String::from_utf8_lossy(bytes)),
+        )
+    })
+}
+
+fn into_bytes(value: Value) -> Vec<u8> {
+    match value {
+        Value::BulkString(b) => b,
+        Value::SimpleString(s) => s.into_bytes(),
+        Value::Int(i) => i.to_string().into_bytes(),
+        Value::Double(d) => d.to_string().into_bytes(),
+        Value::Okay => b"OK".to_vec(),
+        _ => Vec::new(),
+    }
+}
+
+/// `[f1, v1, f2, v2, …]` → pairs, moving the bytes.
+fn parse_fields(value: Value) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let flat = match value {
+        Value::Array(items) => items,
+        Value::Map(pairs) => {
+            return pairs
+                .into_iter()
+                .map(|(k, v)| (into_bytes(k), into_bytes(v)))
+                .collect();
+        }
+        _ => return Vec::new(),
+    };
+    let mut fields = Vec::with_capacity(flat.len() / 2);
+    let mut items = flat.into_iter();
+    while let (Some(k), Some(v)) = (items.next(), items.next()) {
+        fields.push((into_bytes(k), into_bytes(v)));
+    }
+    fields
+}
+
+/// XREADGROUP's reply: nil on timeout, else `[[stream, [[id, [f, v, …]], …]]]` (RESP2) or
+/// `{stream: [[id, [f, v, …]], …]}` (RESP3).
+fn parse_read(reply: Value) -> Result<Vec<RawEntry>> {
+    const CMD: &str = "XREADGROUP";
+    let entries = match reply {
+        Value::Nil => return Ok(Vec::new()),
+        Value::Array(streams) => match streams.into_iter().next() {
+            Some(Value::Array(pair)) => pair.into_iter().nth(1),
+            Some(other) => return Err(protocol(CMD, format!("unexpected stream reply {other:?}"))),
+            None => return Ok(Vec::new()),
+        },
+        Value::Map(pairs) => pairs.into_iter().next().map(|(_, v)| v),
+        other => return Err(protocol(CMD, format!("unexpected reply {other:?}"))),
+    };
+    let Some(Value::Array(entries)) = entries else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let Value::Array(parts) = entry else {
+            return Err(protocol(CMD, "entry is not an array"));
+        };
+        let mut parts = parts.into_iter();
+        let id = parse_id(&parts.next().unwrap_or(Value::Nil), CMD)?;
+        out.push(RawEntry {
+            id,
+            delivery_count: 1,
+            fields: parse_fields(parts.next().unwrap_or(Value::Nil)),
+        });
+    }
+    Ok(out)
+}
+
+/// The reply of `claim.lua` and `own_pending.lua`:
+/// `{cursor or nil, {{id, count, {f, v, …}}, …}, {deleted id, …}}`.
+fn parse_claimed(reply: Value, command: &'static str) -> Result<Claimed> {
+    let Value::Array(parts) = reply else {
+        return Err(protocol(command, format!("unexpected reply {reply:?}")));
+    };
+    let mut parts = parts.into_iter();
+    let next = match parts.next() {
+        Some(Value::Nil) | None => None,
+        Some(v) => Some(parse_id(&v, command)?),
+    };
+    let mut claimed = Claimed {
+        next,
+        ..Claimed::default()
+    };
+    if let Some(Value::Array(entries)) = parts.next() {
+        for entry in entries {
+            let Value::Array(triple) = entry else {
+                return Err(protocol(command, "entry is not an array"));
+            };
+            let mut triple = triple.into_iter();
+            let id = parse_id(&triple.next().unwrap_or(Value::Nil), command)?;
+            let delivery_count = match triple.next() {
+                Some(Value::Int(n)) => n.max(1) as u64,
+                other => return Err(protocol(command, format!("bad delivery count {other:?}"))),
+            };
+            claimed.entries.push(RawEntry {
+                id,
+                delivery_count,
+                fields: parse_fields(triple.next().unwrap_or(Value::Nil)),
+            });
+        }
+    }
+    if let Some(Value::Array(deleted)) = parts.next() {
+        for id in deleted {
+            claimed.deleted.push(parse_id(&id, command)?);
+        }
+    }
+    Ok(claimed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn reads_parse_without_maps() {
+        let reply = Value::Array(vec![Value::Array(vec![
+            bulk("s"),
+            Value::Array(vec![
+                Value::Array(vec![
+                    bulk("1-0"),
+                    Value::Array(vec![bulk("a"), bulk("1"), bulk("b"), bulk("2")]),
+                ]),
+                Value::Array(vec![bulk("2-5"), Value::Array(vec![bulk("a"), bulk("3")])]),
+            ]),
+        ])]);
+        let entries = parse_read(reply).unwrap();
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[0].id, EntryId::new(1, 0));
+        assert_eq!(
+            entries[0].fields,
+            vec![
+                (b"a".to_vec(), b"1".to_vec()),
+                (b"b".to_vec(), b"2".to_vec())
+            ]
+        );
+        assert_eq!(entries[1].id, EntryId::new(2, 5));
+        assert!(parse_read(Value::Nil).unwrap().is_empty());
+    }
+
+    #[test]
+    fn claims_parse_with_counts_and_deleted_ids() {
+        let reply = Value::Array(vec![
+            bulk("7-0"),
+            Value::Array(vec![Value::Array(vec![
+                bulk("3-0"),
+                Value::Int(4),
+                Value::Array(vec![bulk("k"), bulk("v")]),
+            ])]),
+            Value::Array(vec![bulk("2-0")]),
+        ]);
+        let c = parse_claimed(reply, "test").unwrap();
+        assert_eq!(c.next, Some(EntryId::new(7, 0)));
+        assert_eq!(c.entries[0].delivery_count, 4);
+        assert_eq!(c.deleted, vec![EntryId::new(2, 0)]);
+    }
+}

@@ -1,0 +1,26 @@
+-- Hands entries this consumer owns to `target` with a chosen idle time and delivery count,
+-- without touching entries another consumer has taken meanwhile.
+--   after a retryable failure: target = the group's backoff consumer,
+--     idle = claim_idle - backoff, count kept   -> any replica reclaims it `backoff` later
+--   at shutdown, for entries fetched but never started: target = this consumer,
+--     idle = claim_idle, count - 1              -> reclaimed at the next claim_interval,
+--                                                  the delivery that never ran given back
+-- KEYS[1] stream
+-- ARGV[1] group, ARGV[2] this consumer, ARGV[3] target consumer,
+-- then triples: id, idle ms, delivery count to set (-1 keeps it)
+-- Returns the number of entries handed over.
+local moved = 0
+for i = 4, #ARGV, 3 do
+  local id = ARGV[i]
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+  if #p == 1 and p[1][2] == ARGV[2] then
+    if ARGV[i + 2] == '-1' then
+      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, id, 'IDLE', ARGV[i + 1], 'JUSTID')
+    else
+      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, id, 'IDLE', ARGV[i + 1],
+        'RETRYCOUNT', ARGV[i + 2], 'JUSTID')
+    end
+    moved = moved + 1
+  end
+end
+return moved

@@ -1,0 +1,415 @@
+//! Reading a configuration: the TOML file, then `STREAMWORKER__…` environment overrides
+//! (and nothing else from the environment), then every rule, reporting every problem at
+//! once with the file or variable, the key and the value at fault.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use config::{Environment, File, FileFormat, Value, ValueKind};
+use serde::de::DeserializeOwned;
+use streamworker_handlers::HandlerSpec;
+
+use super::{
+    Config, ENV_PREFIX, ENV_SEPARATOR, GroupConfig, GroupSettings, HttpConfig, RedisConfig,
+    StreamConfig, TelemetryConfig, WorkerConfig,
+};
+
+/// One thing wrong with a configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Where the bad value came from: the file's path or an environment variable's name.
+    pub source: String,
+    /// The dotted key, e.g. `groups.analytics.block`.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            return write!(f, "{}: {}", self.source, self.message);
+        }
+        // Messages that start with the value or a parenthesis read on from the key:
+        // `groups.c.block = "2 parsecs": …`, `groups.c.claim_idle (10s) must be …`.
+        let joiner = if self.message.starts_with(['=', '(', '×']) {
+            " "
+        } else {
+            ": "
+        };
+        write!(f, "{}: {}{joiner}{}", self.source, self.key, self.message)
+    }
+}
+
+/// Why a configuration could not be used. Exits with code 2.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration file {path}: {reason}")]
+    Unreadable { path: PathBuf, reason: String },
+    #[error("{}", render(.path, .problems))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
+}
+
+fn render(path: &Path, problems: &[Problem]) -> String {
+    let mut text = format!(
+        "{} has {} problem{}:",
+        path.display(),
+        problems.len(),
+        if problems.len() == 1 { "" } else { "s" }
+    );
+    for p in problems {
+        text.push_str("\n  - ");
+        text.push_str(&p.to_string());
+    }
+    text
+}
+
+impl ConfigError {
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            Self::Invalid { problems, .. } => problems,
+            Self::Unreadable { .. } => &[],
+        }
+    }
+}
+
+/// Loads `path` with overrides from this process's environment.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    load_with_env(path, std::env::vars().collect())
+}
+
+/// Loads `path` with overrides from `env` (tests pass their own).
+pub fn load_with_env(path: &Path, env: HashMap<String, String>) -> Result<Config, ConfigError> {
+    if let Err(e) = std::fs::metadata(path) {
+        return Err(ConfigError::Unreadable {
+            path: path.to_owned(),
+            reason: format!("{e}; pass the path of a TOML file with -c (examples in config/)"),
+        });
+    }
+    let overrides: HashMap<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}{ENV_SEPARATOR}")))
+        .collect();
+    let mut report = Report {
+        file: path.display().to_string(),
+        env: overrides.keys().cloned().collect(),
+        problems: Vec::new(),
+    };
+    let built = config::Config::builder()
+        .add_source(File::from(path).format(FileFormat::Toml).required(true))
+        .add_source(
+            Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator(ENV_SEPARATOR)
+                .separator(ENV_SEPARATOR)
+                .source(Some(overrides.into_iter().collect())),
+        )
+        .build();
+    let built = match built {
+        Ok(b) => b,
+        Err(e) => {
+            report.problems.push(Problem {
+                source: report.file.clone(),
+                key: String::new(),
+                message: format!("is not valid TOML: {e}"),
+            });
+            return Err(report.into_error(path));
+        }
+    };
+
+    let top_keys: BTreeMap<String, serde::de::IgnoredAny> =
+        built.clone().try_deserialize().unwrap_or_default();
+    for key in top_keys.keys() {
+        if !["redis", "worker", "http", "telemetry", "streams", "groups"].contains(&key.as_str()) {
+            report.push(
+                key,
+                "unknown section; expected one of: redis, worker, http, telemetry, streams, groups"
+                    .into(),
+            );
+        }
+    }
+    let section = |name: &str| built.get_table(name).unwrap_or_default();
+
+    let mut redis_table = section("redis");
+    for unsupported in ["cluster", "sentinel"] {
+        if redis_table.remove(unsupported).is_some() {
+            report.push(
+                &format!("redis.{unsupported}"),
+                format!(
+                    "Redis {} is not supported by this version yet; use redis.url",
+                    if unsupported == "cluster" {
+                        "Cluster"
+                    } else {
+                        "Sentinel"
+                    }
+                ),
+            );
+        }
+    }
+    let redis: RedisConfig = report.deserialize("redis", redis_table).unwrap_or_default();
+    let worker: WorkerConfig = report
+        .deserialize("worker", section("worker"))
+        .unwrap_or_default();
+    let http: HttpConfig = report
+        .deserialize("http", section("http"))
+        .unwrap_or_default();
+    let telemetry: TelemetryConfig = report
+        .deserialize("telemetry", section("telemetry"))
+        .unwrap_or_default();
+
+    let mut streams = BTreeMap::new();
+    for (name, value) in section("streams") {
+        let key = format!("streams.{name}");
+        if let Some(table) = report.table(&key, value)
+            && let Some(stream) = report.deserialize::<StreamConfig>(&key, table)
+        {
+            streams.insert(name, stream);
+        }
+    }
+
+    let mut groups = BTreeMap::new();
+    let group_tables = section("groups");
+    if group_tables.is_empty() {
+        report.push(
+            "groups",
+            "no groups are configured: add at least one [groups.<name>] table with a stream and a handler".into(),
+        );
+    }
+    for (name, value) in group_tables {
+        let key = format!("groups.{name}");
+        let Some(mut table) = report.table(&key, value) else {
+            continue;
+        };
+        let handler = table.remove("handler");
+        let options = table.remove("options");
+        let settings = report.deserialize::<GroupSettings>(&key, table);
+        // A group whose handler is unusable still has its settings checked, against a
+        // stand-in handler.
+        let handler = report
+            .handler_spec(&key, handler, options)
+            .unwrap_or(HandlerSpec::Noop(Default::default()));
+        if let Some(settings) = settings {
+            groups.insert(
+                name.clone(),
+                GroupConfig {
+                    name,
+                    settings,
+                    handler,
+                },
+            );
+        }
+    }
+
+    let config = Config {
+        path: path.to_owned(),
+        redis,
+        worker,
+        http,
+        telemetry,
+        streams,
+        groups,
+    };
+    for (key, message) in super::validate::validate(&config) {
+        report.push(&key, message);
+    }
+    report.problems.sort_by(|a, b| a.key.cmp(&b.key));
+    if report.problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(report.into_error(path))
+    }
+}
+
+/// Collects problems, naming for each key the source it came from.
+struct Report {
+    file: String,
+    env: Vec<String>,
+    problems: Vec<Problem>,
+}
+
+impl Report {
+    fn into_error(self, path: &Path) -> ConfigError {
+        ConfigError::Invalid {
+            path: path.to_owned(),
+            problems: self.problems,
+        }
+    }
+
+    /// The environment variable that sets `key`, or one that sets a table containing it.
+    fn source_of(&self, key: &str) -> String {
+        let wanted = env_var_for(key);
+        self.env
+            .iter()
+            .find(|var| **var == wanted || var.starts_with(&format!("{wanted}{ENV_SEPARATOR}")))
+            .map(|var| format!("environment variable {var}"))
+            .unwrap_or_else(|| self.file.clone())
+    }
+
+    fn push(&mut self, key: &str, message: String) {
+        let problem = Problem {
+            source: self.source_of(key),
+            key: key.to_owned(),
+            message,
+        };
+        if !self.problems.contains(&problem) {
+            self.problems.push(problem);
+        }
+    }
+
+    fn table(&mut self, key: &str, value: Value) -> Option<config::Map<String, Value>> {
+        match value.into_table() {
+            Ok(t) => Some(t),
+            Err(_) => {
+                self.push(key, "must be a table".into());
+                None
+            }
+        }
+    }
+
+    /// Deserializes `table` into `T`, reporting every bad key rather than only the first:
+    /// after each error the offending key is taken out (so its default applies) and the
+    /// rest is tried again. The result then still feeds the cross-field rules, so those are
+    /// reported too; the configuration as a whole is rejected by the problems recorded.
+    fn deserialize<T: DeserializeOwned>(
+        &mut self,
+        prefix: &str,
+        mut table: config::Map<String, Value>,
+    ) -> Option<T> {
+        for _ in 0..=table_size(&table) {
+            let value = Value::new(None, ValueKind::Table(table.clone()));
+            match serde_path_to_error::deserialize::<_, T>(value) {
+                Ok(v) => return Some(v),
+                Err(e) => {
+                    let path: Vec<String> = e
+                        .path()
+                        .iter()
+                        .filter_map(|seg| match seg {
+                            serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+                            serde_path_to_error::Segment::Seq { index } => Some(index.to_string()),
+                            _ => None,
+                        })
+                        .collect();
+                    let message = clean_serde_message(&e.into_inner().to_string());
+                    let mut full = prefix.to_owned();
+                    for seg in &path {
+                        full.push('.');
+                        full.push_str(seg);
+                    }
+                    let message = match lookup(&table, &path) {
+                        Some(v) => format!("= {}: {message}", show(v)),
+                        None => message,
+                    };
+                    self.push(&full, message);
+                    if path.is_empty() || !remove(&mut table, &path) {
+                        return None;
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    fn handler_spec(
+        &mut self,
+        prefix: &str,
+        handler: Option<Value>,
+        options: Option<Value>,
+    ) -> Option<HandlerSpec> {
+        let key = format!("{prefix}.handler");
+        let kinds = HandlerSpec::KINDS.join(", ");
+        let Some(handler) = handler else {
+            self.push(&key, format!("is missing: choose one of {kinds}"));
+            return None;
+        };
+        let name = match handler.clone().into_string() {
+            Ok(name) if HandlerSpec::KINDS.contains(&name.as_str()) => name,
+            Ok(name) => {
+                self.push(
+                    &key,
+                    format!("= \"{name}\": unknown handler; choose one of {kinds}"),
+                );
+                return None;
+            }
+            Err(_) => {
+                self.push(&key, format!("must be a string, one of {kinds}"));
+                return None;
+            }
+        };
+        let options =
+            options.unwrap_or_else(|| Value::new(None, ValueKind::Table(Default::default())));
+        let options = self.table(&format!("{prefix}.options"), options)?;
+        let mut spec = config::Map::new();
+        spec.insert("handler".into(), Value::new(None, ValueKind::String(name)));
+        spec.insert(
+            "options".into(),
+            Value::new(None, ValueKind::Table(options)),
+        );
+        self.deserialize::<HandlerSpec>(prefix, spec)
+    }
+}
+
+fn table_size(table: &config::Map<String, Value>) -> usize {
+    table
+        .values()
+        .map(|v| match &v.kind {
+            ValueKind::Table(t) => 1 + table_size(t),
+            _ => 1,
+        })
+        .sum()
+}
+
+fn lookup<'a>(table: &'a config::Map<String, Value>, path: &[String]) -> Option<&'a Value> {
+    let (first, rest) = path.split_first()?;
+    let value = table.get(first)?;
+    if rest.is_empty() {
+        return Some(value);
+    }
+    match &value.kind {
+        ValueKind::Table(t) => lookup(t, rest),
+        _ => None,
+    }
+}
+
+fn remove(table: &mut config::Map<String, Value>, path: &[String]) -> bool {
+    let Some((first, rest)) = path.split_first() else {
+        return false;
+    };
+    if rest.is_empty() {
+        return table.remove(first).is_some();
+    }
+    match table.get_mut(first).map(|v| &mut v.kind) {
+        Some(ValueKind::Table(t)) => remove(t, rest) || table.remove(first).is_some(),
+        _ => table.remove(first).is_some(),
+    }
+}
+
+fn show(value: &Value) -> String {
+    match &value.kind {
+        ValueKind::String(s) => format!("{s:?}"),
+        ValueKind::Table(_) => "{…}".into(),
+        ValueKind::Array(_) => "[…]".into(),
+        other => other.to_string(),
+    }
+}
+
+/// serde's messages say "field"; ours say "key", and drop config's " for key …" suffix
+/// since the key is already named.
+fn clean_serde_message(message: &str) -> String {
+    let message = match message.find(" for key `") {
+        Some(i) => &message[..i],
+        None => message,
+    };
+    message
+        .replace("unknown field", "unknown key")
+        .replace(", expected one of", "; expected one of")
+        .replace(", expected", "; expected")
+}
+
+/// `groups.analytics.block` → `STREAMWORKER__GROUPS__ANALYTICS__BLOCK`.
+pub fn env_var_for(key: &str) -> String {
+    let mut var = format!("{ENV_PREFIX}{ENV_SEPARATOR}");
+    var.push_str(&key.replace('.', ENV_SEPARATOR).to_uppercase());
+    var
+}

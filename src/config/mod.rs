@@ -1,0 +1,402 @@
+//! The configuration of DESIGN §2: types, defaults, loading (`load`), the rules `check`
+//! enforces (`validate`) and the redacted view it prints.
+//!
+//! Every group is a table keyed by its consumer group's name, as Vector keys its
+//! components; each component's settings are a struct with `deny_unknown_fields`, checked
+//! when the file is loaded rather than when the group first runs.
+
+mod load;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use streamworker_handlers::{EntryId, HandlerSpec, PayloadFormat};
+
+pub use load::{ConfigError, Problem, load, load_with_env};
+
+/// The prefix of environment variables that override configuration keys, with `__`
+/// between levels: `STREAMWORKER__GROUPS__ANALYTICS__CONCURRENCY=128`.
+pub const ENV_PREFIX: &str = "STREAMWORKER";
+pub const ENV_SEPARATOR: &str = "__";
+
+/// A whole, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from, for messages.
+    pub path: PathBuf,
+    pub redis: RedisConfig,
+    pub worker: WorkerConfig,
+    pub http: HttpConfig,
+    pub telemetry: TelemetryConfig,
+    pub streams: BTreeMap<String, StreamConfig>,
+    pub groups: BTreeMap<String, GroupConfig>,
+}
+
+/// `[redis]`: where the streams live.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port/db`, `rediss://` for TLS, `redis+unix:///path`.
+    pub url: String,
+    /// Read the password from this file instead of putting it in the URL.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// How long a command (acknowledgements, claims, scripts) may wait for its reply before
+    /// the connection is considered broken. Blocking reads get `block` plus this.
+    #[serde(with = "streamworker_handlers::duration")]
+    pub command_timeout: Duration,
+    /// How long establishing a connection may take.
+    #[serde(with = "streamworker_handlers::duration")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379/0".into(),
+            password_file: None,
+            command_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `[worker]`: settings of this process, shared by its groups.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// The consumer name in every group; `{hostname}` and `{pid}` are expanded. Two live
+    /// processes never share a name: each holds a lease on it.
+    pub consumer: String,
+    /// How long in-flight handlers get to finish after SIGTERM.
+    #[serde(with = "streamworker_handlers::duration")]
+    pub shutdown_timeout: Duration,
+    /// How often each group looks for idle entries to reclaim.
+    #[serde(with = "streamworker_handlers::duration")]
+    pub claim_interval: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            consumer: "{hostname}-{pid}".into(),
+            shutdown_timeout: Duration::from_secs(30),
+            claim_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// The consumer name with `{hostname}` and `{pid}` filled in.
+    pub fn consumer_name(&self) -> String {
+        let host = gethostname::gethostname().to_string_lossy().into_owned();
+        self.consumer
+            .replace("{hostname}", &host)
+            .replace("{pid}", &std::process::id().to_string())
+    }
+}
+
+/// `[http]`: the listener for `/metrics`, `/livez` and `/readyz`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// `host:port`; an empty string turns the listener off.
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:9464".into(),
+        }
+    }
+}
+
+/// `[telemetry]`: logs and traces.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    pub log_format: LogFormat,
+    /// OTLP/HTTP endpoint for traces, e.g. `http://otel-collector:4318`; empty = off.
+    pub otlp_endpoint: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            log_format: LogFormat::Json,
+            otlp_endpoint: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// One JSON object a line: for log collectors.
+    Json,
+    /// Coloured, multi-field lines: for a terminal.
+    Pretty,
+}
+
+/// `[streams.<name>]`: per-stream settings.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retention: Option<Retention>,
+}
+
+/// Trim entries every group on the stream has acknowledged, beyond a length or an age.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retention {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_len: Option<u64>,
+    #[serde(
+        with = "streamworker_handlers::duration::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_age: Option<Duration>,
+}
+
+/// Where a newly created group starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartId {
+    /// `"0"`: everything already in the stream.
+    Beginning,
+    /// `"$"`: only entries added from now on.
+    End,
+    /// An explicit id: entries after it.
+    After(EntryId),
+}
+
+impl StartId {
+    pub fn as_arg(&self) -> String {
+        match self {
+            Self::Beginning => "0".into(),
+            Self::End => "$".into(),
+            Self::After(id) => id.to_string(),
+        }
+    }
+}
+
+impl Serialize for StartId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.as_arg())
+    }
+}
+
+impl<'de> Deserialize<'de> for StartId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.as_str() {
+            "0" | "0-0" => Ok(Self::Beginning),
+            "$" => Ok(Self::End),
+            other => other.parse().map(Self::After).map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "`{other}` is not a start id: use \"0\" (everything in the stream), \"$\" (only new entries) or an entry id"
+                ))
+            }),
+        }
+    }
+}
+
+/// Exponential backoff between attempts of a failing entry. Jitter only adds.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryBackoff {
+    #[serde(with = "streamworker_handlers::duration")]
+    pub initial: Duration,
+    #[serde(with = "streamworker_handlers::duration")]
+    pub max: Duration,
+    pub multiplier: f64,
+    /// Up to this fraction of the delay is added at random (0.2 = up to 20 % longer).
+    pub jitter: f64,
+}
+
+impl Default for RetryBackoff {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+            multiplier: 2.0,
+            jitter: 0.2,
+        }
+    }
+}
+
+/// `[groups.<name>]` without `handler` and `options`, which `HandlerSpec` owns.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GroupSettings {
+    pub stream: String,
+    pub start_id: StartId,
+    pub concurrency: usize,
+    pub batch_size: usize,
+    #[serde(with = "streamworker_handlers::duration")]
+    pub block: Duration,
+    #[serde(with = "streamworker_handlers::duration")]
+    pub handler_timeout: Duration,
+    pub max_deliveries: u64,
+    pub retry_backoff: RetryBackoff,
+    #[serde(with = "streamworker_handlers::duration")]
+    pub claim_idle: Duration,
+    #[serde(with = "streamworker_handlers::duration")]
+    pub consumer_ttl: Duration,
+    /// Defaults to `{<stream>}:dlq:<group>`, in the stream's hash slot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dead_letter_stream: Option<String>,
+    pub payload: PayloadFormat,
+}
+
+impl Default for GroupSettings {
+    fn default() -> Self {
+        Self {
+            stream: String::new(),
+            start_id: StartId::Beginning,
+            concurrency: 64,
+            batch_size: 256,
+            block: Duration::from_secs(2),
+            handler_timeout: Duration::from_secs(30),
+            max_deliveries: 5,
+            retry_backoff: RetryBackoff::default(),
+            claim_idle: Duration::from_secs(120),
+            consumer_ttl: Duration::from_secs(3600),
+            dead_letter_stream: None,
+            payload: PayloadFormat::Fields,
+        }
+    }
+}
+
+/// One consumer group: its name, its settings and its handler.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupConfig {
+    pub name: String,
+    pub settings: GroupSettings,
+    pub handler: HandlerSpec,
+}
+
+impl GroupConfig {
+    /// The dead-letter stream: configured, or `{<stream>}:dlq:<group>`.
+    pub fn dead_letter_stream(&self) -> String {
+        self.settings
+            .dead_letter_stream
+            .clone()
+            .unwrap_or_else(|| default_dead_letter_stream(&self.settings.stream, &self.name))
+    }
+}
+
+pub fn default_dead_letter_stream(stream: &str, group: &str) -> String {
+    format!("{{{stream}}}:dlq:{group}")
+}
+
+impl std::ops::Deref for GroupConfig {
+    type Target = GroupSettings;
+    fn deref(&self) -> &GroupSettings {
+        &self.settings
+    }
+}
+
+const REDACTED: &str = "<redacted>";
+
+impl Config {
+    /// The resolved configuration as TOML, every secret replaced by `<redacted>`.
+    pub fn to_redacted_toml(&self) -> String {
+        #[derive(Serialize)]
+        struct View<'a> {
+            redis: RedisConfig,
+            worker: &'a WorkerConfig,
+            http: &'a HttpConfig,
+            telemetry: &'a TelemetryConfig,
+            #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+            streams: &'a BTreeMap<String, StreamConfig>,
+            groups: BTreeMap<&'a str, toml::Table>,
+        }
+        let mut redis = self.redis.clone();
+        redis.url = redact_url(&redis.url);
+        let groups = self
+            .groups
+            .iter()
+            .map(|(name, g)| {
+                let mut table = toml::Table::try_from(&g.settings).expect("settings serialize");
+                table.insert(
+                    "dead_letter_stream".into(),
+                    toml::Value::String(g.dead_letter_stream()),
+                );
+                let handler = toml::Table::try_from(g.handler.redacted()).expect("spec serializes");
+                table.extend(handler);
+                (name.as_str(), table)
+            })
+            .collect();
+        let view = View {
+            redis,
+            worker: &self.worker,
+            http: &self.http,
+            telemetry: &self.telemetry,
+            streams: &self.streams,
+            groups,
+        };
+        toml::to_string_pretty(&view).expect("configuration serializes to TOML")
+    }
+}
+
+/// Hides the password in a `redis://user:password@host` URL.
+pub fn redact_url(url: &str) -> String {
+    // `scheme://[user[:password]@]host…`: replace what lies between the first ':' after
+    // the userinfo start and the last '@' of the authority.
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &authority[..at];
+    let redacted_userinfo = match userinfo.find(':') {
+        Some(colon) => format!("{}:{REDACTED}", &userinfo[..colon]),
+        // `redis://secret@host`: redis-rs treats a lone userinfo as the password.
+        None if !userinfo.is_empty() => REDACTED.to_owned(),
+        None => String::new(),
+    };
+    format!(
+        "{}{}@{}",
+        &url[..scheme_end + 3],
+        redacted_userinfo,
+        &rest[at + 1..]
+    )
+}
+
+impl fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Json => "json",
+            Self::Pretty => "pretty",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_lose_their_passwords() {
+        assert_eq!(
+            redact_url("redis://:hunter2@redis:6379/0"),
+            "redis://:<redacted>@redis:6379/0"
+        );
+        assert_eq!(
+            redact_url("rediss://app:p@ss@redis:6380"),
+            "rediss://app:<redacted>@redis:6380"
+        );
+        assert_eq!(redact_url("redis://redis:6379/0"), "redis://redis:6379/0");
+        assert_eq!(redact_url("redis://tok@redis"), "redis://<redacted>@redis");
+    }
+}

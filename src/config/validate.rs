@@ -1,0 +1,202 @@
+//! The rules serde cannot express: ranges, and the cross-field rules of DESIGN §2, each
+//! explained so the operator knows what to change.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use redis::IntoConnectionInfo;
+
+use super::{Config, redact_url};
+use streamworker_handlers::duration::format as human;
+
+/// Every rule broken by `config`, as (key, message).
+pub(super) fn validate(config: &Config) -> Vec<(String, String)> {
+    let mut problems = Vec::new();
+    let mut problem = |key: String, message: String| problems.push((key, message));
+
+    let url = &config.redis.url;
+    if let Err(e) = url.as_str().into_connection_info() {
+        problem(
+            "redis.url".into(),
+            format!(
+                "= {:?}: not a Redis URL ({e}); expected redis://[user:password@]host:port/db, rediss://… for TLS or redis+unix:///path",
+                redact_url(url)
+            ),
+        );
+    }
+    for (key, d) in [
+        ("redis.command_timeout", config.redis.command_timeout),
+        ("redis.connect_timeout", config.redis.connect_timeout),
+        ("worker.shutdown_timeout", config.worker.shutdown_timeout),
+        ("worker.claim_interval", config.worker.claim_interval),
+    ] {
+        if d.is_zero() {
+            problem(key.into(), "must be greater than zero".into());
+        }
+    }
+    if config.worker.consumer.trim().is_empty() {
+        problem(
+            "worker.consumer".into(),
+            "is empty: leave it out for \"{hostname}-{pid}\" or set a name unique to this process"
+                .into(),
+        );
+    }
+    let listen = &config.http.listen;
+    if !listen.is_empty() && listen.parse::<SocketAddr>().is_err() {
+        problem(
+            "http.listen".into(),
+            format!(
+                "= {listen:?}: not an address; write ip:port such as \"0.0.0.0:9464\", or \"\" to turn the listener off"
+            ),
+        );
+    }
+    let otlp = &config.telemetry.otlp_endpoint;
+    if !(otlp.is_empty() || otlp.starts_with("http://") || otlp.starts_with("https://")) {
+        problem(
+            "telemetry.otlp_endpoint".into(),
+            format!(
+                "= {otlp:?}: must be an http(s) URL of an OTLP/HTTP receiver, e.g. \"http://otel-collector:4318\""
+            ),
+        );
+    }
+    for (name, stream) in &config.streams {
+        if let Some(r) = &stream.retention {
+            let key = format!("streams.{name}.retention");
+            if r.max_len.is_none() && r.max_age.is_none() {
+                problem(key, "sets neither max_len nor max_age".into());
+            } else if r.max_len == Some(0) {
+                problem(format!("{key}.max_len"), "must be at least 1".into());
+            } else if r.max_age.is_some_and(|d| d.is_zero()) {
+                problem(format!("{key}.max_age"), "must be greater than zero".into());
+            }
+        }
+    }
+
+    for (name, g) in &config.groups {
+        let key = |k: &str| format!("groups.{name}.{k}");
+        if g.stream.is_empty() {
+            problem(
+                key("stream"),
+                "is missing: set the stream this group reads, e.g. stream = \"user_logs\"".into(),
+            );
+        }
+        if !(1..=100_000).contains(&g.concurrency) {
+            problem(
+                key("concurrency"),
+                format!("= {}: must be between 1 and 100000", g.concurrency),
+            );
+        }
+        if !(1..=100_000).contains(&g.batch_size) {
+            problem(
+                key("batch_size"),
+                format!("= {}: must be between 1 and 100000", g.batch_size),
+            );
+        }
+        if g.block < Duration::from_millis(1) {
+            problem(
+                key("block"),
+                "must be at least 1ms (Redis reads \"0\" as block forever, which would stall shutdown)".into(),
+            );
+        }
+        if g.block >= config.worker.shutdown_timeout {
+            problem(
+                key("block"),
+                format!(
+                    "({}) must be shorter than worker.shutdown_timeout ({}), or a blocked read could outlast shutdown",
+                    human(g.block),
+                    human(config.worker.shutdown_timeout)
+                ),
+            );
+        }
+        if g.handler_timeout.is_zero() {
+            problem(key("handler_timeout"), "must be greater than zero".into());
+        }
+        if g.max_deliveries == 0 {
+            problem(
+                key("max_deliveries"),
+                "must be at least 1 (the first delivery counts)".into(),
+            );
+        }
+        let b = &g.retry_backoff;
+        if b.initial.is_zero() {
+            problem(
+                key("retry_backoff.initial"),
+                "must be greater than zero".into(),
+            );
+        }
+        if b.max < b.initial {
+            problem(
+                key("retry_backoff.max"),
+                format!(
+                    "({}) is shorter than retry_backoff.initial ({})",
+                    human(b.max),
+                    human(b.initial)
+                ),
+            );
+        }
+        if !(b.multiplier.is_finite() && b.multiplier >= 1.0) {
+            problem(
+                key("retry_backoff.multiplier"),
+                format!("= {}: must be at least 1.0", b.multiplier),
+            );
+        }
+        if !(0.0..=1.0).contains(&b.jitter) {
+            problem(
+                key("retry_backoff.jitter"),
+                format!(
+                    "= {}: must be between 0.0 and 1.0 (a fraction added to each delay)",
+                    b.jitter
+                ),
+            );
+        }
+        if g.claim_idle <= g.handler_timeout {
+            problem(
+                key("claim_idle"),
+                format!(
+                    "({}) must be greater than handler_timeout ({}): otherwise another replica reclaims an entry while its handler is still running",
+                    human(g.claim_idle),
+                    human(g.handler_timeout)
+                ),
+            );
+        }
+        let longest_backoff = b.max.mul_f64(1.0 + b.jitter.clamp(0.0, 1.0));
+        if longest_backoff >= g.claim_idle {
+            problem(
+                key("retry_backoff.max"),
+                format!(
+                    "× (1 + jitter) = {} must be shorter than claim_idle ({}): a failed entry waits out its backoff as an idle pending entry, and claim_idle is when it is taken again",
+                    human(longest_backoff),
+                    human(g.claim_idle)
+                ),
+            );
+        }
+        if g.consumer_ttl <= g.claim_idle {
+            problem(
+                key("consumer_ttl"),
+                format!(
+                    "({}) must be longer than claim_idle ({}), so that only consumers long gone are deleted",
+                    human(g.consumer_ttl),
+                    human(g.claim_idle)
+                ),
+            );
+        }
+        let dlq = g.dead_letter_stream();
+        if dlq.is_empty() {
+            problem(
+                key("dead_letter_stream"),
+                "is empty: leave it out for the default {<stream>}:dlq:<group>".into(),
+            );
+        } else if dlq == g.stream {
+            problem(
+                key("dead_letter_stream"),
+                format!(
+                    "= {dlq:?}: must differ from the group's stream, or dead letters would be consumed again"
+                ),
+            );
+        }
+        for p in g.handler.validate(g.handler_timeout) {
+            problem(key(&format!("options.{}", p.key)), p.message);
+        }
+    }
+    problems
+}

@@ -1,0 +1,853 @@
+//! One consumer group's loop: read → handle → settle (acknowledge, retry later, or
+//! dead-letter). The only caller of `Handler::handle` and the only place that decides an
+//! entry's fate.
+//!
+//! A single task drives everything for its group: up to two pipelined XREADGROUPs, up to
+//! `concurrency` handler futures, one reclaim, one settlement flush. There is no task or
+//! channel per entry. Entries are only fetched when a handler slot is free for them, so an
+//! entry's idle time in Redis is its handler's running time — which `handler_timeout`
+//! bounds below `claim_idle`, so no other replica can reclaim an entry that is being
+//! handled.
+
+mod settle;
+
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures_util::future::BoxFuture;
+use futures_util::stream::{FuturesOrdered, FuturesUnordered};
+use futures_util::{FutureExt, StreamExt};
+use streamworker_handlers::{Entry, EntryId, Handler, HandlerError, Origin};
+use tokio::time::{Instant, sleep_until};
+
+use settle::{AckKind, Flushed, Target, park_idle};
+pub use settle::{BACKOFF_CONSUMER, DeadLetter, Settlements, dead_letter_fields};
+
+use crate::client::{Claimed, Client, ClientError, RawEntry, Reader, Release};
+use crate::config::GroupConfig;
+use crate::health::Heartbeat;
+use crate::lease::{Lease, LeaseError};
+use crate::metrics::GroupMetrics;
+use crate::retry::{self, Fate};
+use crate::shutdown::Shutdown;
+
+/// Everything one group needs to run.
+pub struct Group<H> {
+    pub config: Arc<GroupConfig>,
+    pub consumer: String,
+    pub claim_interval: Duration,
+    pub client: Client,
+    pub handler: H,
+    pub metrics: GroupMetrics,
+    pub shutdown: Shutdown,
+    pub heartbeat: Heartbeat,
+    pub lease_token: String,
+}
+
+/// How a group's loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupExit {
+    /// Every in-flight entry finished and every settlement reached Redis.
+    Drained,
+    /// The shutdown deadline passed first: `abandoned` handler calls were cut off and
+    /// `unsettled` decisions never reached Redis; those entries stay pending for others.
+    CutOff { abandoned: usize, unsettled: usize },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GroupError {
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+    #[error("another process took this consumer name's lease")]
+    LeaseLost,
+    #[error(transparent)]
+    Redis(#[from] ClientError),
+    /// The handler could not be built from its options.
+    #[error("{0}")]
+    Handler(String),
+}
+
+impl GroupError {
+    /// Errors that restarting the group cannot fix.
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            Self::Lease(LeaseError::Held { .. }) | Self::Handler(_)
+        )
+    }
+}
+
+/// Runs the group until shutdown. Creates the group if missing and takes the lease on the
+/// consumer name first, waiting out Redis outages.
+pub async fn run<H: Handler>(g: &Group<H>) -> Result<GroupExit, GroupError> {
+    let Some(lease) = setup(g).await? else {
+        return Ok(GroupExit::Drained);
+    };
+    g.heartbeat.set_running(true);
+    let result = Loop::new(g).run(&lease).await;
+    g.heartbeat.set_running(false);
+    lease.release().await;
+    result
+}
+
+/// Creates the group (MKSTREAM; BUSYGROUP is fine) and takes the lease. `None` when
+/// shutdown came first.
+async fn setup<H: Handler>(g: &Group<H>) -> Result<Option<Lease>, GroupError> {
+    let cfg = &g.config;
+    let mut delays = reconnect_delays();
+    loop {
+        let attempt = async {
+            if g.client
+                .create_group(&cfg.stream, &cfg.name, &cfg.start_id.as_arg())
+                .await?
+            {
+                tracing::info!(stream = %cfg.stream, group = %cfg.name, start_id = %cfg.start_id.as_arg(), "created consumer group");
+            }
+            Lease::acquire(
+                &g.client,
+                &cfg.stream,
+                &cfg.name,
+                &g.consumer,
+                &g.lease_token,
+            )
+            .await
+        };
+        let error = tokio::select! {
+            result = attempt => match result {
+                Ok(lease) => return Ok(Some(lease)),
+                Err(LeaseError::Redis(e)) if e.is_unavailable() => e,
+                Err(e) => return Err(e.into()),
+            },
+            _ = g.shutdown.triggered() => return Ok(None),
+        };
+        g.metrics.redis_error(error.kind());
+        let delay = delays.next().unwrap_or(Duration::from_secs(10));
+        tracing::warn!(stream = %cfg.stream, group = %cfg.name, error = %error, retry_in_ms = delay.as_millis() as u64, "cannot start the group yet: Redis is unreachable");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = g.shutdown.triggered() => return Ok(None),
+        }
+    }
+}
+
+fn reconnect_delays() -> impl Iterator<Item = Duration> {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// A handler call's result.
+struct Done {
+    entry: Entry,
+    result: Result<(), HandlerError>,
+    elapsed: Duration,
+}
+
+/// Runs one handler call under `timeout`, turning a panic or a timeout into a retryable
+/// failure so neither takes anything else down.
+async fn call<H: Handler>(handler: &H, entry: Entry, timeout: Duration) -> Done {
+    let started = std::time::Instant::now();
+    let outcome = tokio::time::timeout(
+        timeout,
+        AssertUnwindSafe(handler.handle(&entry)).catch_unwind(),
+    )
+    .await;
+    let result = match outcome {
+        Ok(Ok(result)) => result,
+        Ok(Err(panic)) => Err(HandlerError::retry(format!(
+            "handler panicked: {}",
+            panic_message(panic.as_ref())
+        ))),
+        Err(_) => Err(HandlerError::retry(format!(
+            "handler timed out after {}",
+            streamworker_handlers::duration::format(timeout)
+        ))),
+    };
+    Done {
+        entry,
+        result,
+        elapsed: started.elapsed(),
+    }
+}
+
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}
+
+type Read = BoxFuture<'static, (usize, crate::client::Result<Vec<RawEntry>>)>;
+
+/// Re-reading this consumer's own pending entries, at startup and after a reconnect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resync {
+    /// Waiting until nothing is in flight here, so every own pending entry is one this
+    /// process has lost track of.
+    Needed,
+    /// Paging through the pending list; `after` is the last id re-delivered.
+    Paging {
+        after: Option<EntryId>,
+    },
+    Done,
+}
+
+/// The loop's state, apart from the handler futures (whose type only `run` can name).
+struct Loop<'g, H> {
+    g: &'g Group<H>,
+    origin: Arc<Origin>,
+    target: Target,
+    /// The per-group read connection; `None` while (re)connecting.
+    reader: Option<Reader>,
+    connecting: Option<BoxFuture<'static, crate::client::Result<Reader>>>,
+    connect_at: Instant,
+    connect_delays: Box<dyn Iterator<Item = Duration> + Send>,
+    /// The group vanished (NOGROUP): recreate it before reading again.
+    recreate: bool,
+    reads: FuturesOrdered<Read>,
+    /// Handler slots promised to reads and claims in flight.
+    reserved: usize,
+    /// The last read or claim returned a full page: more is waiting.
+    backlog: bool,
+    claiming: Option<BoxFuture<'static, (usize, crate::client::Result<Claimed>)>>,
+    claim_cursor: EntryId,
+    claim_at: Instant,
+    /// A due reclaim found every slot reserved and woke the blocked read once.
+    claim_woke_reader: bool,
+    resync: Resync,
+    resyncing: Option<BoxFuture<'static, (usize, crate::client::Result<Claimed>)>>,
+    pending: Settlements,
+    flushing: Option<BoxFuture<'static, Flushed>>,
+    flush_at: Instant,
+    flush_delays: Box<dyn Iterator<Item = Duration> + Send>,
+    outage_logged: bool,
+    draining: bool,
+    unblocking: Option<BoxFuture<'static, ()>>,
+    unblock_at: Instant,
+    report_at: Instant,
+}
+
+impl<'g, H: Handler> Loop<'g, H> {
+    fn new(g: &'g Group<H>) -> Self {
+        let cfg = &g.config;
+        let now = Instant::now();
+        Self {
+            g,
+            origin: Arc::new(Origin {
+                stream: cfg.stream.clone(),
+                group: cfg.name.clone(),
+                consumer: g.consumer.clone(),
+            }),
+            target: Target {
+                stream: cfg.stream.clone(),
+                group: cfg.name.clone(),
+                consumer: g.consumer.clone(),
+                dead_letter_stream: cfg.dead_letter_stream(),
+            },
+            reader: None,
+            connecting: None,
+            connect_at: now,
+            connect_delays: Box::new(reconnect_delays()),
+            recreate: false,
+            reads: FuturesOrdered::new(),
+            reserved: 0,
+            backlog: false,
+            claiming: None,
+            claim_cursor: EntryId::ZERO,
+            claim_at: now,
+            claim_woke_reader: false,
+            resync: Resync::Needed,
+            resyncing: None,
+            pending: Settlements::default(),
+            flushing: None,
+            flush_at: now,
+            flush_delays: Box::new(reconnect_delays()),
+            outage_logged: false,
+            draining: false,
+            unblocking: None,
+            unblock_at: now,
+            report_at: now,
+        }
+    }
+
+    async fn run(mut self, lease: &Lease) -> Result<GroupExit, GroupError> {
+        let g = self.g;
+        let timeout = g.config.handler_timeout;
+        let mut running = FuturesUnordered::new();
+        loop {
+            g.heartbeat.beat();
+            let now = Instant::now();
+            g.metrics.inflight.set(running.len() as i64);
+            if self.draining {
+                if running.is_empty() && self.quiescent() {
+                    return Ok(GroupExit::Drained);
+                }
+                if g.shutdown.deadline().is_some_and(|d| now >= d) {
+                    return Ok(self.cut_off(running.len()).await);
+                }
+                if now >= self.report_at {
+                    tracing::info!(
+                        stream = %g.config.stream, group = %g.config.name,
+                        handlers = running.len(), reads = self.reads.len(), settlements = self.pending.len(),
+                        "draining: still waiting for in-flight work"
+                    );
+                    self.report_at = now + Duration::from_secs(5);
+                }
+            }
+            self.pump(running.len(), now);
+
+            let wake = self.next_wakeup(now);
+            let admitted: Vec<RawEntry> = tokio::select! {
+                biased;
+                _ = g.shutdown.triggered(), if !self.draining => {
+                    self.begin_drain(now);
+                    Vec::new()
+                }
+                _ = lease.lost() => return Err(GroupError::LeaseLost),
+                Some(done) = running.next(), if !running.is_empty() => {
+                    self.settle(done);
+                    // Drain everything already finished before looking at anything else:
+                    // one turn of the loop per batch, not per entry.
+                    while let Some(Some(done)) = running.next().now_or_never() {
+                        self.settle(done);
+                    }
+                    Vec::new()
+                }
+                Some((count, result)) = self.reads.next(), if !self.reads.is_empty() => {
+                    self.on_read(count, result)?
+                }
+                (count, result) = maybe(&mut self.claiming) => {
+                    self.claiming = None;
+                    self.on_claim(count, result)?
+                }
+                (count, result) = maybe(&mut self.resyncing) => {
+                    self.resyncing = None;
+                    self.on_resync(count, result)?
+                }
+                result = maybe(&mut self.connecting) => {
+                    self.connecting = None;
+                    self.on_connect(result)?;
+                    Vec::new()
+                }
+                flushed = maybe(&mut self.flushing) => {
+                    self.flushing = None;
+                    self.on_flush(flushed);
+                    Vec::new()
+                }
+                _ = maybe(&mut self.unblocking) => {
+                    self.unblocking = None;
+                    Vec::new()
+                }
+                _ = sleep_until(wake) => Vec::new(),
+            };
+            for raw in admitted {
+                if let Some(entry) = self.admit(raw) {
+                    running.push(call(&g.handler, entry, timeout));
+                }
+            }
+        }
+    }
+
+    fn concurrency(&self) -> usize {
+        self.g.config.concurrency
+    }
+
+    /// Slots left for new entries.
+    fn free(&self, running: usize) -> usize {
+        self.concurrency().saturating_sub(running + self.reserved)
+    }
+
+    /// Starts whatever can start now.
+    fn pump(&mut self, running: usize, now: Instant) {
+        let cfg = &self.g.config;
+        let want = cfg.batch_size.min(self.concurrency());
+        if !self.draining {
+            if self.reader.is_none() && self.connecting.is_none() && now >= self.connect_at {
+                self.start_connect();
+            }
+            let connected = self.reader.is_some();
+            // A fresh page only when a good share of a batch fits, so that slow handlers
+            // do not turn into a stream of one-entry reads.
+            let roomy = |free: usize| free >= want.div_ceil(2) || (free > 0 && running == 0);
+            match self.resync {
+                Resync::Needed
+                    if connected
+                        && running == 0
+                        && self.reserved == 0
+                        && self.pending.is_empty()
+                        && self.flushing.is_none()
+                        && self.claiming.is_none() =>
+                {
+                    self.resync = Resync::Paging { after: None };
+                }
+                _ => {}
+            }
+            if let Resync::Paging { after } = self.resync {
+                let free = self.free(running);
+                if connected && self.resyncing.is_none() && roomy(free) {
+                    let count = free.min(cfg.batch_size);
+                    self.reserved += count;
+                    let client = self.g.client.clone();
+                    let t = self.target.clone();
+                    self.resyncing = Some(Box::pin(async move {
+                        let r = client
+                            .own_pending(&t.stream, &t.group, &t.consumer, after, count)
+                            .await;
+                        (count, r)
+                    }));
+                }
+            } else if self.resync == Resync::Done && connected {
+                // A due reclaim goes first: reads yield to it, and a read blocked on a quiet
+                // stream is woken so that its reserved slots come back at once. Otherwise
+                // retries would wait behind reads (up to `block`), or behind a backlog.
+                let claim_due = self.claiming.is_none() && now >= self.claim_at;
+                let free = self.free(running);
+                if claim_due && free > 0 {
+                    let count = free.min(cfg.batch_size);
+                    self.reserved += count;
+                    self.claim_woke_reader = false;
+                    let client = self.g.client.clone();
+                    let t = self.target.clone();
+                    let (min_idle, cursor) = (cfg.claim_idle, self.claim_cursor);
+                    self.claiming = Some(Box::pin(async move {
+                        let r = client
+                            .claim(&t.stream, &t.group, &t.consumer, min_idle, cursor, count)
+                            .await;
+                        (count, r)
+                    }));
+                } else if claim_due {
+                    if !self.reads.is_empty()
+                        && !self.claim_woke_reader
+                        && self.unblocking.is_none()
+                    {
+                        self.claim_woke_reader = true;
+                        self.start_unblock();
+                    }
+                } else {
+                    let start_read = match self.reads.len() {
+                        0 => roomy(free),
+                        1 => self.backlog && free >= want,
+                        _ => false,
+                    };
+                    if start_read {
+                        let count = free.min(cfg.batch_size);
+                        self.reserved += count;
+                        let read = self.reader.as_ref().expect("connected").read_new(
+                            &cfg.stream,
+                            &cfg.name,
+                            &self.g.consumer,
+                            count,
+                            cfg.block,
+                        );
+                        self.reads
+                            .push_back(Box::pin(read.map(move |r| (count, r))));
+                    }
+                }
+            }
+        } else if !self.reads.is_empty() && self.unblocking.is_none() && now >= self.unblock_at {
+            // A blocked read would hold shutdown for up to `block`: wake it. Repeat while
+            // reads remain, since a second pipelined read blocks after the first returns.
+            self.start_unblock();
+            self.unblock_at = now + Duration::from_millis(100);
+        }
+        if self.flushing.is_none() && !self.pending.is_empty() && now >= self.flush_at {
+            let batch = std::mem::take(&mut self.pending);
+            self.flushing = Some(Box::pin(settle::flush(
+                self.g.client.clone(),
+                self.target.clone(),
+                batch,
+            )));
+        }
+    }
+
+    /// Wakes this group's blocked read (CLIENT UNBLOCK from the command connection); the
+    /// read returns as if its `block` had run out.
+    fn start_unblock(&mut self) {
+        if let Some(reader) = &self.reader {
+            let client = self.g.client.clone();
+            let id = reader.client_id;
+            self.unblocking = Some(Box::pin(async move {
+                let _ = client.unblock(id).await;
+            }));
+        }
+    }
+
+    fn next_wakeup(&self, now: Instant) -> Instant {
+        let mut wake = now + Duration::from_secs(1);
+        if !self.draining {
+            if self.reader.is_none() && self.connecting.is_none() {
+                wake = wake.min(self.connect_at);
+            }
+            if self.claiming.is_none() && self.resync == Resync::Done {
+                wake = wake.min(self.claim_at);
+            }
+        } else {
+            if !self.reads.is_empty() {
+                wake = wake.min(self.unblock_at);
+            }
+            if let Some(deadline) = self.g.shutdown.deadline() {
+                wake = wake.min(deadline);
+            }
+        }
+        if self.flushing.is_none() && !self.pending.is_empty() {
+            wake = wake.min(self.flush_at);
+        }
+        wake.max(now)
+    }
+
+    /// Nothing in flight towards Redis and nothing left to tell it.
+    fn quiescent(&self) -> bool {
+        self.reads.is_empty()
+            && self.claiming.is_none()
+            && self.resyncing.is_none()
+            && self.connecting.is_none()
+            && self.flushing.is_none()
+            && self.pending.is_empty()
+    }
+
+    fn begin_drain(&mut self, now: Instant) {
+        self.draining = true;
+        self.unblock_at = now;
+        self.report_at = now + Duration::from_secs(5);
+        // Reads in progress will be unblocked; their entries are handed back.
+        tracing::info!(stream = %self.g.config.stream, group = %self.g.config.name, "stopped reading; finishing in-flight entries");
+    }
+
+    /// The deadline passed: leave the running handlers' entries pending (others reclaim
+    /// them after `claim_idle`) and make one last attempt to settle what is decided.
+    async fn cut_off(mut self, abandoned: usize) -> GroupExit {
+        if let Some(flushing) = self.flushing.take() {
+            let flushed = tokio::time::timeout(Duration::from_secs(2), flushing).await;
+            if let Ok(flushed) = flushed {
+                self.on_flush(flushed);
+            }
+        }
+        let mut unsettled = self.pending.len();
+        if !self.pending.is_empty() {
+            let batch = std::mem::take(&mut self.pending);
+            let flush = settle::flush(self.g.client.clone(), self.target.clone(), batch);
+            if let Ok(mut flushed) = tokio::time::timeout(Duration::from_secs(2), flush).await {
+                let mut rest = Settlements::default();
+                flushed.requeue_into(&mut rest);
+                unsettled = rest.len();
+                self.on_flush(flushed);
+            }
+        }
+        tracing::warn!(
+            stream = %self.g.config.stream, group = %self.g.config.name,
+            abandoned, unsettled,
+            "shutdown deadline reached: cut off in-flight handlers; their entries stay pending for other replicas"
+        );
+        GroupExit::CutOff {
+            abandoned,
+            unsettled,
+        }
+    }
+
+    fn start_connect(&mut self) {
+        let client = self.g.client.clone();
+        let cfg = Arc::clone(&self.g.config);
+        let recreate = self.recreate;
+        let metrics = self.g.metrics.clone();
+        let name = format!("streamworker:{}:{}", cfg.name, self.g.consumer);
+        self.connecting = Some(Box::pin(async move {
+            if recreate {
+                client
+                    .create_group(&cfg.stream, &cfg.name, &cfg.start_id.as_arg())
+                    .await?;
+                metrics.group_recreated.inc();
+                tracing::warn!(stream = %cfg.stream, group = %cfg.name, start_id = %cfg.start_id.as_arg(), "recreated the consumer group, which Redis had lost (NOGROUP)");
+            }
+            client.reader(cfg.block, &name).await
+        }));
+    }
+
+    fn on_connect(&mut self, result: crate::client::Result<Reader>) -> Result<(), GroupError> {
+        match result {
+            Ok(reader) => {
+                if self.outage_logged {
+                    tracing::info!(stream = %self.g.config.stream, group = %self.g.config.name, "reconnected to Redis; re-reading own pending entries");
+                }
+                self.reader = Some(reader);
+                self.recreate = false;
+                self.outage_logged = false;
+                self.connect_delays = Box::new(reconnect_delays());
+                // A read whose reply was lost may have delivered entries to this consumer.
+                self.resync = Resync::Needed;
+                Ok(())
+            }
+            Err(e) => self.redis_trouble(e, Instant::now()),
+        }
+    }
+
+    /// Handles a failed command: outages back off and reconnect; NOGROUP recreates the
+    /// group; anything else ends the loop (the supervisor restarts it).
+    fn redis_trouble(&mut self, error: ClientError, now: Instant) -> Result<(), GroupError> {
+        self.g.metrics.redis_error(error.kind());
+        match error {
+            ClientError::Unavailable(_) => {
+                let delay = self.connect_delays.next().unwrap_or(Duration::from_secs(5));
+                if !self.outage_logged {
+                    tracing::warn!(stream = %self.g.config.stream, group = %self.g.config.name, error = %error, "lost Redis; reconnecting with backoff");
+                    self.outage_logged = true;
+                }
+                self.reader = None;
+                self.connect_at = self.connect_at.max(now + delay);
+                Ok(())
+            }
+            ClientError::NoGroup(_) => {
+                self.reader = None;
+                self.recreate = true;
+                self.claim_cursor = EntryId::ZERO;
+                Ok(())
+            }
+            other => Err(GroupError::Redis(other)),
+        }
+    }
+
+    fn on_read(
+        &mut self,
+        count: usize,
+        result: crate::client::Result<Vec<RawEntry>>,
+    ) -> Result<Vec<RawEntry>, GroupError> {
+        self.reserved -= count;
+        match result {
+            Ok(entries) => {
+                self.backlog = entries.len() == count;
+                Ok(entries)
+            }
+            Err(e) => {
+                self.backlog = false;
+                self.redis_trouble(e, Instant::now())?;
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    fn on_claim(
+        &mut self,
+        count: usize,
+        result: crate::client::Result<Claimed>,
+    ) -> Result<Vec<RawEntry>, GroupError> {
+        self.reserved -= count;
+        let now = Instant::now();
+        match result {
+            Ok(claimed) => {
+                // Keep going at once through a long pending list (a dead replica's), else
+                // look again next interval.
+                let more = claimed.next.is_some() && claimed.entries.len() == count;
+                self.claim_cursor = claimed.next.unwrap_or(EntryId::ZERO);
+                self.claim_at = if more {
+                    now
+                } else {
+                    now + self.g.claim_interval
+                };
+                self.note_deleted(&claimed.deleted, "reclaim");
+                if !claimed.entries.is_empty() {
+                    self.g
+                        .metrics
+                        .reclaimed
+                        .inc_by(claimed.entries.len() as u64);
+                    tracing::debug!(stream = %self.g.config.stream, group = %self.g.config.name, count = claimed.entries.len(), "reclaimed idle entries");
+                }
+                Ok(claimed.entries)
+            }
+            Err(e) => {
+                self.claim_at = now + self.g.claim_interval;
+                self.redis_trouble(e, now)?;
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    fn on_resync(
+        &mut self,
+        count: usize,
+        result: crate::client::Result<Claimed>,
+    ) -> Result<Vec<RawEntry>, GroupError> {
+        self.reserved -= count;
+        match result {
+            Ok(page) => {
+                self.note_deleted(&page.deleted, "own pending re-read");
+                self.resync = match page.next {
+                    Some(_) => Resync::Paging {
+                        after: page
+                            .entries
+                            .iter()
+                            .map(|e| e.id)
+                            .chain(page.deleted.iter().copied())
+                            .max(),
+                    },
+                    None => Resync::Done,
+                };
+                if !page.entries.is_empty() {
+                    tracing::info!(stream = %self.g.config.stream, group = %self.g.config.name, count = page.entries.len(), "re-delivering this consumer's own pending entries");
+                }
+                Ok(page.entries)
+            }
+            Err(e) => {
+                self.resync = Resync::Needed;
+                self.redis_trouble(e, Instant::now())?;
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    /// Entries deleted or trimmed while pending: Redis already dropped them from the
+    /// pending list; count and log them so nobody waits for them.
+    fn note_deleted(&self, deleted: &[EntryId], during: &'static str) {
+        if deleted.is_empty() {
+            return;
+        }
+        self.g.metrics.deleted.inc_by(deleted.len() as u64);
+        tracing::warn!(
+            stream = %self.g.config.stream, group = %self.g.config.name, consumer = %self.g.consumer,
+            count = deleted.len(), first_id = %deleted[0], during,
+            "entries were deleted or trimmed from the stream while pending; acknowledged without handling"
+        );
+    }
+
+    /// Decodes an entry for a handler, or decides its fate at once: handed back when
+    /// shutting down, dead-lettered when its payload cannot be decoded.
+    fn admit(&mut self, raw: RawEntry) -> Option<Entry> {
+        let cfg = &self.g.config;
+        if self.draining {
+            // Fetched but never started: give the delivery back and make it reclaimable at
+            // the next claim_interval of any replica.
+            self.pending.hand_backs.push(Release {
+                id: raw.id,
+                idle: cfg.claim_idle,
+                delivery_count: Some(raw.delivery_count.saturating_sub(1)),
+            });
+            return None;
+        }
+        let mut entry = Entry::new(
+            Arc::clone(&self.origin),
+            raw.id,
+            raw.delivery_count,
+            raw.fields,
+        );
+        match entry.decode(&cfg.payload) {
+            Ok(()) => Some(entry),
+            Err(error) => {
+                self.settle(Done {
+                    entry,
+                    result: Err(error),
+                    elapsed: Duration::ZERO,
+                });
+                None
+            }
+        }
+    }
+
+    /// Decides a finished entry's fate (the retry policy) and queues it for the next flush.
+    fn settle(&mut self, done: Done) {
+        let Done {
+            entry,
+            result,
+            elapsed,
+        } = done;
+        let cfg = &self.g.config;
+        let metrics = &self.g.metrics;
+        if !elapsed.is_zero() {
+            metrics.handler_seconds.observe(elapsed.as_secs_f64());
+        }
+        let fate = retry::decide(
+            result,
+            entry.delivery_count,
+            cfg.max_deliveries,
+            &cfg.retry_backoff,
+            fastrand::f64(),
+        );
+        match fate {
+            Fate::Ack => self.pending.acks.push((entry.id, AckKind::Acked)),
+            Fate::Drop { reason } => {
+                tracing::debug!(stream = %cfg.stream, group = %cfg.name, consumer = %self.g.consumer, id = %entry.id, delivery_count = entry.delivery_count, reason = %reason, "handler dropped the entry");
+                self.pending.acks.push((entry.id, AckKind::Dropped));
+            }
+            Fate::Retry { after, reason } => {
+                tracing::warn!(
+                    stream = %cfg.stream, group = %cfg.name, consumer = %self.g.consumer, id = %entry.id,
+                    delivery_count = entry.delivery_count, max_deliveries = cfg.max_deliveries,
+                    retry_in_ms = after.as_millis() as u64, error = %reason,
+                    "handler failed; the entry will be retried"
+                );
+                self.pending.parks.push(Release {
+                    id: entry.id,
+                    idle: park_idle(cfg.claim_idle, after),
+                    delivery_count: None,
+                });
+            }
+            Fate::DeadLetter { reason } => {
+                self.pending.dead_letters.push(DeadLetter {
+                    id: entry.id,
+                    delivery_count: entry.delivery_count,
+                    fields: entry.fields,
+                    error: reason,
+                });
+            }
+        }
+    }
+
+    fn on_flush(&mut self, mut flushed: Flushed) {
+        let cfg = &self.g.config;
+        let metrics = &self.g.metrics;
+        let now = SystemTime::now();
+        for (id, kind) in &flushed.acked {
+            match kind {
+                AckKind::Acked => metrics.acked.inc(),
+                AckKind::Dropped => metrics.dropped.inc(),
+            };
+            metrics
+                .end_to_end_seconds
+                .observe(id.age(now).as_secs_f64());
+        }
+        metrics.retried.inc_by(flushed.parked as u64);
+        if flushed.handed_back > 0 {
+            tracing::info!(stream = %cfg.stream, group = %cfg.name, count = flushed.handed_back, "handed back entries fetched but never started");
+        }
+        for (id, dead_id) in &flushed.dead_lettered {
+            metrics.dead_lettered.inc();
+            tracing::error!(stream = %cfg.stream, group = %cfg.name, consumer = %self.g.consumer, id = %id, dead_letter_stream = %self.target.dead_letter_stream, dead_letter_id = %dead_id, "entry dead-lettered");
+        }
+        for id in &flushed.not_ours {
+            tracing::warn!(stream = %cfg.stream, group = %cfg.name, consumer = %self.g.consumer, id = %id, "not dead-lettered: another consumer owns the entry now and will decide");
+        }
+        for (id, error) in &flushed.refused {
+            metrics.redis_error(error.kind());
+            tracing::error!(stream = %cfg.stream, group = %cfg.name, consumer = %self.g.consumer, id = %id, dead_letter_stream = %self.target.dead_letter_stream, error = %error, "Redis refused the dead letter; the entry stays pending and will be retried after claim_idle");
+        }
+        let retry = !flushed.retry.is_empty();
+        if let Some(error) = flushed.error.take() {
+            metrics.redis_error(error.kind());
+            if retry && !self.outage_logged {
+                tracing::warn!(stream = %cfg.stream, group = %cfg.name, error = %error, pending = flushed.retry.len(), "could not settle entries; will send again when Redis is back");
+            }
+        }
+        flushed.requeue_into(&mut self.pending);
+        self.flush_at = if retry {
+            Instant::now() + self.flush_delays.next().unwrap_or(Duration::from_secs(5))
+        } else {
+            self.flush_delays = Box::new(reconnect_delays());
+            Instant::now()
+        };
+    }
+}
+
+/// Awaits an optional future; pending forever when there is none.
+async fn maybe<T>(slot: &mut Option<BoxFuture<'static, T>>) -> T {
+    match slot {
+        Some(future) => Pin::new(future).await,
+        None => std::future::pending().await,
+    }
+}

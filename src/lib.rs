@@ -1,0 +1,35 @@
+//! streamworker: runs Redis Streams consumer groups in production.
+//!
+//! See ARCHITECTURE.md for the map. The binary (`main.rs`) is a thin edge over this
+//! library: it parses the command line and maps outcomes to exit codes.
+
+pub mod client;
+pub mod config;
+pub mod consumer;
+pub mod health;
+pub mod http;
+pub mod lease;
+pub mod metrics;
+pub mod retry;
+pub mod shutdown;
+pub mod supervisor;
+pub mod telemetry;
+
+pub use streamworker_handlers as handlers;
+
+/// The version line of `--version` and `streamworker_build_info`.
+pub fn version() -> &'static str {
+    static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    VERSION.get_or_init(|| {
+        format!(
+            "{} (commit {}, {} build)",
+            env!("CARGO_PKG_VERSION"),
+            option_env!("STREAMWORKER_COMMIT").unwrap_or("unknown"),
+            if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            }
+        )
+    })
+}

@@ -1,0 +1,220 @@
+//! The metrics of DESIGN §5, registered once; each group resolves its label sets at start
+//! so the hot path only touches atomics.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GroupLabels {
+    pub stream: String,
+    pub group: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub stream: String,
+    pub group: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: &'static str,
+    pub commit: &'static str,
+}
+
+/// Handler durations from a tenth of a millisecond to two minutes.
+const HANDLER_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0, 120.0,
+];
+/// Entry age at acknowledgement; ids have millisecond resolution, so nothing finer.
+const END_TO_END_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0, 600.0, 1800.0, 3600.0,
+];
+
+fn handler_histogram() -> Histogram {
+    Histogram::new(HANDLER_BUCKETS.iter().copied())
+}
+fn end_to_end_histogram() -> Histogram {
+    Histogram::new(END_TO_END_BUCKETS.iter().copied())
+}
+
+/// Every metric the daemon exports.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    entries: Family<OutcomeLabels, Counter>,
+    handler_seconds: Family<GroupLabels, Histogram, fn() -> Histogram>,
+    end_to_end_seconds: Family<GroupLabels, Histogram, fn() -> Histogram>,
+    inflight: Family<GroupLabels, Gauge>,
+    reclaimed: Family<GroupLabels, Counter>,
+    group_recreated: Family<GroupLabels, Counter>,
+    redis_errors: Family<ErrorLabels, Counter>,
+    pub up: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let entries = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "streamworker_entries",
+            "Entries settled, by outcome: acked, dropped, retried, dead_lettered, deleted, forwarded",
+            entries.clone(),
+        );
+        let handler_seconds =
+            Family::<GroupLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                handler_histogram as fn() -> Histogram,
+            );
+        registry.register(
+            "streamworker_handler_seconds",
+            "Time spent in the handler per entry",
+            handler_seconds.clone(),
+        );
+        let end_to_end_seconds =
+            Family::<GroupLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                end_to_end_histogram as fn() -> Histogram,
+            );
+        registry.register(
+            "streamworker_end_to_end_seconds",
+            "From the entry id's timestamp to the XACK reply (ids have millisecond resolution)",
+            end_to_end_seconds.clone(),
+        );
+        let inflight = Family::<GroupLabels, Gauge>::default();
+        registry.register(
+            "streamworker_inflight",
+            "Handler calls in flight on this replica",
+            inflight.clone(),
+        );
+        let reclaimed = Family::<GroupLabels, Counter>::default();
+        registry.register(
+            "streamworker_reclaimed",
+            "Entries this replica reclaimed from idle consumers (XAUTOCLAIM)",
+            reclaimed.clone(),
+        );
+        let group_recreated = Family::<GroupLabels, Counter>::default();
+        registry.register(
+            "streamworker_group_recreated",
+            "Consumer groups recreated after Redis lost them (NOGROUP)",
+            group_recreated.clone(),
+        );
+        let redis_errors = Family::<ErrorLabels, Counter>::default();
+        registry.register(
+            "streamworker_redis_errors",
+            "Failed Redis commands, by kind: unavailable, nogroup, command, protocol",
+            redis_errors.clone(),
+        );
+        let up = Gauge::default();
+        registry.register(
+            "streamworker_up",
+            "1 while Redis is reachable and every group runs",
+            up.clone(),
+        );
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                commit: option_env!("STREAMWORKER_COMMIT").unwrap_or("unknown"),
+            })
+            .set(1);
+        registry.register(
+            "streamworker_build_info",
+            "Version of this binary",
+            build_info,
+        );
+        Self {
+            registry: Arc::new(registry),
+            entries,
+            handler_seconds,
+            end_to_end_seconds,
+            inflight,
+            reclaimed,
+            group_recreated,
+            redis_errors,
+            up,
+        }
+    }
+
+    /// The handles one group updates.
+    pub fn group(&self, stream: &str, group: &str) -> GroupMetrics {
+        let labels = GroupLabels {
+            stream: stream.to_owned(),
+            group: group.to_owned(),
+        };
+        let outcome = |outcome: &'static str| {
+            self.entries
+                .get_or_create(&OutcomeLabels {
+                    stream: stream.to_owned(),
+                    group: group.to_owned(),
+                    outcome,
+                })
+                .clone()
+        };
+        GroupMetrics {
+            acked: outcome("acked"),
+            dropped: outcome("dropped"),
+            retried: outcome("retried"),
+            dead_lettered: outcome("dead_lettered"),
+            deleted: outcome("deleted"),
+            handler_seconds: self.handler_seconds.get_or_create(&labels).clone(),
+            end_to_end_seconds: self.end_to_end_seconds.get_or_create(&labels).clone(),
+            inflight: self.inflight.get_or_create(&labels).clone(),
+            reclaimed: self.reclaimed.get_or_create(&labels).clone(),
+            group_recreated: self.group_recreated.get_or_create(&labels).clone(),
+            redis_errors: self.redis_errors.clone(),
+        }
+    }
+
+    pub fn redis_error(&self, kind: &'static str) {
+        self.redis_errors.get_or_create(&ErrorLabels { kind }).inc();
+    }
+
+    /// The exposition text (OpenMetrics).
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// One group's metric handles, resolved once.
+#[derive(Clone)]
+pub struct GroupMetrics {
+    pub acked: Counter,
+    pub dropped: Counter,
+    pub retried: Counter,
+    pub dead_lettered: Counter,
+    pub deleted: Counter,
+    pub handler_seconds: Histogram,
+    pub end_to_end_seconds: Histogram,
+    pub inflight: Gauge,
+    pub reclaimed: Counter,
+    pub group_recreated: Counter,
+    redis_errors: Family<ErrorLabels, Counter>,
+}
+
+impl GroupMetrics {
+    pub fn redis_error(&self, kind: &'static str) {
+        self.redis_errors.get_or_create(&ErrorLabels { kind }).inc();
+    }
+}

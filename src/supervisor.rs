@@ -1,0 +1,256 @@
+//! Starts one task per configured group and keeps it running: a group whose task fails is
+//! logged and restarted with capped backoff, and never takes the other groups down. Also
+//! owns the process-wide pieces: the Redis client, the readiness probe and the exit status.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use streamworker_handlers::HandlerSpec;
+use streamworker_handlers::noop::Noop;
+use streamworker_handlers::webhook::Webhook;
+use tokio_util::task::TaskTracker;
+
+use crate::client::{Client, ClientError};
+use crate::config::{Config, GroupConfig};
+use crate::consumer::{self, Group, GroupError, GroupExit};
+use crate::health::{Health, Heartbeat};
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
+
+/// How the daemon ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every group drained: exit 0.
+    Clean,
+    /// The shutdown deadline cut work off: exit 3.
+    CutOff,
+    /// Something no restart can fix: exit 1.
+    Failed(String),
+}
+
+/// The process-wide context the groups share.
+#[derive(Clone)]
+struct Shared {
+    client: Client,
+    consumer: String,
+    lease_token: String,
+    claim_interval: Duration,
+    metrics: Metrics,
+    shutdown: Shutdown,
+}
+
+/// Runs every group until shutdown.
+pub async fn run(config: Config, shutdown: Shutdown, metrics: Metrics, health: Health) -> Outcome {
+    let Some(client) = connect(&config, &shutdown, &metrics).await else {
+        return match shutdown.is_triggered() {
+            true => Outcome::Clean,
+            false => Outcome::Failed("could not connect to Redis".into()),
+        };
+    };
+    let client = match client {
+        Ok(c) => c,
+        Err(e) => return Outcome::Failed(format!("cannot use Redis at {}: {e}", redact(&config))),
+    };
+    health.set_redis_up(true);
+    let consumer = config.worker.consumer_name();
+    tracing::info!(
+        consumer = %consumer, redis = %client.display_url, groups = config.groups.len(),
+        "streamworker started"
+    );
+    let shared = Shared {
+        client: client.clone(),
+        consumer,
+        lease_token: format!(
+            "{:016x}{:016x}-{}",
+            fastrand::u64(..),
+            fastrand::u64(..),
+            std::process::id()
+        ),
+        claim_interval: config.worker.claim_interval,
+        metrics: metrics.clone(),
+        shutdown: shutdown.clone(),
+    };
+
+    let prober = tokio::spawn(probe(
+        client,
+        health.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    let tracker = TaskTracker::new();
+    let mut outcomes = Vec::new();
+    for group in config.groups.values() {
+        let stall_after =
+            Duration::from_secs(10).max(group.block * 2 + config.worker.claim_interval * 2);
+        let heartbeat = health.register(&group.name, stall_after);
+        outcomes.push(tracker.spawn(supervise(
+            Arc::new(group.clone()),
+            shared.clone(),
+            heartbeat,
+        )));
+    }
+    tracker.close();
+    let mut result = Outcome::Clean;
+    for outcome in outcomes {
+        let outcome = outcome
+            .await
+            .unwrap_or_else(|e| Outcome::Failed(format!("group supervisor panicked: {e}")));
+        result = match (result, outcome) {
+            (Outcome::Failed(a), _) => Outcome::Failed(a),
+            (_, Outcome::Failed(b)) => Outcome::Failed(b),
+            (Outcome::CutOff, _) | (_, Outcome::CutOff) => Outcome::CutOff,
+            _ => Outcome::Clean,
+        };
+    }
+    tracker.wait().await;
+    prober.abort();
+    health.set_redis_up(false);
+    metrics.up.set(0);
+    result
+}
+
+fn redact(config: &Config) -> String {
+    crate::config::redact_url(&config.redis.url)
+}
+
+/// Connects, waiting out an unreachable Redis (with capped, jittered backoff) until
+/// shutdown. `None` when shutdown came first; `Some(Err)` for errors waiting cannot fix
+/// (authentication, a server too old).
+async fn connect(
+    config: &Config,
+    shutdown: &Shutdown,
+    metrics: &Metrics,
+) -> Option<Result<Client, ClientError>> {
+    use backon::BackoffBuilder;
+    let mut delays = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+        .without_max_times()
+        .build();
+    loop {
+        let attempt = tokio::select! {
+            r = Client::connect(&config.redis) => r,
+            _ = shutdown.triggered() => return None,
+        };
+        match attempt {
+            Ok(client) => return Some(Ok(client)),
+            Err(e) if e.is_unavailable() => {
+                metrics.redis_error(e.kind());
+                let delay = delays.next().unwrap_or(Duration::from_secs(10));
+                tracing::warn!(redis = %redact(config), error = %e, retry_in_ms = delay.as_millis() as u64, "cannot reach Redis; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.triggered() => return None,
+                }
+            }
+            Err(e) => return Some(Err(e)),
+        }
+    }
+}
+
+/// Keeps `/readyz` and `streamworker_up` true to Redis's reachability.
+async fn probe(client: Client, health: Health, metrics: Metrics, shutdown: Shutdown) {
+    loop {
+        let up = matches!(
+            tokio::time::timeout(Duration::from_secs(2), client.ping()).await,
+            Ok(Ok(()))
+        );
+        if up != health.redis_up() {
+            if up {
+                tracing::info!("Redis is reachable again");
+            } else {
+                tracing::warn!("Redis does not answer PING");
+            }
+        }
+        health.set_redis_up(up);
+        let all_running = health.not_running().is_empty();
+        metrics
+            .up
+            .set(i64::from(up && all_running && !shutdown.is_triggered()));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Runs one group, restarting it after failures (capped, jittered backoff) until it ends
+/// by shutdown or fails for good.
+async fn supervise(group: Arc<GroupConfig>, shared: Shared, heartbeat: Heartbeat) -> Outcome {
+    use backon::BackoffBuilder;
+    let mut delays = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_secs(1))
+        .with_max_delay(Duration::from_secs(30))
+        .with_jitter()
+        .without_max_times()
+        .build();
+    loop {
+        let attempt = tokio::spawn(run_group(
+            Arc::clone(&group),
+            shared.clone(),
+            heartbeat.clone(),
+        ));
+        let failure = match attempt.await {
+            Ok(Ok(GroupExit::Drained)) => return Outcome::Clean,
+            Ok(Ok(GroupExit::CutOff { .. })) => return Outcome::CutOff,
+            Ok(Err(e)) if e.is_fatal() => {
+                tracing::error!(stream = %group.stream, group = %group.name, error = %e, "group cannot run; shutting down");
+                shared.shutdown.trigger();
+                return Outcome::Failed(e.to_string());
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(e) if e.is_panic() => format!(
+                "the group's task panicked: {}",
+                consumer::panic_message(e.into_panic().as_ref())
+            ),
+            Err(e) => format!("the group's task ended: {e}"),
+        };
+        heartbeat.set_running(false);
+        if shared.shutdown.is_triggered() {
+            return Outcome::CutOff;
+        }
+        let delay = delays.next().unwrap_or(Duration::from_secs(30));
+        tracing::error!(stream = %group.stream, group = %group.name, error = %failure, restart_in_ms = delay.as_millis() as u64, "group failed; restarting");
+        let until = tokio::time::Instant::now() + delay;
+        while tokio::time::Instant::now() < until {
+            heartbeat.beat();
+            tokio::select! {
+                _ = tokio::time::sleep_until(until.min(tokio::time::Instant::now() + Duration::from_secs(1))) => {}
+                _ = shared.shutdown.triggered() => return Outcome::Clean,
+            }
+        }
+    }
+}
+
+/// Builds the group's handler and runs the consumer loop with it: one match arm per
+/// handler kind, each monomorphized so the hot path has no dynamic dispatch.
+async fn run_group(
+    config: Arc<GroupConfig>,
+    shared: Shared,
+    heartbeat: Heartbeat,
+) -> Result<GroupExit, GroupError> {
+    fn group<H>(
+        config: &Arc<GroupConfig>,
+        shared: &Shared,
+        heartbeat: &Heartbeat,
+        handler: H,
+    ) -> Group<H> {
+        Group {
+            metrics: shared.metrics.group(&config.stream, &config.name),
+            config: Arc::clone(config),
+            consumer: shared.consumer.clone(),
+            claim_interval: shared.claim_interval,
+            client: shared.client.clone(),
+            handler,
+            shutdown: shared.shutdown.clone(),
+            heartbeat: heartbeat.clone(),
+            lease_token: shared.lease_token.clone(),
+        }
+    }
+    match &config.handler {
+        HandlerSpec::Noop(_) => consumer::run(&group(&config, &shared, &heartbeat, Noop)).await,
+        HandlerSpec::Webhook(options) => {
+            let webhook = Webhook::new(options, config.concurrency)
+                .map_err(|e| GroupError::Handler(e.to_string()))?;
+            consumer::run(&group(&config, &shared, &heartbeat, webhook)).await
+        }
+    }
+}

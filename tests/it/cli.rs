@@ -1,0 +1,119 @@
+//! The command line: configuration errors, `check`'s output, exit codes.
+
+use crate::support::*;
+
+fn write(dir: &tempfile::TempDir, text: &str) -> String {
+    let path = dir.path().join("streamworker.toml");
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn bad_configurations_report_every_problem_at_once_and_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        &dir,
+        r#"
+[redis]
+url = "redis://127.0.0.1:6379/0"
+
+[groups.a]
+handler = "noop"
+blokc = "2s"
+
+[groups.b]
+stream = "s"
+handler = "nope"
+
+[groups.c]
+stream = "s"
+handler = "noop"
+block = "2 parsecs"
+handler_timeout = "30s"
+claim_idle = "10s"
+"#,
+    );
+    let (code, stdout, stderr) = run_cli(
+        &["check", "-c", &path],
+        &[("STREAMWORKER__GROUPS__C__MAX_DELIVERIES", "five")],
+    );
+    assert_eq!(code, 2, "stdout: {stdout}\nstderr: {stderr}");
+    for needle in [
+        "groups.a.blokc",
+        "unknown key",
+        "groups.a.stream",
+        "is missing",
+        "groups.b.handler",
+        "\"nope\"",
+        "unknown handler",
+        "groups.c.block",
+        "2 parsecs",
+        "groups.c.claim_idle",
+        "must be greater than handler_timeout",
+        "environment variable STREAMWORKER__GROUPS__C__MAX_DELIVERIES",
+        "\"five\"",
+    ] {
+        assert!(stderr.contains(needle), "missing {needle:?} in:\n{stderr}");
+    }
+    assert!(stderr.contains(&path), "names the file: {stderr}");
+    assert!(stdout.is_empty());
+}
+
+#[test]
+fn check_prints_the_resolved_configuration_with_secrets_redacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        &dir,
+        r#"
+[redis]
+url = "redis://:hunter2@127.0.0.1:6379/0"
+
+[groups.billing]
+stream = "orders"
+handler = "webhook"
+[groups.billing.options]
+url = "http://127.0.0.1:8080/events"
+secret = "s3cr3t-signing-key"
+"#,
+    );
+    let (code, stdout, stderr) = run_cli(
+        &["check", "-c", &path],
+        &[
+            // Kubernetes injects these for a Service named "streamworker": ignored.
+            ("STREAMWORKER_SERVICE_HOST", "10.0.0.1"),
+            ("STREAMWORKER_PORT", "tcp://10.0.0.1:9464"),
+            ("STREAMWORKER__GROUPS__BILLING__CONCURRENCY", "7"),
+        ],
+    );
+    assert_eq!(code, 0, "stderr: {stderr}");
+    assert!(!stdout.contains("hunter2") && !stderr.contains("hunter2"));
+    assert!(!stdout.contains("s3cr3t") && !stderr.contains("s3cr3t"));
+    assert!(stdout.contains("<redacted>"));
+    assert!(
+        stdout.contains("concurrency = 7"),
+        "env override applied:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("dead_letter_stream = \"{orders}:dlq:billing\""),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("claim_idle = \"2m\""),
+        "defaults filled in:\n{stdout}"
+    );
+}
+
+#[test]
+fn version_and_usage() {
+    let (code, stdout, _) = run_cli(&["--version"], &[]);
+    assert_eq!(code, 0);
+    assert!(stdout.starts_with("streamworker "), "{stdout}");
+    let (code, _, stderr) = run_cli(&["run"], &[]);
+    assert_eq!(code, 2, "missing -c is a usage error: {stderr}");
+    let (code, _, stderr) = run_cli(&["check", "-c", "/nonexistent/streamworker.toml"], &[]);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("/nonexistent/streamworker.toml"),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,7 @@
+//! Integration tests: the built binary against real `redis-server` processes started on
+//! free ports. One test binary, modules by area, a `support` helper.
+
+mod support;
+
+mod cli;
+mod delivery;

@@ -1,0 +1,405 @@
+//! Helpers for the integration tests: real `redis-server` processes on free ports, the
+//! built `streamworker` binary as a child process, a webhook server that records what it
+//! receives, and a TCP proxy that can hold replies back.
+//!
+//! Everything a test starts is stopped when its handle drops.
+
+#![allow(dead_code)]
+
+pub mod proxy;
+pub mod webhook;
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub use proxy::Proxy;
+pub use webhook::WebhookServer;
+
+/// The binary under test.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_streamworker")
+}
+
+/// A port nobody listens on right now (there is a window before the caller binds it; the
+/// callers retry on failure).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Polls `check` until it returns true or `timeout` passes.
+pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out after {timeout:?} waiting for: {what}");
+}
+
+/// A private `redis-server`.
+pub struct RedisServer {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts with extra arguments, e.g. `["--appendonly", "yes"]`.
+    pub fn start_with(args: &[&str]) -> Self {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        for _ in 0..10 {
+            let mut server = Self {
+                port: free_port(),
+                dir: tempfile::tempdir().expect("temp dir"),
+                args: args.clone(),
+                child: None,
+            };
+            if server.spawn() {
+                return server;
+            }
+        }
+        panic!("could not start redis-server (is it installed? scripts/test installs it)");
+    }
+
+    fn spawn(&mut self) -> bool {
+        let log = self.dir.path().join("redis.log");
+        let child = Command::new("redis-server")
+            .arg("--port")
+            .arg(self.port.to_string())
+            .args(["--bind", "127.0.0.1", "--save", "", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .arg("--logfile")
+            .arg(&log)
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server runs");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                // Exited: most likely the port was taken in the meantime.
+                let _ = status;
+                self.child = None;
+                return false;
+            }
+            if let Ok(mut con) = self.try_connection()
+                && redis::cmd("PING").query::<String>(&mut con).is_ok()
+            {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn try_connection(&self) -> redis::RedisResult<redis::Connection> {
+        redis::Client::open(self.url())?.get_connection_with_timeout(Duration::from_secs(2))
+    }
+
+    /// A plain connection for setting up and checking.
+    pub fn connection(&self) -> redis::Connection {
+        self.try_connection()
+            .expect("connect to the test redis-server")
+    }
+
+    /// Kills the server with SIGKILL (as a crash would).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port with the same data directory.
+    pub fn restart(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.spawn() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("redis-server did not restart on port {}", self.port);
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A running `streamworker` process.
+pub struct Daemon {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    log_path: PathBuf,
+    status: Option<ExitStatus>,
+}
+
+impl Daemon {
+    pub fn start(config: &str) -> Self {
+        Self::start_with_env(config, &[])
+    }
+
+    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config_path = dir.path().join("streamworker.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let log_path = dir.path().join("streamworker.log");
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let child = Command::new(binary())
+            .arg("run")
+            .arg("-c")
+            .arg(&config_path)
+            .envs(env.iter().copied())
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("the streamworker binary runs");
+        Self {
+            child: Some(child),
+            dir,
+            config_path,
+            log_path,
+            status: None,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(-1)
+    }
+
+    pub fn signal(&self, signal: i32) {
+        if let Some(child) = &self.child {
+            unsafe {
+                libc::kill(child.id() as i32, signal);
+            }
+        }
+    }
+
+    pub fn terminate(&self) {
+        self.signal(libc::SIGTERM);
+    }
+
+    /// SIGKILL: no shutdown at all, as a crash or an OOM kill.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            self.status = child.wait().ok();
+        }
+    }
+
+    /// Waits for the process to exit; `None` if it is still running after `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if self.status.is_some() {
+            return self.status;
+        }
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait().unwrap()
+            {
+                self.status = Some(status);
+                self.child = None;
+                return self.status;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.wait(Duration::ZERO).is_none() && self.child.is_some()
+    }
+
+    /// Everything the process logged so far.
+    pub fn logs(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log_path) {
+            let _ = f.read_to_string(&mut text);
+        }
+        text
+    }
+
+    /// Waits until a log line contains `needle`.
+    pub fn wait_for_log(&self, timeout: Duration, needle: &str) {
+        wait_until(timeout, &format!("log line containing {needle:?}"), || {
+            self.logs().contains(needle)
+        });
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- streamworker log ({}) ---\n{}",
+                self.config_path.display(),
+                self.logs()
+            );
+        }
+    }
+}
+
+/// Runs the binary to completion with `args`, returning (exit code, stdout, stderr).
+pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = Command::new(binary())
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("the streamworker binary runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Adds entries in one round trip per 1,000; returns their ids.
+pub fn produce(
+    con: &mut redis::Connection,
+    stream: &str,
+    entries: &[Vec<(&str, String)>],
+) -> Vec<String> {
+    let mut ids = Vec::with_capacity(entries.len());
+    for chunk in entries.chunks(1000) {
+        let mut pipe = redis::pipe();
+        for fields in chunk {
+            let mut cmd = redis::cmd("XADD");
+            cmd.arg(stream).arg("*");
+            for (k, v) in fields {
+                cmd.arg(*k).arg(v);
+            }
+            pipe.add_command(cmd);
+        }
+        let chunk_ids: Vec<String> = pipe.query(con).expect("XADD");
+        ids.extend(chunk_ids);
+    }
+    ids
+}
+
+/// The pending count and lag of a group, from XINFO GROUPS.
+pub fn group_info(
+    con: &mut redis::Connection,
+    stream: &str,
+    group: &str,
+) -> Option<(u64, Option<u64>)> {
+    let groups: Vec<redis::Value> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query(con)
+        .ok()?;
+    for g in groups {
+        let map = value_map(g);
+        if map.get("name").map(|v| v.as_str()) == Some(group) {
+            let pending = map.get("pending").and_then(|v| v.parse().ok()).unwrap_or(0);
+            let lag = map.get("lag").and_then(|v| v.parse().ok());
+            return Some((pending, lag));
+        }
+    }
+    None
+}
+
+/// Pending entries per consumer (XPENDING summary).
+pub fn pending_of(con: &mut redis::Connection, stream: &str, group: &str, consumer: &str) -> u64 {
+    let rows: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg(group)
+        .arg("-")
+        .arg("+")
+        .arg(100_000)
+        .arg(consumer)
+        .query(con)
+        .unwrap_or_default();
+    rows.len() as u64
+}
+
+/// A flat `[k, v, k, v]` reply (RESP2 map) as strings.
+pub fn value_map(v: redis::Value) -> std::collections::HashMap<String, String> {
+    let mut out = std::collections::HashMap::new();
+    let items = match v {
+        redis::Value::Array(items) => items,
+        redis::Value::Map(pairs) => {
+            for (k, v) in pairs {
+                out.insert(text(&k), text(&v));
+            }
+            return out;
+        }
+        _ => return out,
+    };
+    let mut it = items.into_iter();
+    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+        out.insert(text(&k), text(&v));
+    }
+    out
+}
+
+pub fn text(v: &redis::Value) -> String {
+    match v {
+        redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        redis::Value::SimpleString(s) => s.clone(),
+        redis::Value::Int(i) => i.to_string(),
+        redis::Value::Nil => String::new(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// A configuration with settings that make tests fast; `groups` is TOML appended as is.
+pub fn config(redis_url: &str, consumer: &str, groups: &str) -> String {
+    format!(
+        r#"
+[redis]
+url = "{redis_url}"
+command_timeout = "2s"
+connect_timeout = "1s"
+
+[worker]
+consumer = "{consumer}"
+shutdown_timeout = "10s"
+claim_interval = "200ms"
+
+[http]
+listen = ""
+
+[telemetry]
+log_format = "json"
+
+{groups}
+"#
+    )
+}
