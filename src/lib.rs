@@ -3,12 +3,16 @@
 //! See ARCHITECTURE.md for the map. The binary (`main.rs`) is a thin edge over this
 //! library: it parses the command line and maps outcomes to exit codes.
 
+pub mod admin;
+pub mod circuit;
 pub mod client;
 pub mod config;
 pub mod consumer;
 pub mod health;
 pub mod http;
+pub mod inspect;
 pub mod lease;
+pub mod maintenance;
 pub mod metrics;
 pub mod retry;
 pub mod shutdown;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use streamworker::client::Client;
 use streamworker::config::{self, ConfigError};
 use streamworker::health::Health;
 use streamworker::metrics::Metrics;
@@ -34,6 +35,100 @@ enum Command {
         #[arg(short, long, env = "STREAMWORKER_CONFIG")]
         config: PathBuf,
     },
+    /// Per stream and group: length, lag, pending, oldest pending age, entries waiting
+    /// for a retry, dead letters, consumers with idle times, circuit state.
+    Status {
+        #[arg(short, long, env = "STREAMWORKER_CONFIG")]
+        config: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect, replay and purge a group's dead letters.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+}
+
+#[derive(clap::Args)]
+struct DlqTarget {
+    #[arg(short, long, env = "STREAMWORKER_CONFIG")]
+    config: PathBuf,
+    /// The consumer group (a `[groups.<name>]` table of the configuration).
+    #[arg(short, long)]
+    group: String,
+}
+
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct Which {
+    /// Every dead letter.
+    #[arg(long)]
+    all: bool,
+    /// These dead letters (ids in the dead-letter stream); repeatable.
+    #[arg(long = "id", value_name = "ID")]
+    ids: Vec<String>,
+    /// Dead letters added within this long, e.g. `1h`.
+    #[arg(long, value_parser = streamworker_handlers::duration::parse)]
+    since: Option<std::time::Duration>,
+    /// Dead letters added longer ago than this, e.g. `7d`.
+    #[arg(long, value_parser = streamworker_handlers::duration::parse)]
+    before: Option<std::time::Duration>,
+}
+
+impl Which {
+    fn selection(self) -> streamworker::admin::dlq::Selection {
+        use streamworker::admin::dlq::Selection;
+        if self.all {
+            Selection::All
+        } else if let Some(d) = self.since {
+            Selection::Since(d)
+        } else if let Some(d) = self.before {
+            Selection::Before(d)
+        } else {
+            Selection::Ids(self.ids)
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum DlqAction {
+    /// The oldest dead letters with their error and attempts.
+    List {
+        #[command(flatten)]
+        target: DlqTarget,
+        /// How many to show.
+        #[arg(long, default_value_t = 20)]
+        count: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One dead letter in full.
+    Show {
+        #[command(flatten)]
+        target: DlqTarget,
+        /// Its id in the dead-letter stream.
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-add dead letters to their origin stream for this group (the other groups on the
+    /// stream skip them); each dead letter is removed in the same step, so a replay can be
+    /// interrupted and run again.
+    Replay {
+        #[command(flatten)]
+        target: DlqTarget,
+        #[command(flatten)]
+        which: Which,
+    },
+    /// Delete dead letters.
+    Purge {
+        #[command(flatten)]
+        target: DlqTarget,
+        #[command(flatten)]
+        which: Which,
+    },
 }
 
 /// Exit codes of DESIGN §1.
@@ -46,7 +141,145 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Run { config } => run(&config),
+        Command::Status { config, json } => admin(&config, |client, config| {
+            Box::pin(async move {
+                let text = streamworker::admin::status::run(&client, &config, json).await?;
+                print!("{text}");
+                Ok(())
+            })
+        }),
+        Command::Dlq { action } => dlq(action),
     }
+}
+
+type AdminFuture = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>>>>;
+
+/// Runs an operator command: loads the configuration, connects once, runs `body`.
+fn admin(path: &Path, body: impl FnOnce(Client, config::Config) -> AdminFuture) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let result = runtime.block_on(async {
+        let client = Client::connect(&config.redis).await.with_context(|| {
+            format!(
+                "cannot use Redis at {}",
+                config::redact_url(&config.redis.url)
+            )
+        })?;
+        body(client, config).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+fn dlq(action: DlqAction) -> ExitCode {
+    let (target, work): (
+        DlqTarget,
+        Box<dyn FnOnce(Client, config::GroupConfig) -> AdminFuture>,
+    ) = match action {
+        DlqAction::List {
+            target,
+            count,
+            json,
+        } => (
+            target,
+            Box::new(move |client, group| {
+                Box::pin(async move {
+                    print!(
+                        "{}",
+                        streamworker::admin::dlq::list(&client, &group, count, json).await?
+                    );
+                    Ok(())
+                })
+            }),
+        ),
+        DlqAction::Show { target, id, json } => (
+            target,
+            Box::new(move |client, group| {
+                Box::pin(async move {
+                    match streamworker::admin::dlq::show(&client, &group, &id, json).await? {
+                        Some(text) => {
+                            print!("{text}");
+                            Ok(())
+                        }
+                        None => anyhow::bail!(
+                            "no dead letter {id} in {}; `streamworker dlq list` shows the ids",
+                            group.dead_letter_stream()
+                        ),
+                    }
+                })
+            }),
+        ),
+        DlqAction::Replay { target, which } => (
+            target,
+            Box::new(move |client, group| {
+                Box::pin(async move {
+                    let selection = which.selection();
+                    let mut out = std::io::stdout();
+                    let n = streamworker::admin::dlq::replay(&client, &group, &selection, &mut out)
+                        .await?;
+                    eprintln!(
+                        "replayed {n} dead letter{} to {}",
+                        if n == 1 { "" } else { "s" },
+                        group.stream
+                    );
+                    Ok(())
+                })
+            }),
+        ),
+        DlqAction::Purge { target, which } => (
+            target,
+            Box::new(move |client, group| {
+                Box::pin(async move {
+                    let selection = which.selection();
+                    let n = streamworker::admin::dlq::purge(&client, &group, &selection).await?;
+                    println!(
+                        "purged {n} dead letter{} from {}",
+                        if n == 1 { "" } else { "s" },
+                        group.dead_letter_stream()
+                    );
+                    Ok(())
+                })
+            }),
+        ),
+    };
+    let group_name = target.group.clone();
+    let path = target.config.clone();
+    let exists = match load(&path) {
+        Ok(c) => c
+            .groups
+            .contains_key(&group_name)
+            .then_some(())
+            .ok_or_else(|| c.groups.keys().cloned().collect::<Vec<_>>().join(", ")),
+        Err(code) => return code,
+    };
+    if let Err(known) = exists {
+        eprintln!(
+            "error: {} has no group {group_name:?}; its groups: {known}",
+            path.display()
+        );
+        return ExitCode::from(EXIT_BAD_CONFIG);
+    }
+    admin(&path, move |client, config| {
+        let group = config.groups[&group_name].clone();
+        work(client, group)
+    })
 }
 
 fn load(path: &Path) -> Result<config::Config, ExitCode> {

@@ -62,8 +62,15 @@ pub struct Metrics {
     inflight: Family<GroupLabels, Gauge>,
     reclaimed: Family<GroupLabels, Counter>,
     group_recreated: Family<GroupLabels, Counter>,
+    circuit_open: Family<GroupLabels, Gauge>,
     redis_errors: Family<ErrorLabels, Counter>,
     pub up: Gauge,
+    group_lag: Family<GroupLabels, Gauge>,
+    group_pending: Family<GroupLabels, Gauge>,
+    group_consumers: Family<GroupLabels, Gauge>,
+    oldest_pending_seconds: Family<GroupLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    dead_letter_length: Family<GroupLabels, Gauge>,
+    retention_blocked: Family<GroupLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -117,6 +124,12 @@ impl Metrics {
             "Consumer groups recreated after Redis lost them (NOGROUP)",
             group_recreated.clone(),
         );
+        let circuit_open = Family::<GroupLabels, Gauge>::default();
+        registry.register(
+            "streamworker_circuit_open",
+            "1 while this replica's circuit breaker for the group is open or half-open",
+            circuit_open.clone(),
+        );
         let redis_errors = Family::<ErrorLabels, Counter>::default();
         registry.register(
             "streamworker_redis_errors",
@@ -128,6 +141,43 @@ impl Metrics {
             "streamworker_up",
             "1 while Redis is reachable and every group runs",
             up.clone(),
+        );
+        let group_lag = Family::<GroupLabels, Gauge>::default();
+        registry.register(
+            "streamworker_group_lag",
+            "Entries not yet delivered to the group (XINFO GROUPS lag); no sample when Redis cannot tell. Any replica may export it: aggregate with max by (stream, group)",
+            group_lag.clone(),
+        );
+        let group_pending = Family::<GroupLabels, Gauge>::default();
+        registry.register(
+            "streamworker_group_pending",
+            "Entries delivered and not yet acknowledged (aggregate with max by (stream, group))",
+            group_pending.clone(),
+        );
+        let group_consumers = Family::<GroupLabels, Gauge>::default();
+        registry.register(
+            "streamworker_group_consumers",
+            "Consumers in the group (aggregate with max by (stream, group))",
+            group_consumers.clone(),
+        );
+        let oldest_pending_seconds =
+            Family::<GroupLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "streamworker_oldest_pending_seconds",
+            "Idle time of the longest-idle pending entry (aggregate with max by (stream, group))",
+            oldest_pending_seconds.clone(),
+        );
+        let dead_letter_length = Family::<GroupLabels, Gauge>::default();
+        registry.register(
+            "streamworker_dead_letter_length",
+            "Entries in the group's dead-letter stream (aggregate with max by (stream, group))",
+            dead_letter_length.clone(),
+        );
+        let retention_blocked = Family::<GroupLabels, Gauge>::default();
+        registry.register(
+            "streamworker_retention_blocked",
+            "1 while this group's unacknowledged or undelivered entries hold back the stream's retention",
+            retention_blocked.clone(),
         );
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
@@ -149,8 +199,63 @@ impl Metrics {
             inflight,
             reclaimed,
             group_recreated,
+            circuit_open,
             redis_errors,
             up,
+            group_lag,
+            group_pending,
+            group_consumers,
+            oldest_pending_seconds,
+            dead_letter_length,
+            retention_blocked,
+        }
+    }
+
+    /// Refreshes the group gauges from what Redis reported. Groups are the ones on the
+    /// configured streams, including groups of other applications.
+    pub fn set_group_gauges(&self, reports: &[crate::inspect::StreamReport]) {
+        for stream in reports {
+            for g in &stream.groups {
+                let labels = GroupLabels {
+                    stream: stream.stream.clone(),
+                    group: g.group.clone(),
+                };
+                match g.lag {
+                    Some(lag) => {
+                        self.group_lag.get_or_create(&labels).set(lag as i64);
+                    }
+                    None => {
+                        self.group_lag.remove(&labels);
+                    }
+                }
+                self.group_pending
+                    .get_or_create(&labels)
+                    .set(g.pending as i64);
+                self.group_consumers
+                    .get_or_create(&labels)
+                    .set(g.consumers.len() as i64);
+                self.oldest_pending_seconds
+                    .get_or_create(&labels)
+                    .set(g.oldest_pending_seconds.unwrap_or(0.0));
+                if let Some(len) = g.dead_letter_length {
+                    self.dead_letter_length
+                        .get_or_create(&labels)
+                        .set(len as i64);
+                }
+            }
+        }
+    }
+
+    /// Marks which groups on `stream` hold back its retention.
+    pub fn set_retention_blocked(&self, stream: &str, groups: &[String], blocking: &[String]) {
+        for group in groups {
+            let labels = GroupLabels {
+                stream: stream.to_owned(),
+                group: group.clone(),
+            };
+            self.retention_blocked
+                .get_or_create(&labels)
+                .set(i64::from(blocking.contains(group)));
         }
     }
 
@@ -180,6 +285,7 @@ impl Metrics {
             inflight: self.inflight.get_or_create(&labels).clone(),
             reclaimed: self.reclaimed.get_or_create(&labels).clone(),
             group_recreated: self.group_recreated.get_or_create(&labels).clone(),
+            circuit_open: self.circuit_open.get_or_create(&labels).clone(),
             redis_errors: self.redis_errors.clone(),
         }
     }
@@ -210,6 +316,7 @@ pub struct GroupMetrics {
     pub inflight: Gauge,
     pub reclaimed: Counter,
     pub group_recreated: Counter,
+    pub circuit_open: Gauge,
     redis_errors: Family<ErrorLabels, Counter>,
 }
 

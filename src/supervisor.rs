@@ -72,8 +72,15 @@ pub async fn run(config: Config, shutdown: Shutdown, metrics: Metrics, health: H
     };
 
     let prober = tokio::spawn(probe(
-        client,
+        client.clone(),
         health.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    let housekeeping = tokio::spawn(crate::maintenance::run(
+        client,
+        Arc::new(config.clone()),
+        shared.consumer.clone(),
         metrics.clone(),
         shutdown.clone(),
     ));
@@ -104,6 +111,7 @@ pub async fn run(config: Config, shutdown: Shutdown, metrics: Metrics, health: H
     }
     tracker.wait().await;
     prober.abort();
+    housekeeping.abort();
     health.set_redis_up(false);
     metrics.up.set(0);
     result

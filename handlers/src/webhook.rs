@@ -3,6 +3,7 @@
 //! One POST per entry with the JSON body of DESIGN §2, an `Idempotency-Key`, an optional
 //! HMAC signature and the consumer span's `traceparent`. A 2xx reply acknowledges the entry;
 //! 429, 5xx, a timeout or a failed connection is retryable; any other status is permanent.
+//! A 2xx with an `X-Streamworker-Drop: <reason>` header drops the entry.
 
 use std::collections::BTreeMap;
 use std::sync::Once;
@@ -15,6 +16,10 @@ use serde::{Deserialize, Serialize, Serializer};
 use sha2::Sha256;
 
 use crate::{Entry, Handler, HandlerError, OptionProblem, ResultExt};
+
+/// A 2xx reply carrying this header drops the entry (acknowledged and counted as
+/// `dropped`, no dead letter): the endpoint's way to say "not mine", "duplicate" or "stale".
+pub const DROP_HEADER: &str = "x-streamworker-drop";
 
 /// `[groups.<name>.options]` for `handler = "webhook"`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -295,11 +300,20 @@ impl Handler for Webhook {
             }
         };
         let status = response.status();
+        let drop_reason = response
+            .headers()
+            .get(DROP_HEADER)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
         // Read the reply to the end so the connection goes back to the pool; keep a
         // little of it for the error message.
         let reply = response.bytes().await.unwrap_or_default();
         if status.is_success() {
-            return Ok(());
+            return match drop_reason {
+                Some(reason) => Err(HandlerError::drop_entry(format!(
+                    "the webhook dropped it: {reason}"
+                ))),
+                None => Ok(()),
+            };
         }
         let snippet: String = String::from_utf8_lossy(&reply[..reply.len().min(200)])
             .chars()

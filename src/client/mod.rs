@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, IntoConnectionInfo, RedisError, Script, Value};
+use redis::{AsyncConnectionConfig, IntoConnectionInfo, RedisError, RedisResult, Script, Value};
 use streamworker_handlers::EntryId;
 
 use crate::config::{RedisConfig, redact_url};
@@ -102,6 +102,9 @@ struct Scripts {
     own_pending: Script,
     lease: Script,
     lease_release: Script,
+    retention: Script,
+    forget_consumers: Script,
+    replay: Script,
 }
 
 impl Scripts {
@@ -113,8 +116,47 @@ impl Scripts {
             own_pending: Script::new(include_str!("own_pending.lua")),
             lease: Script::new(include_str!("lease.lua")),
             lease_release: Script::new(include_str!("lease_release.lua")),
+            retention: Script::new(include_str!("retention.lua")),
+            forget_consumers: Script::new(include_str!("forget_consumers.lua")),
+            replay: Script::new(include_str!("replay.lua")),
         }
     }
+}
+
+/// One consumer group on a stream, as XINFO GROUPS reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct GroupInfo {
+    pub name: String,
+    pub consumers: u64,
+    pub pending: u64,
+    pub last_delivered_id: String,
+    pub entries_read: Option<u64>,
+    /// `None` when Redis cannot tell (e.g. after XDEL or a trim below the group).
+    pub lag: Option<u64>,
+}
+
+/// One consumer of a group, as XINFO CONSUMERS reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ConsumerInfo {
+    pub name: String,
+    pub pending: u64,
+    pub idle_ms: u64,
+}
+
+/// A stream entry with its id as text, as XRANGE returns it.
+pub type StreamEntry = (String, Vec<(Vec<u8>, Vec<u8>)>);
+
+/// What one retention pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Retained {
+    pub trimmed: u64,
+    /// Groups that hold back trimming (unacknowledged or undelivered entries).
+    pub blocking: Vec<String>,
+}
+
+/// The hash where each replica records a circuit that is not closed.
+pub fn circuit_key(stream: &str, group: &str) -> String {
+    format!("streamworker:circuit:{{{stream}}}:{group}")
 }
 
 /// A handle on one Redis deployment; cheap to clone.
@@ -415,6 +457,283 @@ impl Client {
         }
         Ok(claimed)
     }
+}
+
+impl Client {
+    /// Trims `stream` per its retention; see `retention.lua`.
+    pub async fn retain(
+        &self,
+        stream: &str,
+        max_len: Option<u64>,
+        max_age: Option<Duration>,
+        now_ms: u64,
+        step: usize,
+    ) -> Result<Retained> {
+        let (trimmed, blocking): (u64, Vec<String>) = self
+            .scripts
+            .retention
+            .key(stream)
+            .arg(max_len.unwrap_or(0))
+            .arg(max_age.map_or(0, |d| d.as_millis() as u64))
+            .arg(now_ms)
+            .arg(step)
+            .invoke_async(&mut self.commands())
+            .await?;
+        Ok(Retained { trimmed, blocking })
+    }
+
+    /// Deletes consumers with nothing pending idle longer than `ttl`; see
+    /// `forget_consumers.lua`.
+    pub async fn forget_consumers(
+        &self,
+        stream: &str,
+        group: &str,
+        ttl: Duration,
+        keep: &[&str],
+    ) -> Result<Vec<String>> {
+        let mut inv = self.scripts.forget_consumers.key(stream);
+        inv.arg(group).arg(ttl.as_millis() as u64);
+        for name in keep {
+            inv.arg(*name);
+        }
+        Ok(inv.invoke_async(&mut self.commands()).await?)
+    }
+
+    /// Replays one dead letter; see `replay.lua`. `None` when it is gone already.
+    pub async fn replay(
+        &self,
+        dead_letter_stream: &str,
+        stream: &str,
+        id: &str,
+        group: &str,
+    ) -> Result<Option<String>> {
+        Ok(self
+            .scripts
+            .replay
+            .key(dead_letter_stream)
+            .key(stream)
+            .arg(id)
+            .arg(group)
+            .invoke_async(&mut self.commands())
+            .await?)
+    }
+
+    /// Records (`Some(state)`) or clears (`None`) this consumer's circuit state.
+    pub async fn report_circuit(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        state: Option<&str>,
+    ) -> Result<()> {
+        let key = circuit_key(stream, group);
+        let cmd = match state {
+            Some(state) => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_millis();
+                let mut c = redis::cmd("HSET");
+                c.arg(&key).arg(consumer).arg(format!("{state} {now}"));
+                c
+            }
+            None => {
+                let mut c = redis::cmd("HDEL");
+                c.arg(&key).arg(consumer);
+                c
+            }
+        };
+        let _: i64 = cmd.query_async(&mut self.commands()).await?;
+        Ok(())
+    }
+
+    /// Every replica's recorded circuit state: (consumer, state, recorded at unix ms).
+    pub async fn circuits(&self, stream: &str, group: &str) -> Result<Vec<(String, String, u64)>> {
+        let raw: Vec<(String, String)> = redis::cmd("HGETALL")
+            .arg(circuit_key(stream, group))
+            .query_async(&mut self.commands())
+            .await?;
+        Ok(raw
+            .into_iter()
+            .map(|(consumer, value)| {
+                let mut parts = value.splitn(2, ' ');
+                let state = parts.next().unwrap_or_default().to_owned();
+                let at = parts.next().and_then(|t| t.parse().ok()).unwrap_or(0);
+                (consumer, state, at)
+            })
+            .collect())
+    }
+
+    pub async fn xlen(&self, key: &str) -> Result<u64> {
+        Ok(redis::cmd("XLEN")
+            .arg(key)
+            .query_async(&mut self.commands())
+            .await?)
+    }
+
+    /// XINFO GROUPS; empty when the stream does not exist.
+    pub async fn groups(&self, stream: &str) -> Result<Vec<GroupInfo>> {
+        let reply: RedisResult<Value> = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(stream)
+            .query_async(&mut self.commands())
+            .await;
+        let reply = match reply {
+            Err(e) if e.code() == Some("ERR") && e.to_string().contains("no such key") => {
+                return Ok(Vec::new());
+            }
+            other => other?,
+        };
+        Ok(rows(reply)
+            .into_iter()
+            .map(|m| GroupInfo {
+                name: m.text("name"),
+                consumers: m.number("consumers").unwrap_or(0),
+                pending: m.number("pending").unwrap_or(0),
+                last_delivered_id: m.text("last-delivered-id"),
+                entries_read: m.number("entries-read"),
+                lag: m.number("lag"),
+            })
+            .collect())
+    }
+
+    /// XINFO CONSUMERS.
+    pub async fn consumers(&self, stream: &str, group: &str) -> Result<Vec<ConsumerInfo>> {
+        let reply: Value = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(stream)
+            .arg(group)
+            .query_async(&mut self.commands())
+            .await?;
+        Ok(rows(reply)
+            .into_iter()
+            .map(|m| ConsumerInfo {
+                name: m.text("name"),
+                pending: m.number("pending").unwrap_or(0),
+                idle_ms: m.number("idle").unwrap_or(0),
+            })
+            .collect())
+    }
+
+    /// The longest idle time among the group's `sample` oldest pending entries: the age
+    /// of the oldest pending work, without scanning a long pending list.
+    pub async fn oldest_pending_idle(
+        &self,
+        stream: &str,
+        group: &str,
+        sample: usize,
+    ) -> Result<Option<Duration>> {
+        let rows: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+            .arg(stream)
+            .arg(group)
+            .arg("-")
+            .arg("+")
+            .arg(sample)
+            .query_async(&mut self.commands())
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|(_, _, idle, _)| *idle)
+            .max()
+            .map(Duration::from_millis))
+    }
+
+    /// XRANGE (or XREVRANGE when `reverse`) with a count.
+    pub async fn range(
+        &self,
+        key: &str,
+        start: &str,
+        end: &str,
+        count: usize,
+        reverse: bool,
+    ) -> Result<Vec<StreamEntry>> {
+        let (cmd, from, to) = if reverse {
+            ("XREVRANGE", end, start)
+        } else {
+            ("XRANGE", start, end)
+        };
+        let reply: Value = redis::cmd(cmd)
+            .arg(key)
+            .arg(from)
+            .arg(to)
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut self.commands())
+            .await?;
+        let Value::Array(entries) = reply else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let Value::Array(parts) = entry else { continue };
+            let mut parts = parts.into_iter();
+            let id = String::from_utf8_lossy(&into_bytes(parts.next().unwrap_or(Value::Nil)))
+                .into_owned();
+            out.push((id, parse_fields(parts.next().unwrap_or(Value::Nil))));
+        }
+        Ok(out)
+    }
+
+    pub async fn xdel(&self, key: &str, ids: &[String]) -> Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        Ok(redis::cmd("XDEL")
+            .arg(key)
+            .arg(ids)
+            .query_async(&mut self.commands())
+            .await?)
+    }
+}
+
+/// A row of an XINFO reply: `[k, v, k, v, …]` (RESP2) or a map (RESP3).
+struct Row(Vec<(String, Value)>);
+
+impl Row {
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+    fn text(&self, key: &str) -> String {
+        self.get(key)
+            .map(|v| String::from_utf8_lossy(&into_bytes(v.clone())).into_owned())
+            .unwrap_or_default()
+    }
+    fn number(&self, key: &str) -> Option<u64> {
+        match self.get(key)? {
+            Value::Int(i) => u64::try_from(*i).ok(),
+            Value::Nil => None,
+            other => String::from_utf8_lossy(&into_bytes(other.clone()))
+                .parse()
+                .ok(),
+        }
+    }
+}
+
+fn rows(reply: Value) -> Vec<Row> {
+    let Value::Array(items) = reply else {
+        return Vec::new();
+    };
+    items
+        .into_iter()
+        .map(|item| {
+            let pairs = match item {
+                Value::Map(pairs) => pairs,
+                Value::Array(flat) => {
+                    let mut it = flat.into_iter();
+                    let mut pairs = Vec::new();
+                    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                        pairs.push((k, v));
+                    }
+                    pairs
+                }
+                _ => Vec::new(),
+            };
+            Row(pairs
+                .into_iter()
+                .map(|(k, v)| (String::from_utf8_lossy(&into_bytes(k)).into_owned(), v))
+                .collect())
+        })
+        .collect()
 }
 
 /// One entry to hand over with `release`.

@@ -230,6 +230,28 @@ impl Default for RetryBackoff {
     }
 }
 
+/// Pauses a group whose downstream is failing, so an outage does not burn every entry's
+/// attempts (DESIGN §3, downstream outages).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CircuitBreakerConfig {
+    /// Consecutive retryable failures (errors, timeouts, panics, webhook 429/5xx) that
+    /// open the circuit; 0 turns the breaker off.
+    pub threshold: u32,
+    /// How long an open circuit stops reading before one entry probes the downstream.
+    #[serde(with = "streamworker_handlers::duration")]
+    pub pause: Duration,
+}
+
+impl Default for CircuitBreakerConfig {
+    fn default() -> Self {
+        Self {
+            threshold: 10,
+            pause: Duration::from_secs(5),
+        }
+    }
+}
+
 /// `[groups.<name>]` without `handler` and `options`, which `HandlerSpec` owns.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -252,6 +274,7 @@ pub struct GroupSettings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dead_letter_stream: Option<String>,
     pub payload: PayloadFormat,
+    pub circuit_breaker: CircuitBreakerConfig,
 }
 
 impl Default for GroupSettings {
@@ -269,6 +292,7 @@ impl Default for GroupSettings {
             consumer_ttl: Duration::from_secs(3600),
             dead_letter_stream: None,
             payload: PayloadFormat::Fields,
+            circuit_breaker: CircuitBreakerConfig::default(),
         }
     }
 }

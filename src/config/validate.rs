@@ -194,6 +194,12 @@ pub(super) fn validate(config: &Config) -> Vec<(String, String)> {
                 ),
             );
         }
+        if g.circuit_breaker.threshold > 0 && g.circuit_breaker.pause.is_zero() {
+            problem(
+                key("circuit_breaker.pause"),
+                "must be greater than zero (or set circuit_breaker.threshold = 0 to turn the breaker off)".into(),
+            );
+        }
         for p in g.handler.validate(g.handler_timeout) {
             problem(key(&format!("options.{}", p.key)), p.message);
         }

@@ -19,12 +19,13 @@ use std::time::{Duration, SystemTime};
 use futures_util::future::BoxFuture;
 use futures_util::stream::{FuturesOrdered, FuturesUnordered};
 use futures_util::{FutureExt, StreamExt};
-use streamworker_handlers::{Entry, EntryId, Handler, HandlerError, Origin};
+use streamworker_handlers::{Entry, EntryId, Handler, HandlerError, Origin, REPLAY_GROUP_FIELD};
 use tokio::time::{Instant, sleep_until};
 
 use settle::{AckKind, Flushed, Target, park_idle};
 pub use settle::{BACKOFF_CONSUMER, DeadLetter, Settlements, dead_letter_fields};
 
+use crate::circuit::{Breaker, Transition};
 use crate::client::{Claimed, Client, ClientError, RawEntry, Reader, Release};
 use crate::config::GroupConfig;
 use crate::health::Heartbeat;
@@ -235,6 +236,9 @@ struct Loop<'g, H> {
     unblocking: Option<BoxFuture<'static, ()>>,
     unblock_at: Instant,
     report_at: Instant,
+    breaker: Breaker,
+    /// When to tell Redis again that the circuit is not closed (for `status`).
+    circuit_refresh_at: Instant,
 }
 
 impl<'g, H: Handler> Loop<'g, H> {
@@ -277,6 +281,8 @@ impl<'g, H: Handler> Loop<'g, H> {
             unblocking: None,
             unblock_at: now,
             report_at: now,
+            breaker: Breaker::new(cfg.circuit_breaker),
+            circuit_refresh_at: now,
         }
     }
 
@@ -352,6 +358,7 @@ impl<'g, H: Handler> Loop<'g, H> {
             };
             for raw in admitted {
                 if let Some(entry) = self.admit(raw) {
+                    self.breaker.started(entry.id);
                     running.push(call(&g.handler, entry, timeout));
                 }
             }
@@ -364,14 +371,29 @@ impl<'g, H: Handler> Loop<'g, H> {
 
     /// Slots left for new entries.
     fn free(&self, running: usize) -> usize {
-        self.concurrency().saturating_sub(running + self.reserved)
+        let free = self.concurrency().saturating_sub(running + self.reserved);
+        match self.breaker.may_fetch(running) {
+            Some(limit) => free.min(limit.saturating_sub(self.reserved)),
+            None => free,
+        }
     }
 
     /// Starts whatever can start now.
     fn pump(&mut self, running: usize, now: Instant) {
         let cfg = &self.g.config;
-        let want = cfg.batch_size.min(self.concurrency());
-        if !self.draining {
+        if let Some(t) = self.breaker.tick(now) {
+            self.on_transition(t);
+        }
+        if !self.breaker.is_closed() && now >= self.circuit_refresh_at {
+            self.report_circuit();
+        }
+        // An open circuit fetches nothing; a half-open one fetches a single probe.
+        let limit = self.breaker.may_fetch(running);
+        let want = cfg
+            .batch_size
+            .min(self.concurrency())
+            .min(limit.unwrap_or(usize::MAX));
+        if !self.draining && limit != Some(0) {
             if self.reader.is_none() && self.connecting.is_none() && now >= self.connect_at {
                 self.start_connect();
             }
@@ -454,7 +476,11 @@ impl<'g, H: Handler> Loop<'g, H> {
                     }
                 }
             }
-        } else if !self.reads.is_empty() && self.unblocking.is_none() && now >= self.unblock_at {
+        } else if self.draining
+            && !self.reads.is_empty()
+            && self.unblocking.is_none()
+            && now >= self.unblock_at
+        {
             // A blocked read would hold shutdown for up to `block`: wake it. Repeat while
             // reads remain, since a second pipelined read blocks after the first returns.
             self.start_unblock();
@@ -501,6 +527,9 @@ impl<'g, H: Handler> Loop<'g, H> {
         }
         if self.flushing.is_none() && !self.pending.is_empty() {
             wake = wake.min(self.flush_at);
+        }
+        if let Some(at) = self.breaker.wakeup() {
+            wake = wake.min(at);
         }
         wake.max(now)
     }
@@ -737,6 +766,27 @@ impl<'g, H: Handler> Loop<'g, H> {
             raw.delivery_count,
             raw.fields,
         );
+        // A dead letter replayed to the stream is meant for one group; the others
+        // acknowledge it without calling their handler. `dlq replay` appends its fields
+        // last, so only entries whose last field is a `dlq_` one need a look.
+        if entry
+            .fields
+            .last()
+            .is_some_and(|(name, _)| name.starts_with(b"dlq_"))
+            && let Some(target) = entry.field(REPLAY_GROUP_FIELD)
+            && target != cfg.name.as_bytes()
+        {
+            let reason = format!(
+                "a replay meant for group {}",
+                String::from_utf8_lossy(target)
+            );
+            self.settle(Done {
+                entry,
+                result: Err(HandlerError::Drop(reason)),
+                elapsed: Duration::ZERO,
+            });
+            return None;
+        }
         match entry.decode(&cfg.payload) {
             Ok(()) => Some(entry),
             Err(error) => {
@@ -757,10 +807,29 @@ impl<'g, H: Handler> Loop<'g, H> {
             result,
             elapsed,
         } = done;
-        let cfg = &self.g.config;
-        let metrics = &self.g.metrics;
+        let cfg = Arc::clone(&self.g.config);
         if !elapsed.is_zero() {
-            metrics.handler_seconds.observe(elapsed.as_secs_f64());
+            self.g
+                .metrics
+                .handler_seconds
+                .observe(elapsed.as_secs_f64());
+        }
+        let failed = matches!(result, Err(HandlerError::Retry(_)));
+        let circuit_was_closed = self.breaker.is_closed();
+        if let Some(t) = self.breaker.record(entry.id, failed, Instant::now()) {
+            self.on_transition(t);
+        }
+        if failed && !circuit_was_closed {
+            // The circuit had already opened: the downstream is down, not this entry.
+            // Give the delivery back so an outage cannot use up its attempts.
+            let after = retry::delay(&cfg.retry_backoff, entry.delivery_count, fastrand::f64());
+            tracing::debug!(stream = %cfg.stream, group = %cfg.name, consumer = %self.g.consumer, id = %entry.id, delivery_count = entry.delivery_count, "failed while the circuit is open; the attempt is given back");
+            self.pending.parks.push(Release {
+                id: entry.id,
+                idle: park_idle(cfg.claim_idle, after),
+                delivery_count: Some(entry.delivery_count.saturating_sub(1)),
+            });
+            return;
         }
         let fate = retry::decide(
             result,
@@ -797,6 +866,48 @@ impl<'g, H: Handler> Loop<'g, H> {
                 });
             }
         }
+    }
+
+    fn on_transition(&mut self, transition: Transition) {
+        let cfg = &self.g.config;
+        match transition {
+            Transition::Opened { failures, pause } => tracing::warn!(
+                stream = %cfg.stream, group = %cfg.name, consumer = %self.g.consumer, failures,
+                pause_ms = pause.as_millis() as u64,
+                "circuit opened: the handler keeps failing; reading paused, then one entry will probe"
+            ),
+            Transition::HalfOpened => {
+                tracing::info!(stream = %cfg.stream, group = %cfg.name, consumer = %self.g.consumer, "circuit half-open: probing with one entry")
+            }
+            Transition::Reopened { pause } => {
+                tracing::warn!(stream = %cfg.stream, group = %cfg.name, consumer = %self.g.consumer, pause_ms = pause.as_millis() as u64, "probe failed; circuit open again")
+            }
+            Transition::Closed => {
+                tracing::info!(stream = %cfg.stream, group = %cfg.name, consumer = %self.g.consumer, "probe succeeded; circuit closed, reading resumed")
+            }
+        }
+        self.g
+            .metrics
+            .circuit_open
+            .set(i64::from(!self.breaker.is_closed()));
+        self.report_circuit();
+    }
+
+    /// Records this replica's circuit state in Redis for `streamworker status`; refreshed
+    /// while not closed, so a replica that died open does not show forever.
+    fn report_circuit(&mut self) {
+        let client = self.g.client.clone();
+        let t = self.target.clone();
+        let state = (!self.breaker.is_closed()).then(|| self.breaker.state().name());
+        self.circuit_refresh_at = Instant::now() + Duration::from_secs(5);
+        tokio::spawn(async move {
+            if let Err(e) = client
+                .report_circuit(&t.stream, &t.group, &t.consumer, state)
+                .await
+            {
+                tracing::debug!(error = %e, "could not record the circuit state");
+            }
+        });
     }
 
     fn on_flush(&mut self, mut flushed: Flushed) {

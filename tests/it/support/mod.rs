@@ -403,3 +403,80 @@ log_format = "json"
 "#
     )
 }
+
+/// A plain HTTP/1.1 GET; returns (status, body).
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).ok()?;
+    let status = raw.split(' ').nth(1)?.parse().ok()?;
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// The value of the sample `name{labels…}` in exposition text, matching every given label.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?;
+        if !(rest.starts_with('{') || rest.starts_with(' ')) {
+            return None;
+        }
+        if !labels
+            .iter()
+            .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+        {
+            return None;
+        }
+        rest.rsplit(' ').next()?.parse().ok()
+    })
+}
+
+/// Delivery counts of the group's pending entries, by id (extended XPENDING).
+pub fn delivery_counts(
+    con: &mut redis::Connection,
+    stream: &str,
+    group: &str,
+) -> std::collections::HashMap<String, u64> {
+    let rows: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg(group)
+        .arg("-")
+        .arg("+")
+        .arg(100_000)
+        .query(con)
+        .unwrap_or_default();
+    rows.into_iter()
+        .map(|(id, _, _, count)| (id, count))
+        .collect()
+}
+
+/// Fields of an entry, bytes as stored, in order.
+pub type Fields = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// All entries of a stream as (id, fields).
+pub fn entries(con: &mut redis::Connection, key: &str) -> Vec<(String, Fields)> {
+    redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .query(con)
+        .unwrap_or_default()
+}
+
+/// A configuration whose HTTP listener is on a free port; returns it with the address.
+pub fn config_with_http(redis_url: &str, consumer: &str, groups: &str) -> (String, String) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let text = config(redis_url, consumer, groups)
+        .replace("listen = \"\"", &format!("listen = \"{addr}\""));
+    (text, addr)
+}

@@ -118,12 +118,16 @@ impl Drop for WebhookServer {
     }
 }
 
+/// A responder status of 299 means: answer 200 with `X-Streamworker-Drop: not mine`.
+pub const DROP: u16 = 299;
+
 async fn handle(
     State(state): State<Shared>,
     Path(path): Path<String>,
     headers: HeaderMap,
     body: Bytes,
-) -> StatusCode {
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
     let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
     let mut hit = Hit {
         path,
@@ -149,5 +153,8 @@ async fn handle(
     }
     hit.status = status;
     state.hits.lock().unwrap().push(hit);
-    StatusCode::from_u16(status).unwrap()
+    if status == DROP {
+        return (StatusCode::OK, [("x-streamworker-drop", "not mine")]).into_response();
+    }
+    StatusCode::from_u16(status).unwrap().into_response()
 }

@@ -1,0 +1,255 @@
+//! `streamworker dlq list|show|replay|purge -c FILE --group NAME`: inspect dead letters,
+//! replay them to their origin stream (DESIGN §3), purge them. Replay and purge work one
+//! dead letter at a time, each step atomic, so both are safe to interrupt and to repeat.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use streamworker_handlers::one_line;
+
+use crate::client::{Client, ClientError, StreamEntry};
+use crate::config::GroupConfig;
+
+use super::table;
+
+/// Which dead letters a replay or purge applies to.
+#[derive(Debug, Clone)]
+pub enum Selection {
+    All,
+    Ids(Vec<String>),
+    /// Dead-lettered within this long.
+    Since(Duration),
+    /// Dead-lettered longer ago than this.
+    Before(Duration),
+}
+
+const PAGE: usize = 100;
+
+#[derive(Debug, Serialize)]
+struct Listed {
+    id: String,
+    origin_id: String,
+    deliveries: String,
+    failed_at: String,
+    consumer: String,
+    error: String,
+}
+
+fn field(fields: &[(Vec<u8>, Vec<u8>)], name: &str) -> String {
+    fields
+        .iter()
+        .find(|(k, _)| k == name.as_bytes())
+        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        .unwrap_or_default()
+}
+
+fn listed(entry: &StreamEntry) -> Listed {
+    let (id, fields) = entry;
+    Listed {
+        id: id.clone(),
+        origin_id: field(fields, "dlq_origin_id"),
+        deliveries: field(fields, "dlq_deliveries"),
+        failed_at: field(fields, "dlq_failed_at"),
+        consumer: field(fields, "dlq_consumer"),
+        error: field(fields, "dlq_error"),
+    }
+}
+
+pub async fn list(
+    client: &Client,
+    group: &GroupConfig,
+    count: usize,
+    json: bool,
+) -> Result<String, ClientError> {
+    let dlq = group.dead_letter_stream();
+    let entries = client.range(&dlq, "-", "+", count, false).await?;
+    let total = client.xlen(&dlq).await?;
+    let items: Vec<Listed> = entries.iter().map(listed).collect();
+    if json {
+        return Ok(serde_json::to_string_pretty(&items).expect("serializes") + "\n");
+    }
+    if items.is_empty() {
+        return Ok(format!("{dlq} is empty\n"));
+    }
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|l| {
+            let mut error = one_line(&l.error);
+            if error.chars().count() > 100 {
+                error = error.chars().take(99).collect::<String>() + "…";
+            }
+            vec![
+                l.id.clone(),
+                l.origin_id.clone(),
+                l.deliveries.clone(),
+                l.failed_at.clone(),
+                error,
+            ]
+        })
+        .collect();
+    let mut out = format!(
+        "{dlq}: {total} dead letter{}",
+        if total == 1 { "" } else { "s" }
+    );
+    if total as usize > items.len() {
+        out.push_str(&format!(
+            " (oldest {} shown; --count to see more)",
+            items.len()
+        ));
+    }
+    out.push('\n');
+    out.push_str(&table(
+        &["ID", "ORIGIN ID", "DELIVERIES", "FAILED AT", "ERROR"],
+        &rows,
+    ));
+    Ok(out)
+}
+
+pub async fn show(
+    client: &Client,
+    group: &GroupConfig,
+    id: &str,
+    json: bool,
+) -> Result<Option<String>, ClientError> {
+    let dlq = group.dead_letter_stream();
+    let entries = client.range(&dlq, id, id, 1, false).await?;
+    let Some((id, fields)) = entries.into_iter().next() else {
+        return Ok(None);
+    };
+    if json {
+        let map: serde_json::Map<String, serde_json::Value> = fields
+            .iter()
+            .map(|(k, v)| {
+                (
+                    String::from_utf8_lossy(k).into_owned(),
+                    serde_json::Value::String(String::from_utf8_lossy(v).into_owned()),
+                )
+            })
+            .collect();
+        let value = serde_json::json!({"id": id, "fields": map});
+        return Ok(Some(
+            serde_json::to_string_pretty(&value).expect("serializes") + "\n",
+        ));
+    }
+    let mut out = format!("{dlq} {id}\n");
+    for (k, v) in &fields {
+        out.push_str(&format!(
+            "  {} = {}\n",
+            String::from_utf8_lossy(k),
+            String::from_utf8_lossy(v)
+        ));
+    }
+    Ok(Some(out))
+}
+
+/// The dead letters `selection` names, one page at a time, oldest first.
+async fn select(
+    client: &Client,
+    dlq: &str,
+    selection: &Selection,
+    after: Option<&str>,
+) -> Result<Vec<String>, ClientError> {
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64;
+    let start = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
+    let (start, end) = match selection {
+        Selection::All => (start, "+".to_owned()),
+        Selection::Since(d) => {
+            let from = format!("{}-0", now_ms.saturating_sub(d.as_millis() as u64));
+            (if after.is_some() { start } else { from }, "+".to_owned())
+        }
+        Selection::Before(d) => (
+            start,
+            format!("({}-0", now_ms.saturating_sub(d.as_millis() as u64)),
+        ),
+        Selection::Ids(_) => unreachable!("ids are not paged"),
+    };
+    Ok(client
+        .range(dlq, &start, &end, PAGE, false)
+        .await?
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect())
+}
+
+/// Walks the selected dead letters a page at a time, oldest first.
+struct Cursor<'a> {
+    selection: &'a Selection,
+    after: Option<String>,
+    done: bool,
+}
+
+impl<'a> Cursor<'a> {
+    fn new(selection: &'a Selection) -> Self {
+        Self {
+            selection,
+            after: None,
+            done: false,
+        }
+    }
+
+    async fn next_page(&mut self, client: &Client, dlq: &str) -> Result<Vec<String>, ClientError> {
+        if self.done {
+            return Ok(Vec::new());
+        }
+        if let Selection::Ids(ids) = self.selection {
+            self.done = true;
+            return Ok(ids.clone());
+        }
+        let page = select(client, dlq, self.selection, self.after.as_deref()).await?;
+        match page.last() {
+            Some(last) => self.after = Some(last.clone()),
+            None => self.done = true,
+        }
+        Ok(page)
+    }
+}
+
+/// Replays the selected dead letters to the group's stream, reporting each on `out`.
+pub async fn replay(
+    client: &Client,
+    group: &GroupConfig,
+    selection: &Selection,
+    out: &mut dyn std::io::Write,
+) -> Result<u64, ClientError> {
+    let dlq = group.dead_letter_stream();
+    let mut cursor = Cursor::new(selection);
+    let mut replayed = 0;
+    loop {
+        let page = cursor.next_page(client, &dlq).await?;
+        if page.is_empty() {
+            return Ok(replayed);
+        }
+        for id in page {
+            match client.replay(&dlq, &group.stream, &id, &group.name).await? {
+                Some(new_id) => {
+                    replayed += 1;
+                    let _ = writeln!(out, "replayed {id} as {}/{new_id}", group.stream);
+                }
+                None => {
+                    let _ = writeln!(out, "{id}: not in {dlq} (already replayed or purged)");
+                }
+            }
+        }
+    }
+}
+
+/// Deletes the selected dead letters.
+pub async fn purge(
+    client: &Client,
+    group: &GroupConfig,
+    selection: &Selection,
+) -> Result<u64, ClientError> {
+    let dlq = group.dead_letter_stream();
+    let mut cursor = Cursor::new(selection);
+    let mut purged = 0;
+    loop {
+        let page = cursor.next_page(client, &dlq).await?;
+        if page.is_empty() {
+            return Ok(purged);
+        }
+        purged += client.xdel(&dlq, &page).await?;
+    }
+}

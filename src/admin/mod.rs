@@ -1,0 +1,45 @@
+//! The commands operators reach for when something goes wrong: `status` and `dlq`. They
+//! read and change Redis only through `client`, like the daemon.
+
+pub mod dlq;
+pub mod status;
+
+use std::time::Duration;
+
+/// `1h30m` → "1h 30m"; sub-second values keep milliseconds.
+pub fn human(d: Duration) -> String {
+    if d >= Duration::from_secs(1) {
+        streamworker_handlers::duration::format(Duration::from_secs(d.as_secs()))
+    } else {
+        streamworker_handlers::duration::format(Duration::from_millis(d.as_millis() as u64))
+    }
+}
+
+/// Pads cells into aligned columns.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<width$}", width = widths[i]))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_owned()
+    };
+    let mut out = line(header.iter().map(|h| h.to_string()).collect());
+    out.push('\n');
+    for row in rows {
+        out.push_str(&line(row.clone()));
+        out.push('\n');
+    }
+    out
+}
