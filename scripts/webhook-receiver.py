@@ -2,12 +2,13 @@
 """A webhook endpoint for streamworker in 50 lines: verifies the signature, handles the
 entry, answers 2xx (acknowledge), 4xx (dead-letter now) or 5xx (retry later).
 
-Usage: webhook-receiver.py PORT SECRET
+Usage: webhook-receiver.py PORT SECRET [HOST]   (HOST defaults to 127.0.0.1)
 """
 import hashlib, hmac, json, sys, threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 PORT, SECRET = int(sys.argv[1]), sys.argv[2].encode()
+HOST = sys.argv[3] if len(sys.argv) > 3 else "127.0.0.1"
 lock, counts = threading.Lock(), {"handled": 0, "rejected": 0}
 
 
@@ -50,4 +51,4 @@ class Server(ThreadingHTTPServer):
     request_queue_size = 1024  # streamworker opens up to `concurrency` connections at once
 
 
-Server(("127.0.0.1", PORT), Receiver).serve_forever()
+Server((HOST, PORT), Receiver).serve_forever()

@@ -61,14 +61,15 @@ impl Health {
         self.inner.redis_up.load(Ordering::Relaxed)
     }
 
-    /// Groups that have not beaten within their `stall_after`.
+    /// Groups whose loop runs but has not turned within its `stall_after`: wedged.
+    /// (Groups not running — starting, restarting, drained — are `/readyz`'s concern.)
     pub fn stalled(&self) -> Vec<String> {
         self.inner
             .groups
             .lock()
             .expect("health lock")
             .iter()
-            .filter(|(_, b)| b.since_last() > b.stall_after)
+            .filter(|(_, b)| b.running.load(Ordering::Relaxed) && b.since_last() > b.stall_after)
             .map(|(name, _)| name.clone())
             .collect()
     }
