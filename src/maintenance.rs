@@ -75,6 +75,16 @@ async fn retention(client: &Client, config: &Config, metrics: &Metrics) {
             Ok(groups) => groups.into_iter().map(|g| g.name).collect(),
             Err(_) => continue,
         };
+        // A configured group that does not exist yet (its replica has not started) would
+        // lose everything trimmed now: wait for it.
+        if let Some(missing) = config
+            .groups
+            .values()
+            .find(|g| &g.stream == stream && !groups.contains(&g.name))
+        {
+            tracing::debug!(stream = %stream, group = %missing.name, "retention waits until every configured group exists");
+            continue;
+        }
         let mut total = 0;
         loop {
             let now_ms = SystemTime::now()

@@ -3,6 +3,8 @@
 
 mod support;
 
+mod chaos;
 mod cli;
 mod delivery;
 mod failures;
+mod operate;
