@@ -16,6 +16,7 @@ pub mod maintenance;
 pub mod metrics;
 pub mod retry;
 pub mod shutdown;
+pub mod store;
 pub mod supervisor;
 pub mod telemetry;
 

@@ -280,6 +280,7 @@ impl Metrics {
             retried: outcome("retried"),
             dead_lettered: outcome("dead_lettered"),
             deleted: outcome("deleted"),
+            forwarded: outcome("forwarded"),
             handler_seconds: self.handler_seconds.get_or_create(&labels).clone(),
             end_to_end_seconds: self.end_to_end_seconds.get_or_create(&labels).clone(),
             inflight: self.inflight.get_or_create(&labels).clone(),
@@ -311,6 +312,8 @@ pub struct GroupMetrics {
     pub retried: Counter,
     pub dead_lettered: Counter,
     pub deleted: Counter,
+    pub forwarded: Counter,
+
     pub handler_seconds: Histogram,
     pub end_to_end_seconds: Histogram,
     pub inflight: Gauge,

@@ -5,7 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use streamworker_handlers::HandlerSpec;
+use streamworker_handlers::{HandlerSpec, Store};
+
 use streamworker_handlers::noop::Noop;
 use streamworker_handlers::webhook::Webhook;
 use tokio_util::task::TaskTracker;
@@ -32,6 +33,10 @@ pub enum Outcome {
 #[derive(Clone)]
 struct Shared {
     client: Client,
+    /// What stateful handlers read and write through.
+    #[allow(dead_code)] // the stateful handlers take it; see run_group
+    store: Arc<dyn Store>,
+
     consumer: String,
     lease_token: String,
     claim_interval: Duration,
@@ -59,6 +64,7 @@ pub async fn run(config: Config, shutdown: Shutdown, metrics: Metrics, health: H
     );
     let shared = Shared {
         client: client.clone(),
+        store: Arc::new(crate::store::RedisStore::new(client.clone())),
         consumer,
         lease_token: format!(
             "{:016x}{:016x}-{}",

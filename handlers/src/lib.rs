@@ -1,33 +1,80 @@
 //! `streamworker-handlers`: what a handler is, what it sees, and the built-in handlers.
 //!
 //! This crate knows nothing about Redis or the runtime on purpose. A handler gets an
-//! [`Entry`] and answers `Ok(())` or a [`HandlerError`] saying what should happen to the
+//! [`Entry`] and answers `Ok(effects)` or a [`HandlerError`] saying what should happen to the
 //! entry; the runtime alone decides when to acknowledge, retry or dead-letter, so a handler
 //! can neither acknowledge early nor lose an entry. A user's own handler depends on this
 //! crate only.
 
 pub mod duration;
+mod effect;
 mod entry;
 mod error;
 pub mod noop;
 mod spec;
+mod store;
 pub mod webhook;
 
 use std::future::Future;
+use std::time::Duration;
 
+pub use effect::{Effect, Effects};
 pub use entry::{
     Entry, EntryId, Origin, Payload, PayloadFormat, REPLAY_GROUP_FIELD, REPLAY_OF_FIELD,
 };
 pub use error::{HandlerError, ResultExt, one_line};
-pub use spec::{HandlerSpec, OptionProblem};
+pub use spec::{HandlerSpec, Limits, OptionProblem};
+pub use store::{Store, StoreError, StoreFuture};
 
 /// Business logic for one consumer group.
 ///
 /// The runtime calls [`Handler::handle`] with up to `concurrency` entries at once, each under
-/// `handler_timeout`, with panics caught; it acknowledges the entry when the future returns
-/// `Ok(())` or [`HandlerError::Drop`], and retries or dead-letters it otherwise. Handlers are
-/// called at least once per entry: make side effects idempotent (key them on
-/// [`Entry::idempotency_id`]).
+/// `handler_timeout`, with panics caught. `Ok(effects)` acknowledges the entry and applies
+/// the effects in the same atomic step (so they happen exactly once);
+/// [`HandlerError::Drop`] acknowledges it without effects; the other errors retry or
+/// dead-letter it. Handlers are called at least once per entry: side effects outside Redis
+/// must be idempotent (key them on [`Entry::idempotency_id`]).
 pub trait Handler: Send + Sync + 'static {
-    fn handle(&self, entry: &Entry) -> impl Future<Output = Result<(), HandlerError>> + Send;
+    fn handle(&self, entry: &Entry) -> impl Future<Output = Result<Effects, HandlerError>> + Send;
+
+    /// `Some` to receive entries in batches through [`Handler::handle_batch`].
+    fn batching(&self) -> Option<Batching> {
+        None
+    }
+
+    /// Handles a batch, answering one result per entry, in order. Only called when
+    /// [`Handler::batching`] says so; the default handles the entries one by one.
+    fn handle_batch(
+        &self,
+        entries: &[Entry],
+    ) -> impl Future<Output = Vec<Result<Effects, HandlerError>>> + Send {
+        async move {
+            let mut out = Vec::with_capacity(entries.len());
+            for entry in entries {
+                out.push(self.handle(entry).await);
+            }
+            out
+        }
+    }
+
+    /// How often [`Handler::tick`] should run; `None` for never. One replica at a time
+    /// runs it, under a lease.
+    fn tick_every(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Periodic work that does not come from an entry: absence and lag rules, threshold
+    /// crossings over shared aggregates.
+    fn tick(&self) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        async { Ok(()) }
+    }
+}
+
+/// How a batch handler wants its entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batching {
+    /// A batch starts when this many entries are waiting ...
+    pub max_entries: usize,
+    /// ... or when the oldest has waited this long.
+    pub max_wait: Duration,
 }

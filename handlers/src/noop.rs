@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Entry, Handler, HandlerError};
+use crate::{Effects, Entry, Handler, HandlerError};
 
 /// `noop` takes no options.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -13,7 +13,7 @@ pub struct NoopOptions {}
 pub struct Noop;
 
 impl Handler for Noop {
-    async fn handle(&self, _entry: &Entry) -> Result<(), HandlerError> {
-        Ok(())
+    async fn handle(&self, _entry: &Entry) -> Result<Effects, HandlerError> {
+        Ok(Effects::new())
     }
 }

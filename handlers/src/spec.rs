@@ -17,6 +17,15 @@ pub enum HandlerSpec {
     Webhook(WebhookOptions),
 }
 
+/// The group settings a handler's options are checked against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub handler_timeout: Duration,
+    /// Entries a batch handler holds before starting add their wait to their idle time,
+    /// which must stay below this.
+    pub claim_idle: Duration,
+}
+
 /// A problem with one option, found at load time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OptionProblem {
@@ -36,12 +45,11 @@ impl HandlerSpec {
         }
     }
 
-    /// Cross-field checks serde cannot express. `handler_timeout` is the group's, so that
-    /// a handler's own timeouts can be checked against it.
-    pub fn validate(&self, handler_timeout: Duration) -> Vec<OptionProblem> {
+    /// Cross-field checks serde cannot express, including against the group's limits.
+    pub fn validate(&self, limits: &Limits) -> Vec<OptionProblem> {
         match self {
             Self::Noop(_) => Vec::new(),
-            Self::Webhook(o) => o.validate(handler_timeout),
+            Self::Webhook(o) => o.validate(limits),
         }
     }
 

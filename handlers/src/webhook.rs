@@ -15,7 +15,7 @@ use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
 use sha2::Sha256;
 
-use crate::{Entry, Handler, HandlerError, OptionProblem, ResultExt};
+use crate::{Effects, Entry, Handler, HandlerError, Limits, OptionProblem, ResultExt};
 
 /// A 2xx reply carrying this header drops the entry (acknowledged and counted as
 /// `dropped`, no dead letter): the endpoint's way to say "not mine", "duplicate" or "stale".
@@ -47,7 +47,8 @@ fn default_timeout() -> Duration {
 const REDACTED: &str = "<redacted>";
 
 impl WebhookOptions {
-    pub(crate) fn validate(&self, handler_timeout: Duration) -> Vec<OptionProblem> {
+    pub(crate) fn validate(&self, limits: &Limits) -> Vec<OptionProblem> {
+        let handler_timeout = limits.handler_timeout;
         let mut problems = Vec::new();
         let mut problem = |key: &str, message: String| {
             problems.push(OptionProblem {
@@ -259,7 +260,7 @@ fn header_value(text: &str) -> HeaderValue {
 }
 
 impl Handler for Webhook {
-    async fn handle(&self, entry: &Entry) -> Result<(), HandlerError> {
+    async fn handle(&self, entry: &Entry) -> Result<Effects, HandlerError> {
         let body = serde_json::to_vec(&Body(entry)).permanent()?;
         let key = format!("{}/{}", entry.stream(), entry.idempotency_id());
         let mut request = self
@@ -312,7 +313,7 @@ impl Handler for Webhook {
                 Some(reason) => Err(HandlerError::drop_entry(format!(
                     "the webhook dropped it: {reason}"
                 ))),
-                None => Ok(()),
+                None => Ok(Effects::new()),
             };
         }
         let snippet: String = String::from_utf8_lossy(&reply[..reply.len().min(200)])
@@ -356,6 +357,13 @@ mod tests {
     use super::*;
     use crate::{EntryId, Origin};
     use std::sync::Arc;
+
+    fn limits(handler_timeout_secs: u64) -> Limits {
+        Limits {
+            handler_timeout: Duration::from_secs(handler_timeout_secs),
+            claim_idle: Duration::from_secs(120),
+        }
+    }
 
     fn options(url: &str) -> WebhookOptions {
         WebhookOptions {
@@ -401,12 +409,12 @@ mod tests {
     fn validation_and_redaction() {
         assert!(
             options("http://127.0.0.1:8080/x")
-                .validate(Duration::from_secs(30))
+                .validate(&limits(30))
                 .is_empty()
         );
-        let bad = options("ftp://x").validate(Duration::from_secs(30));
+        let bad = options("ftp://x").validate(&limits(30));
         assert_eq!(bad[0].key, "url");
-        let slow = options("http://x").validate(Duration::from_secs(5));
+        let slow = options("http://x").validate(&limits(5));
         assert_eq!(slow[0].key, "timeout");
         let r = options("http://u:pw@host/").redacted();
         assert!(!format!("{r:?}").contains("pw@"));

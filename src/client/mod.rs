@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, IntoConnectionInfo, RedisError, RedisResult, Script, Value};
-use streamworker_handlers::EntryId;
+use streamworker_handlers::{Effect, EntryId};
 
 use crate::config::{RedisConfig, redact_url};
 
@@ -105,6 +105,7 @@ struct Scripts {
     retention: Script,
     forget_consumers: Script,
     replay: Script,
+    ack_effects: Script,
 }
 
 impl Scripts {
@@ -119,6 +120,7 @@ impl Scripts {
             retention: Script::new(include_str!("retention.lua")),
             forget_consumers: Script::new(include_str!("forget_consumers.lua")),
             replay: Script::new(include_str!("replay.lua")),
+            ack_effects: Script::new(include_str!("ack_effects.lua")),
         }
     }
 }
@@ -460,7 +462,96 @@ impl Client {
 }
 
 impl Client {
+    /// Acknowledges entries and applies their effects atomically; see `ack_effects.lua`.
+    /// Returns the ids that were no longer pending (their effects were not applied).
+    pub async fn ack_with_effects(
+        &self,
+        stream: &str,
+        group: &str,
+        entries: &[(EntryId, &[Effect])],
+    ) -> Result<Vec<EntryId>> {
+        let mut inv = self.scripts.ack_effects.key(stream);
+        inv.arg(group);
+        for (id, effects) in entries {
+            inv.arg(id.to_string()).arg(effects.len());
+            for effect in effects.iter() {
+                let (name, args) = effect.command();
+                inv.arg(name).arg(args.len());
+                for a in args {
+                    inv.arg(a);
+                }
+            }
+        }
+        let (_acked, skipped): (u64, Vec<String>) = inv.invoke_async(&mut self.commands()).await?;
+        Ok(skipped
+            .iter()
+            .filter_map(|s| EntryId::parse(s.as_bytes()))
+            .collect())
+    }
+
+    /// Applies effects at once in a MULTI transaction (not tied to an acknowledgement).
+    pub async fn apply(&self, effects: &[Effect]) -> Result<()> {
+        if effects.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for effect in effects {
+            let (name, args) = effect.command();
+            let mut cmd = redis::cmd(name);
+            for a in args {
+                cmd.arg(a);
+            }
+            pipe.add_command(cmd).ignore();
+        }
+        pipe.query_async::<()>(&mut self.commands()).await?;
+        Ok(())
+    }
+
+    /// HGETALL of each key, in one round trip.
+    pub async fn hashes(&self, keys: &[String]) -> Result<Vec<Vec<(String, String)>>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("HGETALL").arg(key);
+        }
+        Ok(pipe.query_async(&mut self.commands()).await?)
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Option<String>> {
+        Ok(redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut self.commands())
+            .await?)
+    }
+
+    pub async fn set(&self, key: &str, value: &str, ttl: Option<Duration>) -> Result<()> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(key).arg(value);
+        if let Some(ttl) = ttl {
+            cmd.arg("PX").arg(ttl.as_millis().max(1) as u64);
+        }
+        let _: () = cmd.query_async(&mut self.commands()).await?;
+        Ok(())
+    }
+
+    /// SET NX PX: true when this call set the key.
+    pub async fn mark(&self, key: &str, ttl: Duration) -> Result<bool> {
+        let set: Option<String> = redis::cmd("SET")
+            .arg(key)
+            .arg("1")
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64)
+            .query_async(&mut self.commands())
+            .await?;
+        Ok(set.is_some())
+    }
+
     /// Trims `stream` per its retention; see `retention.lua`.
+
     pub async fn retain(
         &self,
         stream: &str,

@@ -200,7 +200,11 @@ pub(super) fn validate(config: &Config) -> Vec<(String, String)> {
                 "must be greater than zero (or set circuit_breaker.threshold = 0 to turn the breaker off)".into(),
             );
         }
-        for p in g.handler.validate(g.handler_timeout) {
+        let limits = streamworker_handlers::Limits {
+            handler_timeout: g.handler_timeout,
+            claim_idle: g.claim_idle,
+        };
+        for p in g.handler.validate(&limits) {
             problem(key(&format!("options.{}", p.key)), p.message);
         }
     }

@@ -19,7 +19,9 @@ use std::time::{Duration, SystemTime};
 use futures_util::future::BoxFuture;
 use futures_util::stream::{FuturesOrdered, FuturesUnordered};
 use futures_util::{FutureExt, StreamExt};
-use streamworker_handlers::{Entry, EntryId, Handler, HandlerError, Origin, REPLAY_GROUP_FIELD};
+use streamworker_handlers::{
+    Effect, Effects, Entry, EntryId, Handler, HandlerError, Origin, REPLAY_GROUP_FIELD,
+};
 use tokio::time::{Instant, sleep_until};
 
 use settle::{AckKind, Flushed, Target, park_idle};
@@ -87,10 +89,61 @@ pub async fn run<H: Handler>(g: &Group<H>) -> Result<GroupExit, GroupError> {
         return Ok(GroupExit::Drained);
     };
     g.heartbeat.set_running(true);
-    let result = Loop::new(g).run(&lease).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (result, ()) = tokio::join!(
+        async {
+            let result = Loop::new(g).run(&lease).await;
+            stop.cancel();
+            result
+        },
+        tick(g, &stop),
+    );
     g.heartbeat.set_running(false);
     lease.release().await;
     result
+}
+
+/// Runs the handler's periodic `tick`, on one replica at a time: each turn, the replica
+/// that holds (or takes) the group's tick lease runs it.
+async fn tick<H: Handler>(g: &Group<H>, stop: &tokio_util::sync::CancellationToken) {
+    let Some(every) = g.handler.tick_every() else {
+        return;
+    };
+    let cfg = &g.config;
+    let key = format!("streamworker:tick:{{{}}}:{}", cfg.stream, cfg.name);
+    loop {
+        let jitter = every.mul_f64(fastrand::f64() * 0.1);
+        tokio::select! {
+            _ = tokio::time::sleep(every + jitter) => {}
+            _ = stop.cancelled() => break,
+        }
+        match g.client.lease(&key, &g.lease_token, every * 3).await {
+            Ok(None) => {
+                match tokio::time::timeout(
+                    cfg.handler_timeout,
+                    AssertUnwindSafe(g.handler.tick()).catch_unwind(),
+                )
+                .await
+                {
+                    Ok(Ok(Ok(()))) => {}
+                    Ok(Ok(Err(e))) => {
+                        tracing::warn!(stream = %cfg.stream, group = %cfg.name, error = %e, "the handler's periodic work failed")
+                    }
+                    Ok(Err(panic)) => {
+                        tracing::error!(stream = %cfg.stream, group = %cfg.name, panic = %panic_message(panic.as_ref()), "the handler's periodic work panicked")
+                    }
+                    Err(_) => {
+                        tracing::warn!(stream = %cfg.stream, group = %cfg.name, "the handler's periodic work timed out (handler_timeout)")
+                    }
+                }
+            }
+            Ok(Some(_)) => {} // another replica ticks this turn
+            Err(e) => {
+                tracing::debug!(stream = %cfg.stream, group = %cfg.name, error = %e, "could not take the tick lease")
+            }
+        }
+    }
+    let _ = g.client.release_lease(&key, &g.lease_token).await;
 }
 
 /// Creates the group (MKSTREAM; BUSYGROUP is fine) and takes the lease. `None` when
@@ -147,7 +200,7 @@ fn reconnect_delays() -> impl Iterator<Item = Duration> {
 /// A handler call's result.
 struct Done {
     entry: Entry,
-    result: Result<(), HandlerError>,
+    result: Result<Effects, HandlerError>,
     elapsed: Duration,
 }
 
@@ -162,20 +215,59 @@ async fn call<H: Handler>(handler: &H, entry: Entry, timeout: Duration) -> Done 
     .await;
     let result = match outcome {
         Ok(Ok(result)) => result,
-        Ok(Err(panic)) => Err(HandlerError::retry(format!(
-            "handler panicked: {}",
-            panic_message(panic.as_ref())
-        ))),
-        Err(_) => Err(HandlerError::retry(format!(
-            "handler timed out after {}",
-            streamworker_handlers::duration::format(timeout)
-        ))),
+        Ok(Err(panic)) => Err(panicked(panic.as_ref())),
+        Err(_) => Err(timed_out(timeout)),
     };
     Done {
         entry,
         result,
         elapsed: started.elapsed(),
     }
+}
+
+/// Runs one batch under `timeout` (the whole batch): a panic, a timeout or a wrong number
+/// of results fails every entry of the batch, retryably.
+async fn call_batch<H: Handler>(handler: &H, entries: Vec<Entry>, timeout: Duration) -> Vec<Done> {
+    let started = std::time::Instant::now();
+    let outcome = tokio::time::timeout(
+        timeout,
+        AssertUnwindSafe(handler.handle_batch(&entries)).catch_unwind(),
+    )
+    .await;
+    let elapsed = started.elapsed();
+    let results = match outcome {
+        Ok(Ok(results)) if results.len() == entries.len() => results,
+        Ok(Ok(results)) => {
+            let e = HandlerError::retry(format!(
+                "handler returned {} results for a batch of {}",
+                results.len(),
+                entries.len()
+            ));
+            vec![Err(e); entries.len()]
+        }
+        Ok(Err(panic)) => vec![Err(panicked(panic.as_ref())); entries.len()],
+        Err(_) => vec![Err(timed_out(timeout)); entries.len()],
+    };
+    entries
+        .into_iter()
+        .zip(results)
+        .map(|(entry, result)| Done {
+            entry,
+            result,
+            elapsed,
+        })
+        .collect()
+}
+
+fn panicked(panic: &(dyn std::any::Any + Send)) -> HandlerError {
+    HandlerError::retry(format!("handler panicked: {}", panic_message(panic)))
+}
+
+fn timed_out(timeout: Duration) -> HandlerError {
+    HandlerError::retry(format!(
+        "handler timed out after {}",
+        streamworker_handlers::duration::format(timeout)
+    ))
 }
 
 pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
@@ -239,6 +331,11 @@ struct Loop<'g, H> {
     breaker: Breaker,
     /// When to tell Redis again that the circuit is not closed (for `status`).
     circuit_refresh_at: Instant,
+    /// Entries waiting for a batch handler's next batch, and since when the oldest waits.
+    buffer: Vec<Entry>,
+    buffer_since: Option<Instant>,
+    /// Entries in batches being handled.
+    batched: usize,
 }
 
 impl<'g, H: Handler> Loop<'g, H> {
@@ -283,36 +380,62 @@ impl<'g, H: Handler> Loop<'g, H> {
             report_at: now,
             breaker: Breaker::new(cfg.circuit_breaker),
             circuit_refresh_at: now,
+            buffer: Vec::new(),
+            buffer_since: None,
+            batched: 0,
         }
     }
 
     async fn run(mut self, lease: &Lease) -> Result<GroupExit, GroupError> {
         let g = self.g;
         let timeout = g.config.handler_timeout;
+        let batching = g.handler.batching();
+        // Single entries and batches run side by side as futures of this task; a group
+        // uses one or the other, depending on its handler.
         let mut running = FuturesUnordered::new();
+        let mut batches = FuturesUnordered::new();
         loop {
             g.heartbeat.beat();
             let now = Instant::now();
-            g.metrics.inflight.set(running.len() as i64);
+            let busy = running.len() + self.batched + self.buffer.len();
+            g.metrics.inflight.set(busy as i64);
             if self.draining {
-                if running.is_empty() && self.quiescent() {
+                // Entries waiting for a batch were fetched but never started.
+                for entry in std::mem::take(&mut self.buffer) {
+                    self.hand_back(entry.id, entry.delivery_count);
+                }
+                if running.is_empty() && batches.is_empty() && self.quiescent() {
                     return Ok(GroupExit::Drained);
                 }
                 if g.shutdown.deadline().is_some_and(|d| now >= d) {
-                    return Ok(self.cut_off(running.len()).await);
+                    let abandoned = running.len() + self.batched;
+                    return Ok(self.cut_off(abandoned).await);
                 }
                 if now >= self.report_at {
                     tracing::info!(
                         stream = %g.config.stream, group = %g.config.name,
-                        handlers = running.len(), reads = self.reads.len(), settlements = self.pending.len(),
+                        handlers = running.len() + self.batched, reads = self.reads.len(), settlements = self.pending.len(),
                         "draining: still waiting for in-flight work"
                     );
                     self.report_at = now + Duration::from_secs(5);
                 }
+            } else if let Some(b) = batching
+                && !self.buffer.is_empty()
+                && (self.buffer.len() >= b.max_entries
+                    || self.buffer_since.is_some_and(|t| now >= t + b.max_wait))
+            {
+                let take = self.buffer.len().min(b.max_entries.max(1));
+                let batch: Vec<Entry> = self.buffer.drain(..take).collect();
+                self.buffer_since = (!self.buffer.is_empty()).then_some(now);
+                self.batched += batch.len();
+                batches.push(call_batch(&g.handler, batch, timeout));
             }
-            self.pump(running.len(), now);
+            self.pump(running.len() + self.batched + self.buffer.len(), now);
 
-            let wake = self.next_wakeup(now);
+            let mut wake = self.next_wakeup(now);
+            if let (Some(b), Some(since)) = (batching, self.buffer_since) {
+                wake = wake.min(since + b.max_wait);
+            }
             let admitted: Vec<RawEntry> = tokio::select! {
                 biased;
                 _ = g.shutdown.triggered(), if !self.draining => {
@@ -325,6 +448,14 @@ impl<'g, H: Handler> Loop<'g, H> {
                     // Drain everything already finished before looking at anything else:
                     // one turn of the loop per batch, not per entry.
                     while let Some(Some(done)) = running.next().now_or_never() {
+                        self.settle(done);
+                    }
+                    Vec::new()
+                }
+                Some(dones) = batches.next(), if !batches.is_empty() => {
+                    let dones: Vec<Done> = dones;
+                    self.batched -= dones.len();
+                    for done in dones {
                         self.settle(done);
                     }
                     Vec::new()
@@ -359,7 +490,14 @@ impl<'g, H: Handler> Loop<'g, H> {
             for raw in admitted {
                 if let Some(entry) = self.admit(raw) {
                     self.breaker.started(entry.id);
-                    running.push(call(&g.handler, entry, timeout));
+                    if batching.is_some() {
+                        if self.buffer.is_empty() {
+                            self.buffer_since = Some(Instant::now());
+                        }
+                        self.buffer.push(entry);
+                    } else {
+                        running.push(call(&g.handler, entry, timeout));
+                    }
                 }
             }
         }
@@ -748,18 +886,23 @@ impl<'g, H: Handler> Loop<'g, H> {
 
     /// Decodes an entry for a handler, or decides its fate at once: handed back when
     /// shutting down, dead-lettered when its payload cannot be decoded.
+    /// Fetched but never started: give the delivery back and make the entry reclaimable
+    /// at the next claim_interval of any replica.
+    fn hand_back(&mut self, id: EntryId, delivery_count: u64) {
+        self.pending.hand_backs.push(Release {
+            id,
+            idle: self.g.config.claim_idle,
+            delivery_count: Some(delivery_count.saturating_sub(1)),
+        });
+    }
+
     fn admit(&mut self, raw: RawEntry) -> Option<Entry> {
         let cfg = &self.g.config;
         if self.draining {
-            // Fetched but never started: give the delivery back and make it reclaimable at
-            // the next claim_interval of any replica.
-            self.pending.hand_backs.push(Release {
-                id: raw.id,
-                idle: cfg.claim_idle,
-                delivery_count: Some(raw.delivery_count.saturating_sub(1)),
-            });
+            self.hand_back(raw.id, raw.delivery_count);
             return None;
         }
+
         let mut entry = Entry::new(
             Arc::clone(&self.origin),
             raw.id,
@@ -831,6 +974,10 @@ impl<'g, H: Handler> Loop<'g, H> {
             });
             return;
         }
+        let (result, effects) = match result {
+            Ok(effects) => (Ok(()), effects),
+            Err(e) => (Err(e), Effects::new()),
+        };
         let fate = retry::decide(
             result,
             entry.delivery_count,
@@ -839,7 +986,19 @@ impl<'g, H: Handler> Loop<'g, H> {
             fastrand::f64(),
         );
         match fate {
-            Fate::Ack => self.pending.acks.push((entry.id, AckKind::Acked)),
+            Fate::Ack if effects.is_empty() => self.pending.acks.push((entry.id, AckKind::Acked)),
+            Fate::Ack => {
+                let kind = if effects
+                    .iter()
+                    .any(|e| matches!(e, Effect::StreamAdd { .. }))
+                {
+                    AckKind::Forwarded
+                } else {
+                    AckKind::Acked
+                };
+                self.pending.effectful.push((entry.id, kind, effects));
+            }
+
             Fate::Drop { reason } => {
                 tracing::debug!(stream = %cfg.stream, group = %cfg.name, consumer = %self.g.consumer, id = %entry.id, delivery_count = entry.delivery_count, reason = %reason, "handler dropped the entry");
                 self.pending.acks.push((entry.id, AckKind::Dropped));
@@ -918,11 +1077,16 @@ impl<'g, H: Handler> Loop<'g, H> {
             match kind {
                 AckKind::Acked => metrics.acked.inc(),
                 AckKind::Dropped => metrics.dropped.inc(),
+                AckKind::Forwarded => metrics.forwarded.inc(),
             };
             metrics
                 .end_to_end_seconds
                 .observe(id.age(now).as_secs_f64());
         }
+        for id in &flushed.already_acked {
+            tracing::debug!(stream = %cfg.stream, group = %cfg.name, id = %id, "already acknowledged by another consumer; its effects were not applied twice");
+        }
+
         metrics.retried.inc_by(flushed.parked as u64);
         if flushed.handed_back > 0 {
             tracing::info!(stream = %cfg.stream, group = %cfg.name, count = flushed.handed_back, "handed back entries fetched but never started");

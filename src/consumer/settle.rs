@@ -9,7 +9,7 @@
 use std::time::{Duration, SystemTime};
 
 use futures_util::future::join_all;
-use streamworker_handlers::{EntryId, one_line};
+use streamworker_handlers::{Effect, Effects, EntryId, one_line};
 
 use crate::client::{Client, ClientError, Release};
 
@@ -22,6 +22,8 @@ pub const BACKOFF_CONSUMER: &str = "streamworker:backoff";
 pub enum AckKind {
     Acked,
     Dropped,
+    /// Acknowledged with a copy added to another stream (the `forward` handler).
+    Forwarded,
 }
 
 /// An entry on its way to the dead-letter stream.
@@ -36,6 +38,8 @@ pub struct DeadLetter {
 #[derive(Debug, Default)]
 pub struct Settlements {
     pub acks: Vec<(EntryId, AckKind)>,
+    /// Acknowledgements that carry effects, applied in the same script.
+    pub effectful: Vec<(EntryId, AckKind, Effects)>,
     /// Failed entries to park with the backoff consumer.
     pub parks: Vec<Release>,
     /// Entries fetched but never started, given back at shutdown.
@@ -46,17 +50,23 @@ pub struct Settlements {
 impl Settlements {
     pub fn is_empty(&self) -> bool {
         self.acks.is_empty()
+            && self.effectful.is_empty()
             && self.parks.is_empty()
             && self.hand_backs.is_empty()
             && self.dead_letters.is_empty()
     }
 
     pub fn len(&self) -> usize {
-        self.acks.len() + self.parks.len() + self.hand_backs.len() + self.dead_letters.len()
+        self.acks.len()
+            + self.effectful.len()
+            + self.parks.len()
+            + self.hand_backs.len()
+            + self.dead_letters.len()
     }
 
     fn absorb(&mut self, other: Settlements) {
         self.acks.extend(other.acks);
+        self.effectful.extend(other.effectful);
         self.parks.extend(other.parks);
         self.hand_backs.extend(other.hand_backs);
         self.dead_letters.extend(other.dead_letters);
@@ -76,6 +86,8 @@ pub struct Target {
 #[derive(Debug, Default)]
 pub struct Flushed {
     pub acked: Vec<(EntryId, AckKind)>,
+    /// Acknowledged by another consumer first: their effects were not applied again.
+    pub already_acked: Vec<EntryId>,
     pub parked: usize,
     pub handed_back: usize,
     /// (original id, dead letter id) of entries moved.
@@ -96,10 +108,24 @@ pub struct Flushed {
 pub async fn flush(client: Client, target: Target, batch: Settlements) -> Flushed {
     let Settlements {
         acks,
+        effectful,
         parks,
         hand_backs,
         dead_letters,
     } = batch;
+    let applying = async {
+        if effectful.is_empty() {
+            Ok(Vec::new())
+        } else {
+            let entries: Vec<(EntryId, &[Effect])> = effectful
+                .iter()
+                .map(|(id, _, e)| (*id, e.as_slice()))
+                .collect();
+            client
+                .ack_with_effects(&target.stream, &target.group, &entries)
+                .await
+        }
+    };
     let ack_ids: Vec<EntryId> = acks.iter().map(|(id, _)| *id).collect();
     let acking = async {
         if ack_ids.is_empty() {
@@ -160,7 +186,8 @@ pub async fn flush(client: Client, target: Target, batch: Settlements) -> Flushe
                 .await
         }
     }));
-    let (acked, parked, handed_back, buried) = tokio::join!(acking, parking, handing_back, burying);
+    let (acked, applied, parked, handed_back, buried) =
+        tokio::join!(acking, applying, parking, handing_back, burying);
 
     let mut out = Flushed::default();
     let note = |e: ClientError, out: &mut Flushed| {
@@ -172,6 +199,17 @@ pub async fn flush(client: Client, target: Target, batch: Settlements) -> Flushe
         Ok(_) => out.acked = acks,
         Err(e) => {
             out.retry.acks = acks;
+            note(e, &mut out);
+        }
+    }
+    match applied {
+        Ok(skipped) => {
+            out.acked
+                .extend(effectful.iter().map(|(id, kind, _)| (*id, *kind)));
+            out.already_acked = skipped;
+        }
+        Err(e) => {
+            out.retry.effectful = effectful;
             note(e, &mut out);
         }
     }
