@@ -551,7 +551,6 @@ impl Client {
     }
 
     /// Trims `stream` per its retention; see `retention.lua`.
-
     pub async fn retain(
         &self,
         stream: &str,
