@@ -1,5 +1,6 @@
-//! A TCP proxy in front of Redis that can hold the server's replies back, so a test can
-//! make a reply arrive exactly when it wants (e.g. after a shutdown signal).
+//! A TCP proxy in front of Redis that can hold traffic back, so a test can decide when a
+//! reply arrives (e.g. after a shutdown signal) or make a command never arrive (e.g. an
+//! acknowledgement, when the process that sent it is killed meanwhile).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -9,15 +10,17 @@ use std::time::Duration;
 
 pub struct Proxy {
     pub addr: SocketAddr,
-    hold: Arc<AtomicBool>,
+    hold_replies: Arc<AtomicBool>,
+    hold_requests: Arc<AtomicBool>,
 }
 
 impl Proxy {
     pub fn start(upstream: SocketAddr) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let hold = Arc::new(AtomicBool::new(false));
-        let held = hold.clone();
+        let hold_replies = Arc::new(AtomicBool::new(false));
+        let hold_requests = Arc::new(AtomicBool::new(false));
+        let (replies, requests) = (hold_replies.clone(), hold_requests.clone());
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { return };
@@ -29,12 +32,17 @@ impl Proxy {
                 pump(
                     client.try_clone().unwrap(),
                     server.try_clone().unwrap(),
-                    None,
+                    requests.clone(),
+                    true,
                 );
-                pump(server, client, Some(held.clone()));
+                pump(server, client, replies.clone(), false);
             }
         });
-        Self { addr, hold }
+        Self {
+            addr,
+            hold_replies,
+            hold_requests,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -43,26 +51,50 @@ impl Proxy {
 
     /// While held, replies are read from Redis but not passed on.
     pub fn hold_replies(&self, hold: bool) {
-        self.hold.store(hold, Ordering::SeqCst);
+        self.hold_replies.store(hold, Ordering::SeqCst);
+    }
+
+    /// While held, commands are read from clients but not passed on; commands held when
+    /// their client disconnects are discarded, never sent.
+    pub fn hold_requests(&self, hold: bool) {
+        self.hold_requests.store(hold, Ordering::SeqCst);
     }
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream, hold: Option<Arc<AtomicBool>>) {
+fn pump(mut from: TcpStream, mut to: TcpStream, hold: Arc<AtomicBool>, discard_on_close: bool) {
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
+        let mut held: Vec<u8> = Vec::new();
+        let _ = from.set_read_timeout(Some(Duration::from_millis(20)));
         loop {
             let n = match from.read(&mut buf) {
-                Ok(0) | Err(_) => break,
+                Ok(0) => break,
                 Ok(n) => n,
-            };
-            if let Some(hold) = &hold {
-                while hold.load(Ordering::SeqCst) {
-                    std::thread::sleep(Duration::from_millis(5));
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    0
                 }
+                Err(_) => break,
+            };
+            held.extend_from_slice(&buf[..n]);
+            if hold.load(Ordering::SeqCst) || held.is_empty() {
+                continue;
             }
-            if to.write_all(&buf[..n]).is_err() {
+            if to.write_all(&held).is_err() {
                 break;
             }
+            held.clear();
+        }
+        if !discard_on_close {
+            // Replies held when Redis closed the connection still go out.
+            while hold.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let _ = to.write_all(&held);
         }
         let _ = to.shutdown(std::net::Shutdown::Both);
     });
