@@ -20,15 +20,17 @@ struct App {
     shutdown: Shutdown,
 }
 
-/// Binds `listen` now (so a port in use fails startup with a clear message) and serves in
-/// the background until the process exits.
-pub async fn serve(
+/// Binds `listen` now (so a port in use fails startup with a clear message) and serves
+/// until the process exits, on a thread and runtime of its own: a handler that wedges the
+/// daemon's runtime must not also silence the endpoints that report it.
+pub fn serve(
     listen: &str,
     metrics: Metrics,
     health: Health,
     shutdown: Shutdown,
 ) -> std::io::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let listener = std::net::TcpListener::bind(listen)?;
+    listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
     let app = Router::new()
         .route("/metrics", get(metrics_text))
@@ -39,11 +41,25 @@ pub async fn serve(
             health,
             shutdown,
         });
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "the HTTP listener failed");
-        }
-    });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("http".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(error = %e, "the HTTP listener failed");
+                        return;
+                    }
+                };
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!(error = %e, "the HTTP listener failed");
+                }
+            })
+        })?;
     Ok(addr)
 }
 

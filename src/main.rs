@@ -138,6 +138,10 @@ const EXIT_CUT_OFF: u8 = 3;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // One TLS provider (ring) for every HTTPS client in the process: webhooks and the
+    // OTLP exporter.
+    streamworker_handlers::webhook::install_tls_provider();
+
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Run { config } => run(&config),
@@ -305,8 +309,17 @@ fn run(path: &Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    streamworker::telemetry::init_logging(config.telemetry.log_format);
-    match serve(config) {
+    let telemetry = match streamworker::telemetry::init(&config.telemetry) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    let outcome = serve(config);
+    // Traces buffered in the exporter go out before the process ends.
+    telemetry.shutdown();
+    match outcome {
         Ok(Outcome::Clean) => {
             tracing::info!("shut down cleanly");
             ExitCode::SUCCESS
@@ -341,7 +354,6 @@ fn serve(config: config::Config) -> anyhow::Result<Outcome> {
                 health.clone(),
                 shutdown.clone(),
             )
-            .await
             .with_context(|| {
                 format!(
                     "cannot listen on http.listen = {:?}; choose a free port or set it to \"\" to turn the listener off",

@@ -260,7 +260,9 @@ async fn run_group(
         }
     }
     match &config.handler {
-        HandlerSpec::Noop(_) => consumer::run(&group(&config, &shared, &heartbeat, Noop)).await,
+        HandlerSpec::Noop(options) => {
+            consumer::run(&group(&config, &shared, &heartbeat, Noop::new(options))).await
+        }
         HandlerSpec::Webhook(options) => {
             let webhook = Webhook::new(options, config.concurrency)
                 .map_err(|e| GroupError::Handler(e.to_string()))?;

@@ -121,8 +121,16 @@ impl Default for HttpConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
     pub log_format: LogFormat,
-    /// OTLP/HTTP endpoint for traces, e.g. `http://otel-collector:4318`; empty = off.
+    /// OTLP/HTTP endpoint for traces, e.g. `http://otel-collector:4318` (`/v1/traces` is
+    /// appended); empty = off unless `OTEL_EXPORTER_OTLP_ENDPOINT` or
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set.
     pub otlp_endpoint: String,
+    /// `service.name` of the traces (`OTEL_SERVICE_NAME` wins when set).
+    pub service_name: String,
+    /// Extra resource attributes, e.g. `{ "deployment.environment" = "prod" }`
+    /// (`OTEL_RESOURCE_ATTRIBUTES` adds more).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub resource_attributes: BTreeMap<String, String>,
 }
 
 impl Default for TelemetryConfig {
@@ -130,6 +138,8 @@ impl Default for TelemetryConfig {
         Self {
             log_format: LogFormat::Json,
             otlp_endpoint: String::new(),
+            service_name: "streamworker".into(),
+            resource_attributes: BTreeMap::new(),
         }
     }
 }

@@ -23,6 +23,7 @@ use streamworker_handlers::{
     Effect, Effects, Entry, EntryId, Handler, HandlerError, Origin, REPLAY_GROUP_FIELD,
 };
 use tokio::time::{Instant, sleep_until};
+use tracing::Instrument;
 
 use settle::{AckKind, Flushed, Target, park_idle};
 pub use settle::{BACKOFF_CONSUMER, DeadLetter, Settlements, dead_letter_fields};
@@ -202,15 +203,23 @@ struct Done {
     entry: Entry,
     result: Result<Effects, HandlerError>,
     elapsed: Duration,
+    /// The entry's consumer span (`Span::none()` when traces are off); it ends when the
+    /// entry's fate is decided.
+    span: tracing::Span,
 }
 
 /// Runs one handler call under `timeout`, turning a panic or a timeout into a retryable
 /// failure so neither takes anything else down.
-async fn call<H: Handler>(handler: &H, entry: Entry, timeout: Duration) -> Done {
+async fn call<H: Handler>(
+    handler: &H,
+    entry: Entry,
+    timeout: Duration,
+    span: tracing::Span,
+) -> Done {
     let started = std::time::Instant::now();
     let outcome = tokio::time::timeout(
         timeout,
-        AssertUnwindSafe(handler.handle(&entry)).catch_unwind(),
+        AssertUnwindSafe(handler.handle(&entry).instrument(span.clone())).catch_unwind(),
     )
     .await;
     let result = match outcome {
@@ -222,12 +231,18 @@ async fn call<H: Handler>(handler: &H, entry: Entry, timeout: Duration) -> Done 
         entry,
         result,
         elapsed: started.elapsed(),
+        span,
     }
 }
 
 /// Runs one batch under `timeout` (the whole batch): a panic, a timeout or a wrong number
 /// of results fails every entry of the batch, retryably.
-async fn call_batch<H: Handler>(handler: &H, entries: Vec<Entry>, timeout: Duration) -> Vec<Done> {
+async fn call_batch<H: Handler>(
+    handler: &H,
+    batch: Vec<(Entry, tracing::Span)>,
+    timeout: Duration,
+) -> Vec<Done> {
+    let (entries, spans): (Vec<Entry>, Vec<tracing::Span>) = batch.into_iter().unzip();
     let started = std::time::Instant::now();
     let outcome = tokio::time::timeout(
         timeout,
@@ -251,10 +266,12 @@ async fn call_batch<H: Handler>(handler: &H, entries: Vec<Entry>, timeout: Durat
     entries
         .into_iter()
         .zip(results)
-        .map(|(entry, result)| Done {
+        .zip(spans)
+        .map(|((entry, result), span)| Done {
             entry,
             result,
             elapsed,
+            span,
         })
         .collect()
 }
@@ -332,7 +349,7 @@ struct Loop<'g, H> {
     /// When to tell Redis again that the circuit is not closed (for `status`).
     circuit_refresh_at: Instant,
     /// Entries waiting for a batch handler's next batch, and since when the oldest waits.
-    buffer: Vec<Entry>,
+    buffer: Vec<(Entry, tracing::Span)>,
     buffer_since: Option<Instant>,
     /// Entries in batches being handled.
     batched: usize,
@@ -401,7 +418,8 @@ impl<'g, H: Handler> Loop<'g, H> {
             g.metrics.inflight.set(busy as i64);
             if self.draining {
                 // Entries waiting for a batch were fetched but never started.
-                for entry in std::mem::take(&mut self.buffer) {
+                for (entry, span) in std::mem::take(&mut self.buffer) {
+                    crate::telemetry::finish_span(&span, "handed_back", None);
                     self.hand_back(entry.id, entry.delivery_count);
                 }
                 if running.is_empty() && batches.is_empty() && self.quiescent() {
@@ -425,7 +443,7 @@ impl<'g, H: Handler> Loop<'g, H> {
                     || self.buffer_since.is_some_and(|t| now >= t + b.max_wait))
             {
                 let take = self.buffer.len().min(b.max_entries.max(1));
-                let batch: Vec<Entry> = self.buffer.drain(..take).collect();
+                let batch: Vec<(Entry, tracing::Span)> = self.buffer.drain(..take).collect();
                 self.buffer_since = (!self.buffer.is_empty()).then_some(now);
                 self.batched += batch.len();
                 batches.push(call_batch(&g.handler, batch, timeout));
@@ -488,15 +506,15 @@ impl<'g, H: Handler> Loop<'g, H> {
                 _ = sleep_until(wake) => Vec::new(),
             };
             for raw in admitted {
-                if let Some(entry) = self.admit(raw) {
+                if let Some((entry, span)) = self.admit(raw) {
                     self.breaker.started(entry.id);
                     if batching.is_some() {
                         if self.buffer.is_empty() {
                             self.buffer_since = Some(Instant::now());
                         }
-                        self.buffer.push(entry);
+                        self.buffer.push((entry, span));
                     } else {
-                        running.push(call(&g.handler, entry, timeout));
+                        running.push(call(&g.handler, entry, timeout, span));
                     }
                 }
             }
@@ -896,19 +914,32 @@ impl<'g, H: Handler> Loop<'g, H> {
         });
     }
 
-    fn admit(&mut self, raw: RawEntry) -> Option<Entry> {
+    fn admit(&mut self, raw: RawEntry) -> Option<(Entry, tracing::Span)> {
         let cfg = &self.g.config;
         if self.draining {
             self.hand_back(raw.id, raw.delivery_count);
             return None;
         }
-
         let mut entry = Entry::new(
             Arc::clone(&self.origin),
             raw.id,
             raw.delivery_count,
             raw.fields,
         );
+        let span = if crate::telemetry::traces_on() {
+            let (span, traceparent) = crate::telemetry::entry_span(
+                &cfg.stream,
+                &cfg.name,
+                &self.g.consumer,
+                &entry.id,
+                entry.delivery_count,
+                &entry.fields,
+            );
+            entry.traceparent = traceparent;
+            span
+        } else {
+            tracing::Span::none()
+        };
         // A dead letter replayed to the stream is meant for one group; the others
         // acknowledge it without calling their handler. `dlq replay` appends its fields
         // last, so only entries whose last field is a `dlq_` one need a look.
@@ -927,16 +958,18 @@ impl<'g, H: Handler> Loop<'g, H> {
                 entry,
                 result: Err(HandlerError::Drop(reason)),
                 elapsed: Duration::ZERO,
+                span,
             });
             return None;
         }
         match entry.decode(&cfg.payload) {
-            Ok(()) => Some(entry),
+            Ok(()) => Some((entry, span)),
             Err(error) => {
                 self.settle(Done {
                     entry,
                     result: Err(error),
                     elapsed: Duration::ZERO,
+                    span,
                 });
                 None
             }
@@ -949,6 +982,7 @@ impl<'g, H: Handler> Loop<'g, H> {
             entry,
             result,
             elapsed,
+            span,
         } = done;
         let cfg = Arc::clone(&self.g.config);
         if !elapsed.is_zero() {
@@ -967,6 +1001,9 @@ impl<'g, H: Handler> Loop<'g, H> {
             // Give the delivery back so an outage cannot use up its attempts.
             let after = retry::delay(&cfg.retry_backoff, entry.delivery_count, fastrand::f64());
             tracing::debug!(stream = %cfg.stream, group = %cfg.name, consumer = %self.g.consumer, id = %entry.id, delivery_count = entry.delivery_count, "failed while the circuit is open; the attempt is given back");
+            if let Err(e) = &result {
+                crate::telemetry::finish_span(&span, "retried", Some(e.reason()));
+            }
             self.pending.parks.push(Release {
                 id: entry.id,
                 idle: park_idle(cfg.claim_idle, after),
@@ -985,6 +1022,15 @@ impl<'g, H: Handler> Loop<'g, H> {
             &cfg.retry_backoff,
             fastrand::f64(),
         );
+        if !span.is_none() {
+            let (outcome, error) = match &fate {
+                Fate::Ack => ("acked", None),
+                Fate::Drop { .. } => ("dropped", None),
+                Fate::Retry { reason, .. } => ("retried", Some(reason.as_str())),
+                Fate::DeadLetter { reason } => ("dead_lettered", Some(reason.as_str())),
+            };
+            crate::telemetry::finish_span(&span, outcome, error);
+        }
         match fate {
             Fate::Ack if effects.is_empty() => self.pending.acks.push((entry.id, AckKind::Acked)),
             Fate::Ack => {
@@ -1091,13 +1137,19 @@ impl<'g, H: Handler> Loop<'g, H> {
         if flushed.handed_back > 0 {
             tracing::info!(stream = %cfg.stream, group = %cfg.name, count = flushed.handed_back, "handed back entries fetched but never started");
         }
-        for (id, dead_id) in &flushed.dead_lettered {
+        for (dead, dead_id) in &flushed.dead_lettered {
             metrics.dead_lettered.inc();
-            tracing::error!(stream = %cfg.stream, group = %cfg.name, consumer = %self.g.consumer, id = %id, dead_letter_stream = %self.target.dead_letter_stream, dead_letter_id = %dead_id, "entry dead-lettered");
+            tracing::error!(
+                stream = %cfg.stream, group = %cfg.name, consumer = %self.g.consumer, id = %dead.id,
+                delivery_count = dead.delivery_count, error = %dead.error,
+                dead_letter_stream = %self.target.dead_letter_stream, dead_letter_id = %dead_id,
+                "entry dead-lettered"
+            );
         }
-        for id in &flushed.not_ours {
-            tracing::warn!(stream = %cfg.stream, group = %cfg.name, consumer = %self.g.consumer, id = %id, "not dead-lettered: another consumer owns the entry now and will decide");
+        for (id, delivery_count) in &flushed.not_ours {
+            tracing::warn!(stream = %cfg.stream, group = %cfg.name, consumer = %self.g.consumer, id = %id, delivery_count, "not dead-lettered: another consumer owns the entry now and will decide");
         }
+
         for (id, error) in &flushed.refused {
             metrics.redis_error(error.kind());
             tracing::error!(stream = %cfg.stream, group = %cfg.name, consumer = %self.g.consumer, id = %id, dead_letter_stream = %self.target.dead_letter_stream, error = %error, "Redis refused the dead letter; the entry stays pending and will be retried after claim_idle");

@@ -90,10 +90,10 @@ pub struct Flushed {
     pub already_acked: Vec<EntryId>,
     pub parked: usize,
     pub handed_back: usize,
-    /// (original id, dead letter id) of entries moved.
-    pub dead_lettered: Vec<(EntryId, String)>,
+    /// Entries moved: the dead letter as sent, and its id in the dead-letter stream.
+    pub dead_lettered: Vec<(DeadLetter, String)>,
     /// Dead letters skipped because another consumer owns the entry now.
-    pub not_ours: Vec<EntryId>,
+    pub not_ours: Vec<(EntryId, u64)>,
     /// What must be sent again (Redis unreachable).
     pub retry: Settlements,
     /// The first error, for the log.
@@ -229,8 +229,10 @@ pub async fn flush(client: Client, target: Target, batch: Settlements) -> Flushe
     }
     for (d, result) in dead_letters.into_iter().zip(buried) {
         match result {
-            Ok(Some(dead_id)) => out.dead_lettered.push((d.id, dead_id)),
-            Ok(None) => out.not_ours.push(d.id),
+            Ok(Some(dead_id)) => out.dead_lettered.push((d, dead_id)),
+
+            Ok(None) => out.not_ours.push((d.id, d.delivery_count)),
+
             Err(e) if e.is_unavailable() => {
                 out.retry.dead_letters.push(d);
                 note(e, &mut out);

@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub mod otlp;
 pub mod proxy;
 pub mod webhook;
 
@@ -15,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+pub use otlp::OtlpReceiver;
 pub use proxy::Proxy;
 pub use webhook::WebhookServer;
 
@@ -109,7 +111,19 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        match self.password() {
+            Some(password) => format!("redis://:{password}@127.0.0.1:{}/0", self.port),
+            None => format!("redis://127.0.0.1:{}/0", self.port),
+        }
+    }
+
+    /// The `--requirepass` it was started with, if any.
+    pub fn password(&self) -> Option<&str> {
+        self.args
+            .iter()
+            .position(|a| a == "--requirepass")
+            .and_then(|i| self.args.get(i + 1))
+            .map(String::as_str)
     }
 
     pub fn dir(&self) -> &Path {
