@@ -178,7 +178,7 @@ fn admin(path: &Path, body: impl FnOnce(Client, config::Config) -> AdminFuture) 
         let client = Client::connect(&config.redis).await.with_context(|| {
             format!(
                 "cannot use Redis at {}",
-                config::redact_url(&config.redis.url)
+                streamworker::client::describe(&config.redis)
             )
         })?;
         body(client, config).await

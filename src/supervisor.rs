@@ -124,7 +124,7 @@ pub async fn run(config: Config, shutdown: Shutdown, metrics: Metrics, health: H
 }
 
 fn redact(config: &Config) -> String {
-    crate::config::redact_url(&config.redis.url)
+    crate::client::describe(&config.redis)
 }
 
 /// Connects, waiting out an unreachable Redis (with capped, jittered backoff) until

@@ -2,19 +2,28 @@
 //!
 //! Two kinds of connection, because a blocking XREADGROUP stalls every other request
 //! multiplexed on its socket (and redis-rs gives up on a reply after its response timeout):
-//! - one shared [`ConnectionManager`] for short commands (acknowledgements, claims, scripts,
-//!   leases), reconnecting by itself, with `command_timeout` per reply;
+//! - one shared connection for short commands (acknowledgements, claims, scripts, leases),
+//!   reconnecting by itself, with `command_timeout` per reply;
 //! - one [`Reader`] per group for blocking reads, whose response timeout exceeds `block`,
 //!   and whose client id lets shutdown unblock it with CLIENT UNBLOCK.
+//!
+//! `connection` hides whether that is one server, Redis Cluster or a Sentinel-managed
+//! primary.
 //!
 //! Replies are parsed straight from [`redis::Value`] into [`RawEntry`]s, moving the field
 //! bytes instead of building a map of owned strings per entry.
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, IntoConnectionInfo, RedisError, RedisResult, Script, Value};
+use std::sync::Arc;
+
+use redis::{AsyncConnectionConfig, RedisError, RedisResult, Script, Value};
 use streamworker_handlers::{Effect, EntryId};
+
+mod connection;
+
+pub use connection::Reader;
+use connection::{Commands, Deployment};
 
 use crate::config::{RedisConfig, redact_url};
 
@@ -68,7 +77,16 @@ impl From<RedisError> for ClientError {
             || e.is_connection_refusal()
             || matches!(
                 e.code(),
-                Some("LOADING" | "BUSY" | "MASTERDOWN" | "TRYAGAIN" | "CLUSTERDOWN" | "READONLY")
+                Some(
+                    "LOADING"
+                        | "BUSY"
+                        | "MASTERDOWN"
+                        | "TRYAGAIN"
+                        | "CLUSTERDOWN"
+                        | "READONLY"
+                        | "MOVED"
+                        | "ASK"
+                )
             )
         {
             Self::Unavailable(e)
@@ -164,12 +182,12 @@ pub fn circuit_key(stream: &str, group: &str) -> String {
 /// A handle on one Redis deployment; cheap to clone.
 #[derive(Clone)]
 pub struct Client {
-    redis: redis::Client,
-    commands: ConnectionManager,
-    scripts: std::sync::Arc<Scripts>,
+    deployment: Arc<Deployment>,
+    commands: Commands,
+    scripts: Arc<Scripts>,
     command_timeout: Duration,
     connect_timeout: Duration,
-    /// The URL with its password hidden, for messages.
+    /// Where it connects, passwords hidden, for messages.
     pub display_url: String,
 }
 
@@ -186,54 +204,37 @@ impl std::fmt::Debug for Client {
 const MIN_REDIS: (u64, u64) = (7, 0);
 const MIN_VALKEY: (u64, u64) = (7, 2);
 
+/// How to name a deployment in messages, without its passwords.
+pub fn describe(config: &RedisConfig) -> String {
+    if !config.cluster.is_empty() {
+        let nodes: Vec<String> = config.cluster.iter().map(|u| redact_url(u)).collect();
+        format!("Redis Cluster via {}", nodes.join(", "))
+    } else if let Some(s) = &config.sentinel {
+        let nodes: Vec<String> = s.nodes.iter().map(|u| redact_url(u)).collect();
+        format!("primary {:?} via Sentinel {}", s.master, nodes.join(", "))
+    } else {
+        redact_url(&config.url)
+    }
+}
+
 impl Client {
     /// Connects and checks the server version. Fails fast when Redis is unreachable; the
     /// caller decides whether to wait and try again.
     pub async fn connect(config: &RedisConfig) -> Result<Self> {
-        let display_url = redact_url(&config.url);
-        let mut info = config
-            .url
-            .as_str()
-            .into_connection_info()
-            .map_err(ClientError::Command)?;
-        if let Some(path) = &config.password_file {
-            let password = std::fs::read_to_string(path).map_err(|e| {
-                ClientError::Command(RedisError::from((
-                    redis::ErrorKind::InvalidClientConfig,
-                    "cannot read redis.password_file",
-                    format!("{}: {e}", path.display()),
-                )))
-            })?;
-            let settings = info
-                .redis_settings()
-                .clone()
-                .set_password(password.trim_end_matches(['\n', '\r']));
-            info = info.set_redis_settings(settings);
-        }
-        let tcp = info.tcp_settings().clone().set_nodelay(true);
-        info = info.set_tcp_settings(tcp);
-        let redis = redis::Client::open(info).map_err(ClientError::Command)?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(config.command_timeout))
-            .set_connection_timeout(Some(config.connect_timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let commands = redis
-            .get_connection_manager_with_config(manager_config)
-            .await?;
+        let (deployment, commands) = connection::open(config).await?;
         let client = Self {
-            redis,
+            deployment: Arc::new(deployment),
             commands,
-            scripts: std::sync::Arc::new(Scripts::new()),
+            scripts: Arc::new(Scripts::new()),
             command_timeout: config.command_timeout,
             connect_timeout: config.connect_timeout,
-            display_url,
+            display_url: describe(config),
         };
         client.check_version().await?;
         Ok(client)
     }
 
-    fn commands(&self) -> ConnectionManager {
+    fn commands(&self) -> Commands {
         self.commands.clone()
     }
 
@@ -276,36 +277,16 @@ impl Client {
         Ok(())
     }
 
-    /// Opens a dedicated connection for blocking reads of one group.
-    pub async fn reader(&self, block: Duration, name: &str) -> Result<Reader> {
+    /// Opens a dedicated connection for blocking reads of one group's stream (under
+    /// Cluster, to the node that owns the stream's slot).
+    pub async fn reader(&self, stream: &str, block: Duration, name: &str) -> Result<Reader> {
         let config = AsyncConnectionConfig::new()
             .set_response_timeout(Some(block + self.command_timeout))
             .set_connection_timeout(Some(self.connect_timeout));
-        let mut conn = self
-            .redis
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
-        let client_id: i64 = redis::cmd("CLIENT")
-            .arg("ID")
-            .query_async(&mut conn)
-            .await?;
-        // Shows in CLIENT LIST which group and consumer a connection reads for.
-        let _: Result<(), _> = redis::cmd("CLIENT")
-            .arg("SETNAME")
-            .arg(client_name(name))
-            .query_async(&mut conn)
-            .await;
-        Ok(Reader { conn, client_id })
-    }
-
-    /// Wakes a blocked read so shutdown does not wait out `block`.
-    pub async fn unblock(&self, reader_id: i64) -> Result<()> {
-        let _: i64 = redis::cmd("CLIENT")
-            .arg("UNBLOCK")
-            .arg(reader_id)
-            .query_async(&mut self.commands())
-            .await?;
-        Ok(())
+        Ok(self
+            .deployment
+            .reader(stream, &self.commands, &config, &client_name(name))
+            .await?)
     }
 
     /// XGROUP CREATE … MKSTREAM. Returns false when the group already existed.
@@ -489,13 +470,16 @@ impl Client {
             .collect())
     }
 
-    /// Applies effects at once in a MULTI transaction (not tied to an acknowledgement).
+    /// Applies effects at once in a MULTI transaction (not tied to an acknowledgement;
+    /// under Cluster, where keys may live on several nodes, a plain pipeline).
     pub async fn apply(&self, effects: &[Effect]) -> Result<()> {
         if effects.is_empty() {
             return Ok(());
         }
         let mut pipe = redis::pipe();
-        pipe.atomic();
+        if self.commands.supports_transactions() {
+            pipe.atomic();
+        }
         for effect in effects {
             let (name, args) = effect.command();
             let mut cmd = redis::cmd(name);
@@ -839,14 +823,6 @@ fn client_name(name: &str) -> String {
     name.chars()
         .map(|c| if c.is_ascii_graphic() { c } else { '_' })
         .collect()
-}
-
-/// A connection of its own for one group's blocking reads.
-#[derive(Clone)]
-pub struct Reader {
-    conn: MultiplexedConnection,
-    /// CLIENT ID of this connection, for CLIENT UNBLOCK.
-    pub client_id: i64,
 }
 
 impl Reader {

@@ -132,23 +132,9 @@ pub fn load_with_env(path: &Path, env: HashMap<String, String>) -> Result<Config
     }
     let section = |name: &str| built.get_table(name).unwrap_or_default();
 
-    let mut redis_table = section("redis");
-    for unsupported in ["cluster", "sentinel"] {
-        if redis_table.remove(unsupported).is_some() {
-            report.push(
-                &format!("redis.{unsupported}"),
-                format!(
-                    "Redis {} is not supported by this version yet; use redis.url",
-                    if unsupported == "cluster" {
-                        "Cluster"
-                    } else {
-                        "Sentinel"
-                    }
-                ),
-            );
-        }
-    }
-    let redis: RedisConfig = report.deserialize("redis", redis_table).unwrap_or_default();
+    let redis: RedisConfig = report
+        .deserialize("redis", section("redis"))
+        .unwrap_or_default();
     let worker: WorkerConfig = report
         .deserialize("worker", section("worker"))
         .unwrap_or_default();

@@ -36,15 +36,28 @@ pub struct Config {
     pub groups: BTreeMap<String, GroupConfig>,
 }
 
-/// `[redis]`: where the streams live.
+/// `[redis]`: where the streams live. One of `url` (a single server), `cluster` (Redis
+/// Cluster) or `sentinel` (a primary followed through Sentinel).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
     /// `redis://[user:password@]host:port/db`, `rediss://` for TLS, `redis+unix:///path`.
     pub url: String,
-    /// Read the password from this file instead of putting it in the URL.
+    /// Redis Cluster: some node URLs (`redis://[user:password@]host:port`, `rediss://` for
+    /// TLS); the rest of the cluster is discovered.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cluster: Vec<String>,
+    /// Redis Sentinel: the primary's name and some sentinel URLs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sentinel: Option<SentinelConfig>,
+    /// Read the password from this file instead of putting it in the URL (for Sentinel:
+    /// the primary's password).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub password_file: Option<PathBuf>,
+    /// Certificates for `rediss://`: a CA to trust instead of the system's, and a client
+    /// certificate for servers that require one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
     /// How long a command (acknowledgements, claims, scripts) may wait for its reply before
     /// the connection is considered broken. Blocking reads get `block` plus this.
     #[serde(with = "streamworker_handlers::duration")]
@@ -54,10 +67,42 @@ pub struct RedisConfig {
     pub connect_timeout: Duration,
 }
 
+/// `[redis] sentinel = { master = "mymaster", nodes = ["redis://s1:26379", …] }`.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SentinelConfig {
+    /// The name the sentinels monitor the primary under.
+    pub master: String,
+    /// Sentinel URLs (`redis://[user:password@]host:port`, their own credentials).
+    pub nodes: Vec<String>,
+    /// The primary's ACL user (its password: `redis.password_file`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// The primary's database number.
+    pub db: i64,
+}
+
+/// `[redis] tls = { ca_file = "…", cert_file = "…", key_file = "…" }` (PEM files).
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Trust this CA instead of the system's roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate and its key, for servers started with `tls-auth-clients yes`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+}
+
 impl Default for RedisConfig {
     fn default() -> Self {
         Self {
-            url: "redis://127.0.0.1:6379/0".into(),
+            url: DEFAULT_REDIS_URL.into(),
+            cluster: Vec::new(),
+            sentinel: None,
+            tls: None,
             password_file: None,
             command_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
@@ -338,6 +383,9 @@ impl std::ops::Deref for GroupConfig {
 
 const REDACTED: &str = "<redacted>";
 
+/// `redis.url` when nothing else is said.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+
 impl Config {
     /// The resolved configuration as TOML, every secret replaced by `<redacted>`.
     pub fn to_redacted_toml(&self) -> String {
@@ -353,6 +401,11 @@ impl Config {
         }
         let mut redis = self.redis.clone();
         redis.url = redact_url(&redis.url);
+        redis.cluster = redis.cluster.iter().map(|u| redact_url(u)).collect();
+        if let Some(s) = redis.sentinel.as_mut() {
+            s.nodes = s.nodes.iter().map(|u| redact_url(u)).collect();
+        }
+
         let groups = self
             .groups
             .iter()

@@ -14,7 +14,8 @@ pub(super) fn validate(config: &Config) -> Vec<(String, String)> {
     let mut problems = Vec::new();
     let mut problem = |key: String, message: String| problems.push((key, message));
 
-    let url = &config.redis.url;
+    let redis = &config.redis;
+    let url = &redis.url;
     if let Err(e) = url.as_str().into_connection_info() {
         problem(
             "redis.url".into(),
@@ -24,6 +25,65 @@ pub(super) fn validate(config: &Config) -> Vec<(String, String)> {
             ),
         );
     }
+    let custom_url = url != super::DEFAULT_REDIS_URL;
+    if !redis.cluster.is_empty() && redis.sentinel.is_some() {
+        problem(
+            "redis.cluster".into(),
+            "and redis.sentinel are both set: a deployment is one or the other".into(),
+        );
+    } else if custom_url && (!redis.cluster.is_empty() || redis.sentinel.is_some()) {
+        let other = if redis.cluster.is_empty() {
+            "sentinel"
+        } else {
+            "cluster"
+        };
+        problem(
+            "redis.url".into(),
+            format!(
+                "is set together with redis.{other}: use one of them (credentials go in the cluster node URLs, or redis.password_file)"
+            ),
+        );
+    }
+    for (i, node) in redis.cluster.iter().enumerate() {
+        if let Err(e) = node.as_str().into_connection_info() {
+            problem(
+                format!("redis.cluster.{i}"),
+                format!("= {:?}: not a Redis URL ({e})", redact_url(node)),
+            );
+        }
+    }
+    if let Some(s) = &redis.sentinel {
+        if s.master.is_empty() {
+            problem(
+                "redis.sentinel.master".into(),
+                "is missing: the name the sentinels monitor the primary under, e.g. \"mymaster\""
+                    .into(),
+            );
+        }
+        if s.nodes.is_empty() {
+            problem(
+                "redis.sentinel.nodes".into(),
+                "is empty: list some sentinels, e.g. [\"redis://sentinel-1:26379\"]".into(),
+            );
+        }
+        for (i, node) in s.nodes.iter().enumerate() {
+            if let Err(e) = node.as_str().into_connection_info() {
+                problem(
+                    format!("redis.sentinel.nodes.{i}"),
+                    format!("= {:?}: not a Redis URL ({e})", redact_url(node)),
+                );
+            }
+        }
+    }
+    if let Some(tls) = &redis.tls
+        && tls.cert_file.is_some() != tls.key_file.is_some()
+    {
+        problem(
+            "redis.tls".into(),
+            "sets only one of cert_file and key_file: a client certificate needs both".into(),
+        );
+    }
+
     for (key, d) in [
         ("redis.command_timeout", config.redis.command_timeout),
         ("redis.connect_timeout", config.redis.connect_timeout),
@@ -193,6 +253,15 @@ pub(super) fn validate(config: &Config) -> Vec<(String, String)> {
                     "= {dlq:?}: must differ from the group's stream, or dead letters would be consumed again"
                 ),
             );
+        } else if !redis.cluster.is_empty() && !same_slot(&dlq, &g.stream) {
+            problem(
+                key("dead_letter_stream"),
+                format!(
+                    "= {dlq:?} is in another Redis Cluster hash slot than {:?}: the dead-letter move (XADD there, XACK here) is one script and needs both keys in one slot; leave it out for the default {}",
+                    g.stream,
+                    super::default_dead_letter_stream(&g.stream, &g.name)
+                ),
+            );
         }
         if g.circuit_breaker.threshold > 0 && g.circuit_breaker.pause.is_zero() {
             problem(
@@ -209,4 +278,21 @@ pub(super) fn validate(config: &Config) -> Vec<(String, String)> {
         }
     }
     problems
+}
+
+/// Whether two keys live in the same Redis Cluster hash slot.
+pub fn same_slot(a: &str, b: &str) -> bool {
+    use redis::cluster_routing::Slot;
+    Slot::for_key(a) == Slot::for_key(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_slot;
+
+    #[test]
+    fn hash_tags_share_a_slot() {
+        assert!(same_slot("{orders}:dlq:billing", "orders"));
+        assert!(!same_slot("orders:dlq", "orders"));
+    }
 }

@@ -656,10 +656,9 @@ impl<'g, H: Handler> Loop<'g, H> {
     /// read returns as if its `block` had run out.
     fn start_unblock(&mut self) {
         if let Some(reader) = &self.reader {
-            let client = self.g.client.clone();
-            let id = reader.client_id;
+            let reader = reader.clone();
             self.unblocking = Some(Box::pin(async move {
-                let _ = client.unblock(id).await;
+                let _ = reader.unblock().await;
             }));
         }
     }
@@ -753,7 +752,7 @@ impl<'g, H: Handler> Loop<'g, H> {
                 metrics.group_recreated.inc();
                 tracing::warn!(stream = %cfg.stream, group = %cfg.name, start_id = %cfg.start_id.as_arg(), "recreated the consumer group, which Redis had lost (NOGROUP)");
             }
-            client.reader(cfg.block, &name).await
+            client.reader(&cfg.stream, cfg.block, &name).await
         }));
     }
 
