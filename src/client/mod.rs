@@ -239,41 +239,36 @@ impl Client {
     }
 
     async fn check_version(&self) -> Result<()> {
-        let info: String = redis::cmd("INFO")
+        // Under Cluster, INFO goes to every node and comes back as a map of replies:
+        // check them all.
+        let reply: Value = redis::cmd("INFO")
             .arg("server")
             .query_async(&mut self.commands())
             .await?;
-        let field = |name: &str| {
-            info.lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-                .map(str::trim)
+        let texts: Vec<String> = match reply {
+            Value::Map(nodes) => nodes.into_iter().map(|(_, v)| text_of(v)).collect(),
+            other => vec![text_of(other)],
         };
-        let (product, version, minimum) = match field("valkey_version") {
-            Some(v) => ("Valkey", v, MIN_VALKEY),
-            None => (
-                "Redis",
-                field("redis_version").unwrap_or("0.0.0"),
-                MIN_REDIS,
-            ),
-        };
-        let mut parts = version.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
-        let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-        if found < minimum {
-            return Err(ClientError::Command(RedisError::from((
-                redis::ErrorKind::InvalidClientConfig,
-                "server too old",
-                format!(
-                    "{} runs {product} {version}; streamworker needs {product} {}.{} or later (XAUTOCLAIM's deleted-id list, XINFO GROUPS lag)",
-                    self.display_url, minimum.0, minimum.1
-                ),
-            ))));
+        for info in texts {
+            self.check_one_version(&info)?;
         }
         Ok(())
     }
 
-    /// PING through the shared connection: is Redis serving us?
+    fn check_one_version(&self, info: &str) -> Result<()> {
+        supported(info, &self.display_url).map_err(|detail| {
+            ClientError::Command(RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "server too old",
+                detail,
+            )))
+        })
+    }
+
+    /// PING through the shared connection: is Redis serving us? (Under Cluster, every
+    /// node answers.)
     pub async fn ping(&self) -> Result<()> {
-        let _: String = redis::cmd("PING").query_async(&mut self.commands()).await?;
+        let _: Value = redis::cmd("PING").query_async(&mut self.commands()).await?;
         Ok(())
     }
 
@@ -996,6 +991,22 @@ mod tests {
     }
 
     #[test]
+    fn old_servers_are_refused_by_name() {
+        assert!(supported("# Server\r\nredis_version:7.0.15\r\n", "x").is_ok());
+        assert!(supported("redis_version:7.2.4\r\nvalkey_version:9.1.2\r\n", "x").is_ok());
+        let e = supported("redis_version:6.2.14\r\n", "redis://db:6379").unwrap_err();
+        assert!(
+            e.contains("redis://db:6379 runs Redis 6.2.14") && e.contains("7.0 or later"),
+            "{e}"
+        );
+        let e = supported("redis_version:7.2.4\r\nvalkey_version:7.0.0\r\n", "x").unwrap_err();
+        assert!(
+            e.contains("Valkey 7.0.0") && e.contains("7.2 or later"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn reads_parse_without_maps() {
         let reply = Value::Array(vec![Value::Array(vec![
             bulk("s"),
@@ -1037,4 +1048,34 @@ mod tests {
         assert_eq!(c.entries[0].delivery_count, 4);
         assert_eq!(c.deleted, vec![EntryId::new(2, 0)]);
     }
+}
+
+/// Whether the server behind an `INFO server` reply is new enough.
+fn supported(info: &str, display_url: &str) -> std::result::Result<(), String> {
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(str::trim)
+    };
+    let (product, version, minimum) = match field("valkey_version") {
+        Some(v) => ("Valkey", v, MIN_VALKEY),
+        None => (
+            "Redis",
+            field("redis_version").unwrap_or("0.0.0"),
+            MIN_REDIS,
+        ),
+    };
+    let mut parts = version.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
+    let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if found < minimum {
+        return Err(format!(
+            "{display_url} runs {product} {version}; streamworker needs {product} {}.{} or later (XAUTOCLAIM's deleted-id list, XINFO GROUPS lag): upgrade the server",
+            minimum.0, minimum.1
+        ));
+    }
+    Ok(())
+}
+
+fn text_of(value: Value) -> String {
+    String::from_utf8_lossy(&into_bytes(value)).into_owned()
 }

@@ -9,3 +9,4 @@ mod delivery;
 mod failures;
 mod observability;
 mod operate;
+mod topology;

@@ -8,6 +8,7 @@
 
 pub mod otlp;
 pub mod proxy;
+pub mod topology;
 pub mod webhook;
 
 use std::io::Read;
@@ -23,6 +24,12 @@ pub use webhook::WebhookServer;
 /// The binary under test.
 pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_streamworker")
+}
+
+/// The server the tests start: `redis-server`, or `STREAMWORKER_TEST_SERVER` (e.g. a
+/// `valkey-server`, to run the suite against Valkey).
+pub fn server_binary() -> String {
+    std::env::var("STREAMWORKER_TEST_SERVER").unwrap_or_else(|_| "redis-server".into())
 }
 
 /// A port nobody listens on right now (there is a window before the caller binds it; the
@@ -52,6 +59,7 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
     args: Vec<String>,
     child: Option<Child>,
+    probe: bool,
 }
 
 impl RedisServer {
@@ -61,6 +69,16 @@ impl RedisServer {
 
     /// Starts with extra arguments, e.g. `["--appendonly", "yes"]`.
     pub fn start_with(args: &[&str]) -> Self {
+        Self::start_probed(args, true)
+    }
+
+    /// Starts a server that answers PING only over a protocol the probe does not speak
+    /// (TLS): waits until the port accepts connections instead.
+    pub fn start_unprobed(args: &[&str]) -> Self {
+        Self::start_probed(args, false)
+    }
+
+    fn start_probed(args: &[&str], probe: bool) -> Self {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         for _ in 0..10 {
             let mut server = Self {
@@ -68,6 +86,7 @@ impl RedisServer {
                 dir: tempfile::tempdir().expect("temp dir"),
                 args: args.clone(),
                 child: None,
+                probe,
             };
             if server.spawn() {
                 return server;
@@ -78,7 +97,7 @@ impl RedisServer {
 
     fn spawn(&mut self) -> bool {
         let log = self.dir.path().join("redis.log");
-        let child = Command::new("redis-server")
+        let child = Command::new(server_binary())
             .arg("--port")
             .arg(self.port.to_string())
             .args(["--bind", "127.0.0.1", "--save", "", "--daemonize", "no"])
@@ -86,7 +105,11 @@ impl RedisServer {
             .arg(self.dir.path())
             .arg("--logfile")
             .arg(&log)
-            .args(&self.args)
+            .args(
+                self.args
+                    .iter()
+                    .map(|a| a.replace("{port}", &self.port.to_string())),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -100,11 +123,16 @@ impl RedisServer {
                 self.child = None;
                 return false;
             }
-            if let Ok(mut con) = self.try_connection()
+            if !self.probe {
+                if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                    return true;
+                }
+            } else if let Ok(mut con) = self.try_connection()
                 && redis::cmd("PING").query::<String>(&mut con).is_ok()
             {
                 return true;
             }
+
             std::thread::sleep(Duration::from_millis(20));
         }
         false

@@ -1,0 +1,383 @@
+//! Beyond one server (DESIGN §6): Redis Cluster, Sentinel failover, TLS with client
+//! certificates and an ACL user restricted to the commands streamworker needs.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use crate::support::topology::{Certificates, Cluster, SentinelSet, tls_cli};
+use crate::support::*;
+
+fn webhook_group(group: &str, stream: &str, url: &str) -> String {
+    format!(
+        r#"
+[groups.{group}]
+stream = "{stream}"
+handler = "webhook"
+block = "500ms"
+handler_timeout = "1s"
+claim_idle = "3s"
+consumer_ttl = "1m"
+retry_backoff = {{ initial = "100ms", max = "1s" }}
+[groups.{group}.options]
+url = "{url}"
+timeout = "1s"
+"#
+    )
+}
+
+fn with_redis(config: &str, redis_table: &str) -> String {
+    // Replace the [redis] table of the support config.
+    let start = config.find("[redis]").unwrap();
+    let end = config.find("[worker]").unwrap();
+    format!(
+        "{}{redis_table}\ncommand_timeout = \"2s\"\nconnect_timeout = \"1s\"\n\n{}",
+        &config[..start],
+        &config[end..]
+    )
+}
+
+#[test]
+fn a_cluster_spreads_groups_over_nodes_and_dead_letters_in_one_slot() {
+    let cluster = Cluster::start();
+    let hook = WebhookServer::start_with(|hit| {
+        if hit.body["fields"]["kind"] == "poison" {
+            (400, Duration::ZERO)
+        } else {
+            (200, Duration::ZERO)
+        }
+    });
+    let streams = ["orders", "user_logs", "events.raw"];
+    // The three streams are served by three different nodes.
+    let owners: HashSet<i64> = {
+        let mut con = cluster.connection();
+        let ranges: Vec<(i64, i64, (String, i64))> = {
+            let raw: Vec<redis::Value> =
+                redis::cmd("CLUSTER").arg("SLOTS").query(&mut con).unwrap();
+            raw.into_iter()
+                .filter_map(|r| match r {
+                    redis::Value::Array(p) => match (&p[0], &p[1], &p[2]) {
+                        (redis::Value::Int(a), redis::Value::Int(b), redis::Value::Array(node)) => {
+                            let port = match node.get(1) {
+                                Some(redis::Value::Int(port)) => *port,
+                                _ => 0,
+                            };
+                            Some((*a, *b, (String::new(), port)))
+                        }
+                        _ => None,
+                    },
+                    _ => None,
+                })
+                .collect()
+        };
+        streams
+            .iter()
+            .map(|s| {
+                let slot: i64 = redis::cmd("CLUSTER")
+                    .arg("KEYSLOT")
+                    .arg(*s)
+                    .query(&mut con)
+                    .unwrap();
+                ranges
+                    .iter()
+                    .find(|(a, b, _)| (*a..=*b).contains(&slot))
+                    .map(|(_, _, (_, port))| *port)
+                    .unwrap()
+            })
+            .collect()
+    };
+    assert_eq!(owners.len(), 3, "groups spread over the three nodes");
+    let groups: String = streams
+        .iter()
+        .enumerate()
+        .map(|(i, s)| webhook_group(&format!("g{i}"), s, &hook.url(&format!("g{i}"))))
+        .collect();
+    let redis_table = format!("[redis]\ncluster = {:?}", cluster.urls());
+    let replicas: Vec<Daemon> = ["r1", "r2", "r3"]
+        .iter()
+        .map(|r| Daemon::start(&with_redis(&config("unused", r, &groups), &redis_table)))
+        .collect();
+    let mut con = cluster.connection();
+    let mut ids: HashMap<&str, Vec<String>> = HashMap::new();
+    for stream in streams {
+        for i in 0..300 {
+            let kind = if i == 150 { "poison" } else { "fine" };
+            let id: String = redis::cmd("XADD")
+                .arg(stream)
+                .arg("*")
+                .arg("kind")
+                .arg(kind)
+                .arg("n")
+                .arg(i)
+                .query(&mut con)
+                .unwrap();
+            ids.entry(stream).or_default().push(id);
+        }
+    }
+    wait_until(Duration::from_secs(60), "every entry handled", || {
+        hook.hits().len() >= 900
+    });
+    for (i, stream) in streams.iter().enumerate() {
+        let group = format!("g{i}");
+        let dlq = format!("{{{stream}}}:dlq:{group}");
+        wait_until(
+            Duration::from_secs(20),
+            "the poison entry dead-lettered, nothing pending",
+            || {
+                let len: u64 = redis::cmd("XLEN").arg(&dlq).query(&mut con).unwrap_or(0);
+                let pending: redis::Value = redis::cmd("XPENDING")
+                    .arg(*stream)
+                    .arg(&group)
+                    .query(&mut con)
+                    .unwrap();
+                let pending_count = match pending {
+                    redis::Value::Array(v) => matches!(v.first(), Some(redis::Value::Int(0))),
+                    _ => false,
+                };
+                len == 1 && pending_count
+            },
+        );
+        let dead: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+            .arg(&dlq)
+            .arg("-")
+            .arg("+")
+            .query(&mut con)
+            .unwrap();
+        let fields: HashMap<String, String> = dead[0].1.iter().cloned().collect();
+        assert_eq!(fields["dlq_origin_id"], ids[stream][150]);
+        assert_eq!(fields["kind"], "poison");
+        let handled: HashSet<String> = hook
+            .hits()
+            .iter()
+            .filter(|h| h.path == group && h.status == 200)
+            .map(|h| h.id.clone())
+            .collect();
+        for (n, id) in ids[stream].iter().enumerate() {
+            if n != 150 {
+                assert!(handled.contains(id), "{stream} {id} handled");
+            }
+        }
+    }
+    let by_replica: HashSet<String> = replicas
+        .iter()
+        .map(|d| d.logs())
+        .filter(|l| l.contains("streamworker started"))
+        .collect();
+    assert_eq!(by_replica.len(), 3);
+
+    // check refuses a dead-letter stream in another slot under Cluster.
+    let bad = groups.replace(
+        "[groups.g0.options]",
+        "dead_letter_stream = \"orders-dlq\"\n[groups.g0.options]",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(
+        &path,
+        with_redis(&config("unused", "r9", &bad), &redis_table),
+    )
+    .unwrap();
+    let (code, _, err) = run_cli(&["check", "-c", path.to_str().unwrap()], &[]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("groups.g0.dead_letter_stream") && err.contains("hash slot"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_daemon_follows_a_sentinel_failover() {
+    let set = SentinelSet::start();
+    let hook = WebhookServer::start();
+    let redis_table = format!(
+        "[redis]\nsentinel = {{ master = \"mymaster\", nodes = {:?} }}",
+        set.sentinel_urls()
+    );
+    let daemon = Daemon::start(&with_redis(
+        &config(
+            "unused",
+            "r1",
+            &webhook_group("billing", "orders", &hook.url("r1")),
+        ),
+        &redis_table,
+    ));
+    let old_port = set.primary.port;
+    let sentinel_urls = set.sentinel_urls();
+
+    // The producer writes to whichever server the sentinels name, and counts an entry only
+    // once WAIT confirms a replica has it.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let producer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut confirmed = Vec::new();
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let port = sentinel_urls.iter().find_map(|u| {
+                    let mut con = redis::Client::open(u.as_str())
+                        .ok()?
+                        .get_connection_with_timeout(Duration::from_millis(300))
+                        .ok()?;
+                    let addr: Vec<String> = redis::cmd("SENTINEL")
+                        .arg("GET-MASTER-ADDR-BY-NAME")
+                        .arg("mymaster")
+                        .query(&mut con)
+                        .ok()?;
+                    addr.get(1)?.parse::<u16>().ok()
+                });
+                let added = port.and_then(|port| {
+                    let mut con = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+                        .ok()?
+                        .get_connection_with_timeout(Duration::from_millis(300))
+                        .ok()?;
+                    let id: String = redis::cmd("XADD")
+                        .arg("orders")
+                        .arg("*")
+                        .arg("n")
+                        .arg(n)
+                        .query(&mut con)
+                        .ok()?;
+                    let replicas: i64 = redis::cmd("WAIT").arg(1).arg(1000).query(&mut con).ok()?;
+                    (replicas >= 1).then_some(id)
+                });
+                if let Some(id) = added {
+                    confirmed.push(id);
+                }
+                n += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            confirmed
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let mut set = set;
+    set.primary.kill();
+    wait_until(Duration::from_secs(30), "a failover", || {
+        set.current_primary_port().is_some_and(|p| p != old_port)
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let confirmed = producer.join().unwrap();
+
+    let mut con = set.replica.connection();
+    let held: Vec<String> = entries(&mut con, "orders")
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert!(
+        held.len() > 100,
+        "the new primary holds {} entries",
+        held.len()
+    );
+    for id in &confirmed {
+        assert!(
+            held.contains(id),
+            "a replicated entry survived the failover"
+        );
+    }
+    wait_until(
+        Duration::from_secs(60),
+        "every entry the new primary holds handled",
+        || {
+            let handled = hook.handled();
+            held.iter().all(|id| handled.contains_key(id))
+        },
+    );
+    wait_until(
+        Duration::from_secs(20),
+        "nothing pending on the new primary",
+        || group_info(&mut con, "orders", "billing").map(|(p, _)| p) == Some(0),
+    );
+    let mut daemon = daemon;
+    assert!(daemon.is_running(), "{}", daemon.logs());
+}
+
+/// The commands streamworker needs, as an ACL rule (also in README).
+pub const ACL_RULES: &str = "on resetkeys ~* resetchannels &* -@all +ping +info +hello +auth +select +client|id +client|setname +client|unblock +xreadgroup +xack +xadd +xclaim +xautoclaim +xpending +xgroup|create +xgroup|delconsumer +xinfo|groups +xinfo|consumers +xlen +xrange +xtrim +xdel +evalsha +eval +script|load +get +set +del +exists +pttl +pexpire +hset +hdel +hgetall +hincrby +hincrbyfloat +multi +exec +publish +cluster|slots";
+
+#[test]
+fn tls_with_client_certificates_and_a_least_privilege_acl_user() {
+    let certs = Certificates::generate();
+    let user_rule = format!("streamworker >s3cr3t-acl-pw {ACL_RULES}");
+    let mut args: Vec<String> = certs.server_args();
+    // redis-server reads a directive's words as separate arguments.
+    for rule in ["admin on >admin-pw ~* &* +@all", &user_rule] {
+        args.push("--user".to_owned());
+        args.extend(rule.split_whitespace().map(str::to_owned));
+    }
+
+    let redis = RedisServer::start_unprobed(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let hook = WebhookServer::start_with(|hit| {
+        if hit.body["fields"]["kind"] == "bad" {
+            (400, Duration::ZERO)
+        } else if hit.delivery_count == 1 && hit.body["fields"]["kind"] == "flaky" {
+            (503, Duration::ZERO)
+        } else {
+            (200, Duration::ZERO)
+        }
+    });
+    let p = |f: &str| certs.path(f).display().to_string();
+    let redis_table = format!(
+        "[redis]\nurl = \"rediss://streamworker:s3cr3t-acl-pw@127.0.0.1:{}/0\"\ntls = {{ ca_file = {:?}, cert_file = {:?}, key_file = {:?} }}",
+        redis.port,
+        p("ca.crt"),
+        p("client.crt"),
+        p("client.key")
+    );
+    let groups = format!(
+        "[streams.orders]\nretention = {{ max_len = 5 }}\n{}",
+        webhook_group("billing", "orders", &hook.url("r1"))
+    );
+    let (cfg, http) = config_with_http("unused", "r1", &groups);
+    let cfg = with_redis(&cfg, &redis_table);
+    let daemon = Daemon::start(&cfg);
+    let admin = |args: &[&str]| tls_cli(&certs, redis.port, "admin", "admin-pw", args);
+    assert_eq!(
+        admin(&["PING"]).trim(),
+        "PONG",
+        "{}",
+        std::fs::read_to_string(redis.dir().join("redis.log")).unwrap_or_default()
+    );
+
+    for (i, kind) in [
+        "fine", "flaky", "bad", "fine", "fine", "fine", "fine", "fine",
+    ]
+    .iter()
+    .enumerate()
+    {
+        admin(&["XADD", "orders", "*", "kind", kind, "n", &i.to_string()]);
+    }
+    wait_until(Duration::from_secs(30), "all settled", || {
+        let Some((_, text)) = http_get(&http, "/metrics") else {
+            return false;
+        };
+        metric(&text, "streamworker_entries_total", &[("outcome", "acked")]) == Some(7.0)
+            && metric(
+                &text,
+                "streamworker_entries_total",
+                &[("outcome", "dead_lettered")],
+            ) == Some(1.0)
+    });
+    // Retention trims with the restricted user, down to max_len once everything is acked.
+    wait_until(Duration::from_secs(20), "retention", || {
+        admin(&["XLEN", "orders"]).trim() == "5"
+    });
+    let path = daemon.config_path.to_str().unwrap().to_owned();
+    let (code, out, err) = run_cli(&["status", "-c", &path, "--json"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"dead_letter_length\": 1"), "{out}");
+    hook.set_responder(|_| (200, Duration::ZERO));
+    let (code, _, err) = run_cli(
+        &["dlq", "replay", "-c", &path, "--group", "billing", "--all"],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    wait_until(Duration::from_secs(20), "the replay handled", || {
+        hook.hits().iter().filter(|h| h.status == 200).count() == 8
+    });
+    let logs = daemon.logs();
+    assert!(
+        !logs.contains("NOPERM") && !logs.contains("no permissions"),
+        "the ACL user lacked a command:\n{logs}"
+    );
+    assert!(!logs.contains("s3cr3t-acl-pw"));
+}
