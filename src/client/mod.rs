@@ -982,6 +982,36 @@ fn parse_claimed(reply: Value, command: &'static str) -> Result<Claimed> {
     Ok(claimed)
 }
 
+/// Whether the server behind an `INFO server` reply is new enough.
+fn supported(info: &str, display_url: &str) -> std::result::Result<(), String> {
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(str::trim)
+    };
+    let (product, version, minimum) = match field("valkey_version") {
+        Some(v) => ("Valkey", v, MIN_VALKEY),
+        None => (
+            "Redis",
+            field("redis_version").unwrap_or("0.0.0"),
+            MIN_REDIS,
+        ),
+    };
+    let mut parts = version.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
+    let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if found < minimum {
+        return Err(format!(
+            "{display_url} runs {product} {version}; streamworker needs {product} {}.{} or later (XAUTOCLAIM's deleted-id list, XINFO GROUPS lag): upgrade the server",
+            minimum.0, minimum.1
+        ));
+    }
+    Ok(())
+}
+
+fn text_of(value: Value) -> String {
+    String::from_utf8_lossy(&into_bytes(value)).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1048,34 +1078,4 @@ mod tests {
         assert_eq!(c.entries[0].delivery_count, 4);
         assert_eq!(c.deleted, vec![EntryId::new(2, 0)]);
     }
-}
-
-/// Whether the server behind an `INFO server` reply is new enough.
-fn supported(info: &str, display_url: &str) -> std::result::Result<(), String> {
-    let field = |name: &str| {
-        info.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-            .map(str::trim)
-    };
-    let (product, version, minimum) = match field("valkey_version") {
-        Some(v) => ("Valkey", v, MIN_VALKEY),
-        None => (
-            "Redis",
-            field("redis_version").unwrap_or("0.0.0"),
-            MIN_REDIS,
-        ),
-    };
-    let mut parts = version.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
-    let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    if found < minimum {
-        return Err(format!(
-            "{display_url} runs {product} {version}; streamworker needs {product} {}.{} or later (XAUTOCLAIM's deleted-id list, XINFO GROUPS lag): upgrade the server",
-            minimum.0, minimum.1
-        ));
-    }
-    Ok(())
-}
-
-fn text_of(value: Value) -> String {
-    String::from_utf8_lossy(&into_bytes(value)).into_owned()
 }
