@@ -4,6 +4,7 @@
 //! library: it parses the command line and maps outcomes to exit codes.
 
 pub mod admin;
+pub mod bench;
 pub mod circuit;
 pub mod client;
 pub mod config;
@@ -12,6 +13,7 @@ pub mod health;
 pub mod http;
 pub mod inspect;
 pub mod lease;
+pub mod local_redis;
 pub mod maintenance;
 pub mod metrics;
 pub mod retry;

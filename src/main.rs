@@ -49,6 +49,39 @@ enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// Measure throughput, cost per entry and latency against hand-written consumers, on
+    /// a private redis-server (build with --release first).
+    Bench {
+        /// Pre-loaded entries each consumer drains.
+        #[arg(long, default_value_t = 200_000)]
+        entries: usize,
+        /// Runs per consumer; the report shows medians.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// streamworker replica counts to measure.
+        #[arg(long, value_delimiter = ',', default_value = "1,3")]
+        replicas: Vec<usize>,
+        /// Entries per second for the steady-state latency run.
+        #[arg(long, default_value_t = 20_000)]
+        rate: u64,
+        /// How long the steady-state run produces.
+        #[arg(long, value_parser = streamworker_handlers::duration::parse, default_value = "10s")]
+        duration: std::time::Duration,
+        /// Leave out the Python contenders (they need python3 and redis-py from PyPI).
+        #[arg(long)]
+        no_python: bool,
+        /// The redis-server binary to start.
+        #[arg(long, default_value = "redis-server")]
+        redis_server: String,
+    },
+    /// The hand-written redis-rs consumer loop `bench` compares against.
+    #[command(hide = true)]
+    BenchContender {
+        url: String,
+        stream: String,
+        group: String,
+        consumer: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -153,6 +186,55 @@ fn main() -> ExitCode {
             })
         }),
         Command::Dlq { action } => dlq(action),
+        Command::Bench {
+            entries,
+            runs,
+            replicas,
+            rate,
+            duration,
+            no_python,
+            redis_server,
+        } => {
+            let options = streamworker::bench::Options {
+                entries,
+                runs,
+                replicas,
+                rate,
+                duration,
+                python: !no_python,
+                redis_server,
+            };
+            match streamworker::bench::run(&options) {
+                Ok(report) => {
+                    print!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
+        Command::BenchContender {
+            url,
+            stream,
+            group,
+            consumer,
+        } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            match runtime.block_on(streamworker::bench::contender::hand_written_loop(
+                &url, &stream, &group, &consumer,
+            )) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
     }
 }
 
