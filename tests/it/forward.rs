@@ -207,51 +207,12 @@ fn read_blocked(con: &mut redis::Connection, group: &str, consumer: &str) -> boo
 fn entries_handled_twice_appear_downstream_once() {
     let redis = RedisServer::start();
     let proxy = Proxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap());
-    let a_settings = FAST.replace("block = \"500ms\"", "block = \"8s\"");
-    let (a_cfg, a_http) = config_with_http(&proxy.url(), "a", &normalize_group(&a_settings));
-    let mut a = Daemon::start(&a_cfg);
-    let mut con = redis.connection();
-    wait_until(Duration::from_secs(20), "a's read to block", || {
-        read_blocked(&mut con, "normalize", "a")
-    });
-    proxy.hold_requests(true);
-    // One transaction, so the blocked read is served all of them at once.
     let events = raw_events(24);
-    let mut tx = redis::pipe();
-    tx.atomic();
-    for fields in &events {
-        let cmd = tx.cmd("XADD").arg(RAW).arg("*");
-        for (k, v) in fields {
-            cmd.arg(*k).arg(v);
-        }
-    }
-    let ids: Vec<String> = tx.query(&mut con).unwrap();
-    wait_until(Duration::from_secs(5), "the entries delivered to a", || {
-        pending_of(&mut con, RAW, "normalize", "a") == 24
-    });
-    // a handles every entry; its acknowledgements (and the XADDs that go with them) are
-    // held in the proxy and die with it.
-    wait_until(Duration::from_secs(5), "a to handle all 24", || {
-        http_get(&a_http, "/metrics")
-            .and_then(|(_, body)| {
-                metric(
-                    &body,
-                    "streamworker_handler_seconds_count",
-                    &[("group", "normalize")],
-                )
-            })
-            .unwrap_or(0.0)
-            == 24.0
-    });
-    std::thread::sleep(Duration::from_millis(300));
+    let (mut a, ids) = a_handles_with_its_acks_held(&redis, &proxy, &events, &[]);
+    // Held commands die with a.
     a.kill();
-    assert_eq!(
-        xlen(&mut con, NORMALIZED),
-        0,
-        "a's forwards never reached Redis"
-    );
-    assert_eq!(pending_of(&mut con, RAW, "normalize", "a"), 24);
 
+    let mut con = redis.connection();
     let (b_cfg, b_http) = config_with_http(&redis.url(), "b", &normalize_group(FAST));
     let b = Daemon::start(&b_cfg);
     let forwarded = (0..24).filter(|&i| passes(i)).count();
@@ -286,6 +247,94 @@ fn entries_handled_twice_appear_downstream_once() {
     let want: HashSet<&String> = (0..24).filter(|&i| passes(i)).map(|i| &ids[i]).collect();
     assert_eq!(unique, want);
     assert_eq!(entries_metric(&b_http, "dropped") as usize, 24 - forwarded);
+}
+
+#[test]
+fn a_late_acknowledgement_after_a_reclaim_forwards_nothing_again() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap());
+    let events = raw_events(12);
+    let (a, ids) = a_handles_with_its_acks_held(
+        &redis,
+        &proxy,
+        &events,
+        &[("RUST_LOG", "info,streamworker::consumer=debug")],
+    );
+    // a is alive but silent: b reclaims and forwards everything first.
+    let mut con = redis.connection();
+    let _b = Daemon::start(&config(&redis.url(), "b", &normalize_group(FAST)));
+    let forwarded = (0..12).filter(|&i| passes(i)).count();
+    wait_until(Duration::from_secs(15), "b to forward a's entries", || {
+        group_info(&mut con, RAW, "normalize") == Some((0, Some(0)))
+            && xlen(&mut con, NORMALIZED) as usize == forwarded
+    });
+    // Now a's acknowledgements (with their XADDs) reach Redis, after b's.
+    proxy.hold_requests(false);
+    a.wait_for_log(
+        Duration::from_secs(10),
+        "already acknowledged by another consumer",
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let downstream = source_ids(&mut con);
+    let want: HashSet<&String> = (0..12).filter(|&i| passes(i)).map(|i| &ids[i]).collect();
+    let got: HashSet<&String> = downstream.iter().collect();
+    assert_eq!(
+        downstream.len(),
+        forwarded,
+        "each entry once:\n{}",
+        a.logs()
+    );
+    assert_eq!(got, want);
+}
+
+/// Starts replica a through `proxy`, lets it handle `events` (added in one transaction to
+/// its blocked read) and holds everything it sends afterwards, its acknowledgements and
+/// their XADDs included. Returns a and the ids.
+fn a_handles_with_its_acks_held(
+    redis: &RedisServer,
+    proxy: &Proxy,
+    events: &[Vec<(&str, String)>],
+    env: &[(&str, &str)],
+) -> (Daemon, Vec<String>) {
+    let a_settings = FAST.replace("block = \"500ms\"", "block = \"8s\"");
+    let (a_cfg, a_http) = config_with_http(&proxy.url(), "a", &normalize_group(&a_settings));
+    let a = Daemon::start_with_env(&a_cfg, env);
+    let mut con = redis.connection();
+    wait_until(Duration::from_secs(20), "a's read to block", || {
+        read_blocked(&mut con, "normalize", "a")
+    });
+    proxy.hold_requests(true);
+    // One transaction, so the blocked read is served all of them at once.
+    let mut tx = redis::pipe();
+    tx.atomic();
+    for fields in events {
+        let cmd = tx.cmd("XADD").arg(RAW).arg("*");
+        for (k, v) in fields {
+            cmd.arg(*k).arg(v);
+        }
+    }
+    let ids: Vec<String> = tx.query(&mut con).unwrap();
+    let n = events.len() as u64;
+    wait_until(Duration::from_secs(5), "the entries delivered to a", || {
+        pending_of(&mut con, RAW, "normalize", "a") == n
+    });
+    wait_until(Duration::from_secs(5), "a to handle them all", || {
+        http_get(&a_http, "/metrics")
+            .and_then(|(_, body)| {
+                metric(
+                    &body,
+                    "streamworker_handler_seconds_count",
+                    &[("group", "normalize")],
+                )
+            })
+            .unwrap_or(0.0)
+            == n as f64
+    });
+    // Long enough for a to have sent its acknowledgement into the proxy.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(xlen(&mut con, NORMALIZED), 0, "a's forwards are held");
+    assert_eq!(pending_of(&mut con, RAW, "normalize", "a"), n);
+    (a, ids)
 }
 
 #[test]
