@@ -400,3 +400,48 @@ timeout = "1s"
         .collect();
     assert_eq!(seen, want);
 }
+
+#[test]
+fn a_target_redis_refuses_loses_nothing_and_forwards_once_when_fixed() {
+    let redis = RedisServer::start();
+    let mut con = redis.connection();
+    // Someone left a string where the target stream should be.
+    let _: () = redis::cmd("SET")
+        .arg(NORMALIZED)
+        .arg("not a stream")
+        .query(&mut con)
+        .unwrap();
+    let daemon = Daemon::start(&config(&redis.url(), "r1", &normalize_group(FAST)));
+    let events: Vec<_> = raw_events(6)
+        .into_iter()
+        .filter(|e| e[2].1 != "whatsapp_message")
+        .collect();
+    let ids = produce(&mut con, RAW, &events);
+    wait_until(Duration::from_secs(10), "the refusal to be logged", || {
+        daemon.logs().contains("WRONGTYPE")
+    });
+    // Several flushes (and reclaims) later, nothing was acknowledged without its forward.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        group_info(&mut con, RAW, "normalize").map(|(pending, _)| pending),
+        Some(ids.len() as u64),
+        "entries whose forward failed must stay pending:\n{}",
+        daemon.logs()
+    );
+    let _: () = redis::cmd("DEL").arg(NORMALIZED).query(&mut con).unwrap();
+    wait_until(Duration::from_secs(15), "every entry forwarded", || {
+        group_info(&mut con, RAW, "normalize").map(|(pending, _)| pending) == Some(0)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let downstream = source_ids(&mut con);
+    assert_eq!(
+        downstream.len(),
+        ids.len(),
+        "each entry exactly once:\n{}",
+        daemon.logs()
+    );
+    assert_eq!(
+        downstream.iter().collect::<HashSet<_>>(),
+        ids.iter().collect::<HashSet<_>>()
+    );
+}
