@@ -445,3 +445,32 @@ fn a_target_redis_refuses_loses_nothing_and_forwards_once_when_fixed() {
         ids.iter().collect::<HashSet<_>>()
     );
 }
+
+#[test]
+fn check_names_each_bad_forward_option() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("streamworker.toml");
+    std::fs::write(
+        &path,
+        r#"
+[groups.normalize]
+stream = "events.raw"
+handler = "forward"
+[groups.normalize.options]
+to = "events.raw"
+rename = { payload = "normalized_payload" }
+drop = ["payload"]
+set = { source = "{host}" }
+"#,
+    )
+    .unwrap();
+    let (code, stdout, stderr) = run_cli(&["check", "-c", &path.display().to_string()], &[]);
+    assert_eq!(code, 2, "stdout: {stdout}\nstderr: {stderr}");
+    for needle in [
+        "groups.normalize.options.to = \"events.raw\": must differ from the group's stream",
+        "groups.normalize.options.rename.payload: renames `payload`, which drop leaves out",
+        "groups.normalize.options.set.source = \"{host}\": unknown placeholder `{host}`",
+    ] {
+        assert!(stderr.contains(needle), "missing {needle:?} in:\n{stderr}");
+    }
+}
