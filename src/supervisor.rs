@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use streamworker_handlers::{HandlerSpec, Store};
 
+use streamworker_handlers::forward::Forward;
 use streamworker_handlers::noop::Noop;
 use streamworker_handlers::webhook::Webhook;
 use tokio_util::task::TaskTracker;
@@ -267,6 +268,11 @@ async fn run_group(
             let webhook = Webhook::new(options, config.concurrency)
                 .map_err(|e| GroupError::Handler(e.to_string()))?;
             consumer::run(&group(&config, &shared, &heartbeat, webhook)).await
+        }
+        HandlerSpec::Forward(options) => {
+            let forward = Forward::new(options, &config.stream)
+                .map_err(|e| GroupError::Handler(e.to_string()))?;
+            consumer::run(&group(&config, &shared, &heartbeat, forward)).await
         }
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::forward::ForwardOptions;
 use crate::noop::NoopOptions;
 use crate::webhook::WebhookOptions;
 
@@ -15,6 +16,7 @@ use crate::webhook::WebhookOptions;
 pub enum HandlerSpec {
     Noop(NoopOptions),
     Webhook(WebhookOptions),
+    Forward(ForwardOptions),
 }
 
 /// The group settings a handler's options are checked against.
@@ -36,12 +38,13 @@ pub struct OptionProblem {
 
 impl HandlerSpec {
     /// The names `handler = "…"` accepts.
-    pub const KINDS: &'static [&'static str] = &["noop", "webhook"];
+    pub const KINDS: &'static [&'static str] = &["noop", "webhook", "forward"];
 
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Noop(_) => "noop",
             Self::Webhook(_) => "webhook",
+            Self::Forward(_) => "forward",
         }
     }
 
@@ -50,6 +53,16 @@ impl HandlerSpec {
         match self {
             Self::Noop(_) => Vec::new(),
             Self::Webhook(o) => o.validate(limits),
+            Self::Forward(o) => o.validate(limits),
+        }
+    }
+
+    /// Checks against the group's stream, for options that name other streams (a
+    /// forward's target must not be its source).
+    pub fn validate_with_stream(&self, stream: &str) -> Vec<OptionProblem> {
+        match self {
+            Self::Forward(o) => o.validate_with_stream(stream),
+            _ => Vec::new(),
         }
     }
 
@@ -58,6 +71,7 @@ impl HandlerSpec {
         match self {
             Self::Noop(o) => Self::Noop(o.clone()),
             Self::Webhook(o) => Self::Webhook(o.redacted()),
+            Self::Forward(o) => Self::Forward(o.clone()),
         }
     }
 }

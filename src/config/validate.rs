@@ -273,7 +273,13 @@ pub(super) fn validate(config: &Config) -> Vec<(String, String)> {
             handler_timeout: g.handler_timeout,
             claim_idle: g.claim_idle,
         };
-        for p in g.handler.validate(&limits) {
+        let stream_problems = g.handler.validate_with_stream(&g.stream);
+        for p in g
+            .handler
+            .validate(&limits)
+            .into_iter()
+            .chain(stream_problems)
+        {
             problem(key(&format!("options.{}", p.key)), p.message);
         }
     }

@@ -7,6 +7,7 @@ mod chaos;
 mod cli;
 mod delivery;
 mod failures;
+mod forward;
 mod observability;
 mod operate;
 mod topology;

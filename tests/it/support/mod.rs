@@ -220,11 +220,12 @@ impl Daemon {
             .arg("run")
             .arg("-c")
             .arg(&config_path)
-            .envs(env.iter().copied())
             .env(
                 "RUST_LOG",
                 std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            // After RUST_LOG, so a test can raise one daemon's log level.
+            .envs(env.iter().copied())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
