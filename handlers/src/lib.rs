@@ -10,6 +10,7 @@ pub mod duration;
 mod effect;
 mod entry;
 mod error;
+pub mod learning;
 pub mod noop;
 mod spec;
 mod store;

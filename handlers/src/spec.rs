@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::learning::LearningOptions;
 use crate::noop::NoopOptions;
 use crate::webhook::WebhookOptions;
 
@@ -15,6 +16,7 @@ use crate::webhook::WebhookOptions;
 pub enum HandlerSpec {
     Noop(NoopOptions),
     Webhook(WebhookOptions),
+    Learning(LearningOptions),
 }
 
 /// The group settings a handler's options are checked against.
@@ -36,12 +38,13 @@ pub struct OptionProblem {
 
 impl HandlerSpec {
     /// The names `handler = "…"` accepts.
-    pub const KINDS: &'static [&'static str] = &["noop", "webhook"];
+    pub const KINDS: &'static [&'static str] = &["noop", "webhook", "learning"];
 
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Noop(_) => "noop",
             Self::Webhook(_) => "webhook",
+            Self::Learning(_) => "learning",
         }
     }
 
@@ -50,6 +53,7 @@ impl HandlerSpec {
         match self {
             Self::Noop(_) => Vec::new(),
             Self::Webhook(o) => o.validate(limits),
+            Self::Learning(o) => o.validate(limits),
         }
     }
 
@@ -58,6 +62,7 @@ impl HandlerSpec {
         match self {
             Self::Noop(o) => Self::Noop(o.clone()),
             Self::Webhook(o) => Self::Webhook(o.redacted()),
+            Self::Learning(o) => Self::Learning(o.redacted()),
         }
     }
 }
