@@ -272,7 +272,8 @@ async fn run_group(
                 &config.stream,
                 &config.name,
                 Arc::clone(&shared.store),
-            );
+            )
+            .map_err(|e| GroupError::Handler(e.to_string()))?;
             consumer::run(&group(&config, &shared, &heartbeat, learning)).await
         }
     }

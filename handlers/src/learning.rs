@@ -303,7 +303,10 @@ impl LearningOptions {
         }
         if self.window < Duration::from_secs(60)
             || self.window > MAX_WINDOW
-            || self.window.as_millis() % u128::from(MINUTE_MS) != 0
+            || !self
+                .window
+                .as_millis()
+                .is_multiple_of(u128::from(MINUTE_MS))
         {
             problem(
                 "window",
@@ -559,6 +562,18 @@ struct Line<'a> {
 
 const ID_NEEDLE: &[u8] = b"\"idempotency_id\":\"";
 
+#[derive(Debug, thiserror::Error)]
+#[error("learning: {0}")]
+pub struct LearningBuildError(String);
+
+/// Creates `dir` and a file in it (removed again).
+fn probe(dir: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(format!(".probe-{}", std::process::id()));
+    File::create(&path)?;
+    std::fs::remove_file(&path)
+}
+
 /// The learning handler for one group.
 pub struct Learning {
     options: LearningOptions,
@@ -583,26 +598,38 @@ fn non_empty(v: Option<Cow<'_, str>>) -> Option<Cow<'_, str>> {
 }
 
 impl Learning {
+    /// Builds the handler; with a dataset, creates its directory and checks that it is
+    /// writable, so a read-only or missing volume stops the group at startup (naming the
+    /// directory) instead of failing every entry.
     pub fn new(
         options: &LearningOptions,
         stream: &str,
         group: &str,
         store: Arc<dyn Store>,
-    ) -> Self {
-        let dataset = (!options.dataset_dir.is_empty()).then(|| {
-            Arc::new(Dataset {
-                dir: Path::new(&options.dataset_dir).join(path_component(group)),
+    ) -> Result<Self, LearningBuildError> {
+        let dataset = if options.dataset_dir.is_empty() {
+            None
+        } else {
+            let dir = Path::new(&options.dataset_dir).join(path_component(group));
+            probe(&dir).map_err(|e| {
+                LearningBuildError(format!(
+                    "dataset_dir: cannot write to {}: {e} (mount a writable volume there, or set dataset_dir = \"\" for no dataset)",
+                    dir.display()
+                ))
+            })?;
+            Some(Arc::new(Dataset {
+                dir,
                 current: Mutex::new(None),
-            })
-        });
-        Self {
+            }))
+        };
+        Ok(Self {
             options: options.clone(),
             keys: Keys::new(stream, group),
             stream: stream.to_owned(),
             group: group.to_owned(),
             store,
             dataset,
-        }
+        })
     }
 
     /// The directory this group's dataset files are in, if it has a dataset.
@@ -1307,7 +1334,7 @@ mod tests {
             dataset_dir: dir.to_string_lossy().into_owned(),
             ..Default::default()
         };
-        Learning::new(&options, "user:feedback", "learning", store)
+        Learning::new(&options, "user:feedback", "learning", store).unwrap()
     }
 
     fn rt() -> tokio::runtime::Runtime {
@@ -1418,7 +1445,7 @@ mod tests {
             dataset_dir: String::new(),
             ..Default::default()
         };
-        let h = Learning::new(&options, "user:feedback", "learning", store);
+        let h = Learning::new(&options, "user:feedback", "learning", store).unwrap();
         let mut e = entry(
             EntryId::new(1, 0),
             1,
@@ -1632,6 +1659,24 @@ mod tests {
     }
 
     #[test]
+    fn an_unwritable_dataset_dir_fails_at_startup() {
+        let dir = tempfile_dir();
+        let file = dir.join("not-a-dir");
+        std::fs::write(&file, b"x").unwrap();
+        let options = LearningOptions {
+            dataset_dir: file.to_string_lossy().into_owned(),
+            ..Default::default()
+        };
+        let store = Arc::new(MemoryStore::default());
+        let e = Learning::new(&options, "s", "g", store).unwrap_err();
+        assert!(
+            e.to_string().contains("dataset_dir: cannot write to"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn the_tick_sends_one_event_per_crossing() {
         let store = Arc::new(MemoryStore::default());
         let options = LearningOptions {
@@ -1640,7 +1685,7 @@ mod tests {
             window: Duration::from_secs(600),
             ..Default::default()
         };
-        let h = Learning::new(&options, "user:feedback", "learning", store.clone());
+        let h = Learning::new(&options, "user:feedback", "learning", store.clone()).unwrap();
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap()

@@ -16,7 +16,8 @@ use crate::webhook::WebhookOptions;
 pub enum HandlerSpec {
     Noop(NoopOptions),
     Webhook(WebhookOptions),
-    Learning(LearningOptions),
+    /// Boxed: its options are large next to the others'.
+    Learning(Box<LearningOptions>),
 }
 
 /// The group settings a handler's options are checked against.
@@ -62,7 +63,7 @@ impl HandlerSpec {
         match self {
             Self::Noop(o) => Self::Noop(o.clone()),
             Self::Webhook(o) => Self::Webhook(o.redacted()),
-            Self::Learning(o) => Self::Learning(o.redacted()),
+            Self::Learning(o) => Self::Learning(Box::new(o.redacted())),
         }
     }
 }

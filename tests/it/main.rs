@@ -7,4 +7,5 @@ mod chaos;
 mod cli;
 mod delivery;
 mod failures;
+mod learning;
 mod operate;
