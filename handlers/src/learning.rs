@@ -70,6 +70,10 @@
 //! reached the disk — fsync error — while the circuit breaker was open gets its delivery
 //! given back, so its redelivery looks like a first and may write the line again.)
 //!
+//! The same search covers a batch that timed out (`handler_timeout`) after its lines were
+//! written. It reads the whole day file, once per batch that needs it, which only happens
+//! on redeliveries.
+//!
 //! Several replicas may share `dataset_dir`: each batch is one `write` to a file opened
 //! with `O_APPEND`, so lines never interleave on a local file system. A write that fails
 //! part-way (disk full) leaves a partial last line; the next write starts on a new line,
@@ -83,8 +87,11 @@
 //! marked `emitted` after it, with [`Store::get`]/[`Store::set`]: a replica that takes the
 //! tick over, or the next tick after a failed XADD, re-sends a crossing whose event is not
 //! known to be out, with the same `at`, `rating` and `feedback` — at least once, and a
-//! duplicate is identical (consumers can dedupe on `model` + `at`). The window is judged
-//! with this process's clock against the entries' Redis-stamped minutes.
+//! duplicate is identical (consumers can dedupe on `model` + `at`); such a re-send happens
+//! when the model is next judged (at least `min_feedback` ratings in the window). The
+//! state lives `retention` after its last change, so a model silent that long is judged
+//! afresh. Concurrent ticks are ruled out by the runtime's tick lease, not here. The window
+//! is judged with this process's clock against the entries' Redis-stamped minutes.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
