@@ -8,6 +8,7 @@ use std::time::Duration;
 use streamworker_handlers::{HandlerSpec, Store};
 
 use streamworker_handlers::forward::Forward;
+use streamworker_handlers::learning::Learning;
 use streamworker_handlers::noop::Noop;
 use streamworker_handlers::webhook::Webhook;
 use tokio_util::task::TaskTracker;
@@ -35,7 +36,6 @@ pub enum Outcome {
 struct Shared {
     client: Client,
     /// What stateful handlers read and write through.
-    #[allow(dead_code)] // the stateful handlers take it; see run_group
     store: Arc<dyn Store>,
 
     consumer: String,
@@ -273,6 +273,16 @@ async fn run_group(
             let forward = Forward::new(options, &config.stream)
                 .map_err(|e| GroupError::Handler(e.to_string()))?;
             consumer::run(&group(&config, &shared, &heartbeat, forward)).await
+        }
+        HandlerSpec::Learning(options) => {
+            let learning = Learning::new(
+                options,
+                &config.stream,
+                &config.name,
+                Arc::clone(&shared.store),
+            )
+            .map_err(|e| GroupError::Handler(e.to_string()))?;
+            consumer::run(&group(&config, &shared, &heartbeat, learning)).await
         }
     }
 }

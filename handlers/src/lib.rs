@@ -11,6 +11,7 @@ mod effect;
 mod entry;
 mod error;
 pub mod forward;
+pub mod learning;
 pub mod noop;
 mod spec;
 mod store;

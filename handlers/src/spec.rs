@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::forward::ForwardOptions;
+use crate::learning::LearningOptions;
 use crate::noop::NoopOptions;
 use crate::webhook::WebhookOptions;
 
@@ -17,6 +18,8 @@ pub enum HandlerSpec {
     Noop(NoopOptions),
     Webhook(WebhookOptions),
     Forward(ForwardOptions),
+    /// Boxed: its options are large next to the others'.
+    Learning(Box<LearningOptions>),
 }
 
 /// The group settings a handler's options are checked against.
@@ -38,13 +41,14 @@ pub struct OptionProblem {
 
 impl HandlerSpec {
     /// The names `handler = "…"` accepts.
-    pub const KINDS: &'static [&'static str] = &["noop", "webhook", "forward"];
+    pub const KINDS: &'static [&'static str] = &["noop", "webhook", "forward", "learning"];
 
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Noop(_) => "noop",
             Self::Webhook(_) => "webhook",
             Self::Forward(_) => "forward",
+            Self::Learning(_) => "learning",
         }
     }
 
@@ -54,6 +58,7 @@ impl HandlerSpec {
             Self::Noop(_) => Vec::new(),
             Self::Webhook(o) => o.validate(limits),
             Self::Forward(o) => o.validate(limits),
+            Self::Learning(o) => o.validate(limits),
         }
     }
 
@@ -72,6 +77,7 @@ impl HandlerSpec {
             Self::Noop(o) => Self::Noop(o.clone()),
             Self::Webhook(o) => Self::Webhook(o.redacted()),
             Self::Forward(o) => Self::Forward(o.clone()),
+            Self::Learning(o) => Self::Learning(Box::new(o.redacted())),
         }
     }
 }

@@ -8,6 +8,7 @@ mod cli;
 mod delivery;
 mod failures;
 mod forward;
+mod learning;
 mod observability;
 mod operate;
 mod topology;

@@ -1,0 +1,409 @@
+//! The `learning` handler against a real Redis: exact aggregates and dataset lines, one
+//! adaptation event per crossing, and nothing doubled when every entry is handled twice.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::time::{Duration, UNIX_EPOCH};
+
+use streamworker_handlers::learning::{Keys, prompt_id};
+
+use crate::support::{
+    Daemon, Proxy, RedisServer, config, entries, group_info, pending_of, produce, wait_until,
+};
+
+const STREAM: &str = "user:feedback";
+const GROUP: &str = "learning";
+
+fn group(options: &str, settings: &str) -> String {
+    format!(
+        r#"
+[groups.{GROUP}]
+stream = "{STREAM}"
+handler = "learning"
+{settings}
+[groups.{GROUP}.options]
+{options}
+"#
+    )
+}
+
+fn hgetall(con: &mut redis::Connection, key: &str) -> BTreeMap<String, String> {
+    redis::cmd("HGETALL").arg(key).query(con).unwrap()
+}
+
+fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Every line of every dataset file of the group, parsed.
+fn dataset(dir: &Path) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    let Ok(files) = std::fs::read_dir(dir.join(GROUP)) else {
+        return out;
+    };
+    for file in files {
+        let text = std::fs::read_to_string(file.unwrap().path()).unwrap();
+        for line in text.lines() {
+            out.push(serde_json::from_str(line).expect("every dataset line is JSON"));
+        }
+    }
+    out
+}
+
+/// Sums the per-minute buckets of the group (whatever minutes the entries fell in).
+fn minute_totals(con: &mut redis::Connection, keys: &Keys) -> BTreeMap<String, f64> {
+    let names: Vec<String> = redis::cmd("KEYS")
+        .arg(format!(
+            "{}:minute:*",
+            keys.prefix().replace('{', "\\{").replace('}', "\\}")
+        ))
+        .query(con)
+        .unwrap();
+    assert!(!names.is_empty(), "minute buckets exist");
+    let mut out = BTreeMap::new();
+    for name in names {
+        for (field, value) in hgetall(con, &name) {
+            *out.entry(field).or_insert(0.0) += value.parse::<f64>().unwrap();
+        }
+    }
+    out
+}
+
+fn feedback(
+    model: &str,
+    prompt: &str,
+    response: &str,
+    user: &str,
+    rating: Option<&str>,
+    thumbs: Option<&str>,
+) -> Vec<(&'static str, String)> {
+    let mut f = vec![
+        ("model", model.to_owned()),
+        ("prompt", prompt.to_owned()),
+        ("response", response.to_owned()),
+        ("user", user.to_owned()),
+    ];
+    if let Some(r) = rating {
+        f.push(("rating", r.to_owned()));
+    }
+    if let Some(t) = thumbs {
+        f.push(("thumbs", t.to_owned()));
+    }
+    f
+}
+
+fn done(con: &mut redis::Connection) -> bool {
+    group_info(con, STREAM, GROUP) == Some((0, Some(0)))
+}
+
+#[test]
+fn aggregates_and_dataset_lines_are_exact() {
+    let redis = RedisServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().display().to_string();
+    let _daemon = Daemon::start(&config(
+        &redis.url(),
+        "r1",
+        &group(&format!("dataset_dir = \"{dir}\""), ""),
+    ));
+    let mut con = redis.connection();
+    let (p1, p2) = ("How do I reverse a list?", "What is a monad?");
+    let set = [
+        feedback("m-good", p1, "xs[::-1]", "u1", Some("5"), None),
+        feedback("m-good", p1, "reversed(xs)", "u2", Some("4"), None),
+        feedback("m-good", p2, "A monoid in…", "u1", None, Some("up")),
+        feedback("m-bad", p1, "Use a loop.", "u3", Some("2"), None),
+        feedback("m-bad", p2, "No idea.", "u2", None, Some("down")),
+        feedback("m-bad", p2, "A burrito.", "u3", Some("1"), Some("0")),
+    ];
+    let ids = produce(&mut con, STREAM, &set);
+    // Not feedback (dropped) and a broken rating (dead-lettered): no line, no aggregate.
+    produce(
+        &mut con,
+        STREAM,
+        &[
+            feedback("m-good", p1, "?", "u9", None, None),
+            feedback("m-good", p1, "?", "u9", Some("11"), None),
+        ],
+    );
+    wait_until(Duration::from_secs(10), "every entry settled", || {
+        done(&mut con)
+    });
+
+    let keys = Keys::new(STREAM, GROUP);
+    assert_eq!(
+        hgetall(&mut con, &keys.model("m-good")),
+        map(&[("count", "3"), ("rating_sum", "14"), ("thumbs_up", "1")])
+    );
+    assert_eq!(
+        hgetall(&mut con, &keys.model("m-bad")),
+        map(&[("count", "3"), ("rating_sum", "4"), ("thumbs_down", "2")])
+    );
+    assert_eq!(
+        hgetall(&mut con, &keys.prompt(&prompt_id(p1))),
+        map(&[("count", "3"), ("rating_sum", "11")])
+    );
+    assert_eq!(
+        hgetall(&mut con, &keys.prompt(&prompt_id(p2))),
+        map(&[
+            ("count", "3"),
+            ("rating_sum", "7"),
+            ("thumbs_up", "1"),
+            ("thumbs_down", "2")
+        ])
+    );
+    assert_eq!(
+        hgetall(&mut con, &keys.models()),
+        map(&[("m-good", "3"), ("m-bad", "3")])
+    );
+    let minutes = minute_totals(&mut con, &keys);
+    let expected: BTreeMap<String, f64> = [
+        ("count:m-good", 3.0),
+        ("rating_sum:m-good", 14.0),
+        ("thumbs_up:m-good", 1.0),
+        ("count:m-bad", 3.0),
+        ("rating_sum:m-bad", 4.0),
+        ("thumbs_down:m-bad", 2.0),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    assert_eq!(minutes, expected);
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(keys.model("m-good"))
+        .query(&mut con)
+        .unwrap();
+    assert!(
+        ttl > 6 * 24 * 3600 * 1000,
+        "aggregates live `retention` (7d): {ttl}"
+    );
+    let dead: Vec<_> = entries(&mut con, &format!("{{{STREAM}}}:dlq:{GROUP}"));
+    assert_eq!(dead.len(), 1, "the out-of-scale rating is dead-lettered");
+
+    // One line per feedback, exactly.
+    let mut lines: BTreeMap<String, serde_json::Value> = dataset(data.path())
+        .into_iter()
+        .map(|l| (l["id"].as_str().unwrap().to_owned(), l))
+        .collect();
+    assert_eq!(lines.len(), 6, "{lines:#?}");
+    let ratings = [5.0, 4.0, 5.0, 2.0, 1.0, 1.0];
+    let thumbs = [None, None, Some("up"), None, Some("down"), Some("down")];
+    for (i, (id, fields)) in ids.iter().zip(&set).enumerate() {
+        let get = |k: &str| fields.iter().find(|(n, _)| *n == k).unwrap().1.clone();
+        let ms: u64 = id.split('-').next().unwrap().parse().unwrap();
+        let time = humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms));
+        let expected = serde_json::json!({
+            "prompt": get("prompt"),
+            "response": get("response"),
+            "rating": ratings[i],
+            "thumbs": thumbs[i],
+            "model": get("model"),
+            "user": get("user"),
+            "prompt_id": prompt_id(&get("prompt")),
+            "stream": STREAM,
+            "id": id,
+            "idempotency_id": id,
+            "time": time.to_string(),
+        });
+        assert_eq!(lines.remove(id), Some(expected), "line of entry {i}");
+    }
+}
+
+#[test]
+fn one_adaptation_event_per_crossing() {
+    let redis = RedisServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let options = format!(
+        r#"dataset_dir = "{}"
+threshold = 3.0
+window = "10m"
+min_feedback = 5
+check_every = "1s""#,
+        data.path().display()
+    );
+    let _daemon = Daemon::start(&config(&redis.url(), "r1", &group(&options, "")));
+    let mut con = redis.connection();
+    let rate = |con: &mut redis::Connection, model: &str, ratings: &[u32]| {
+        let set: Vec<_> = ratings
+            .iter()
+            .map(|r| feedback(model, "p", "r", "u", Some(&r.to_string()), None))
+            .collect();
+        produce(con, STREAM, &set);
+    };
+    // m-bad averages 2.0 over 6 ratings, m-good 4.5; m-few is bad but has too few ratings.
+    rate(&mut con, "m-bad", &[2, 2, 3, 1, 2, 2]);
+    rate(&mut con, "m-good", &[5, 4, 5, 4, 5, 4]);
+    rate(&mut con, "m-few", &[1, 1, 1, 1]);
+    let events = |con: &mut redis::Connection| entries(con, "ai:adaptations");
+    wait_until(Duration::from_secs(10), "an adaptation event", || {
+        !events(&mut con).is_empty()
+    });
+    // Two more ticks (1 s each, ≤ 10 % jitter) pass without a repeat.
+    std::thread::sleep(Duration::from_millis(2600));
+    let got = events(&mut con);
+    assert_eq!(got.len(), 1, "{got:?}");
+    let fields: BTreeMap<String, String> = got[0]
+        .1
+        .iter()
+        .map(|(k, v)| {
+            (
+                String::from_utf8_lossy(k).into_owned(),
+                String::from_utf8_lossy(v).into_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(fields["model"], "m-bad");
+    assert_eq!(fields["rating"], "2");
+    assert_eq!(fields["feedback"], "6");
+    assert_eq!(fields["threshold"], "3");
+    assert_eq!(fields["window"], "10m");
+    assert_eq!(fields["stream"], STREAM);
+    assert_eq!(fields["group"], GROUP);
+    assert!(
+        humantime::parse_rfc3339(&fields["at"]).is_ok(),
+        "{fields:?}"
+    );
+    assert!(
+        fields["reason"].contains("at or below the threshold 3"),
+        "{fields:?}"
+    );
+    let keys = Keys::new(STREAM, GROUP);
+    let state: String = redis::cmd("GET")
+        .arg(keys.state("m-bad"))
+        .query(&mut con)
+        .unwrap();
+    let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+    assert_eq!(state["low"], true);
+    assert_eq!(state["emitted"], true);
+
+    // It recovers (no event) and crosses again (a second event).
+    rate(&mut con, "m-bad", &[5; 10]); // 62 / 16 = 3.875
+    wait_until(Duration::from_secs(10), "m-bad to recover", || {
+        redis::cmd("GET")
+            .arg(keys.state("m-bad"))
+            .query::<String>(&mut con)
+            .is_ok_and(|s| s.contains("\"low\":false"))
+    });
+    assert_eq!(events(&mut con).len(), 1, "recovering sends nothing");
+    rate(&mut con, "m-bad", &[1; 20]); // 82 / 36 = 2.28
+    wait_until(Duration::from_secs(10), "a second crossing", || {
+        events(&mut con).len() == 2
+    });
+    let second = &events(&mut con)[1].1;
+    assert!(
+        second.contains(&(b"feedback".to_vec(), b"36".to_vec())),
+        "{second:?}"
+    );
+    let models: BTreeMap<String, String> = hgetall(&mut con, &keys.models());
+    assert_eq!(models["m-good"], "6");
+    assert!(
+        events(&mut con)
+            .iter()
+            .all(|(_, f)| f.contains(&(b"model".to_vec(), b"m-bad".to_vec()))),
+        "the healthy model and the one with too few ratings never fire"
+    );
+}
+
+#[test]
+fn delivered_twice_changes_nothing() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap());
+    let data = tempfile::tempdir().unwrap();
+    let groups = group(
+        &format!("dataset_dir = \"{}\"", data.path().display()),
+        r#"block = "8s"
+handler_timeout = "1s"
+claim_idle = "2s"
+retry_backoff = { initial = "100ms", max = "1s" }"#,
+    );
+    let mut a = Daemon::start(&config(&proxy.url(), "a", &groups));
+    let mut con = redis.connection();
+    wait_until(Duration::from_secs(20), "a's read to block", || {
+        let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut con).unwrap();
+        list.lines().any(|l| {
+            l.contains(&format!("name=streamworker:{GROUP}:a"))
+                && l.contains("cmd=xreadgroup")
+                && l.contains(" flags=b ")
+                && l.split(' ').any(|f| f == "idle=0" || f == "idle=1")
+        })
+    });
+    proxy.hold_requests(true);
+    let n = 12;
+    let mut tx = redis::pipe();
+    tx.atomic();
+    let mut expected_sum = 0;
+    let mut ups = 0;
+    for i in 0..n {
+        let rating = i % 5 + 1;
+        expected_sum += rating;
+        tx.cmd("XADD")
+            .arg(STREAM)
+            .arg("*")
+            .arg("model")
+            .arg("m")
+            .arg("prompt")
+            .arg(format!("prompt {}", i % 3))
+            .arg("response")
+            .arg(format!("response {i}"))
+            .arg("rating")
+            .arg(rating);
+        if i % 4 == 0 {
+            tx.arg("thumbs").arg("up");
+            ups += 1;
+        }
+    }
+    let ids: Vec<String> = tx.query(&mut con).unwrap();
+    wait_until(Duration::from_secs(5), "the entries delivered to a", || {
+        pending_of(&mut con, STREAM, GROUP, "a") == n
+    });
+    // a handles them: its lines reach the disk, but its markers and acknowledgements
+    // are held in the proxy.
+    wait_until(Duration::from_secs(10), "a's dataset lines", || {
+        dataset(data.path()).len() == n as usize
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    a.kill();
+    let keys = Keys::new(STREAM, GROUP);
+    assert!(
+        hgetall(&mut con, &keys.model("m")).is_empty(),
+        "a's effects never reached Redis"
+    );
+
+    let _b = Daemon::start(&config(&redis.url(), "b", &groups));
+    wait_until(
+        Duration::from_secs(15),
+        "b to handle every entry again",
+        || done(&mut con),
+    );
+    let mut model = map(&[
+        ("count", &n.to_string()),
+        ("rating_sum", &expected_sum.to_string()),
+    ]);
+    model.insert("thumbs_up".into(), ups.to_string());
+    assert_eq!(hgetall(&mut con, &keys.model("m")), model);
+    let prompts: u64 = (0..3)
+        .map(|p| {
+            hgetall(&mut con, &keys.prompt(&prompt_id(&format!("prompt {p}"))))["count"]
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(prompts, n);
+    let minutes = minute_totals(&mut con, &keys);
+    assert_eq!(minutes["count:m"], n as f64);
+    assert_eq!(minutes["rating_sum:m"], expected_sum as f64);
+    let lines = dataset(data.path());
+    let line_ids: HashSet<&str> = lines.iter().map(|l| l["id"].as_str().unwrap()).collect();
+    assert_eq!(lines.len(), n as usize, "no line written twice");
+    assert_eq!(line_ids, ids.iter().map(String::as_str).collect());
+    for id in &ids {
+        let marker: Option<String> = redis::cmd("GET")
+            .arg(format!("{}:written:{id}", keys.prefix()))
+            .query(&mut con)
+            .unwrap();
+        assert!(marker.is_some(), "b marked the line of {id} found on disk");
+    }
+}
