@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use streamworker_handlers::{HandlerSpec, Store};
 
+use streamworker_handlers::analytics::Analytics;
 use streamworker_handlers::noop::Noop;
 use streamworker_handlers::webhook::Webhook;
 use tokio_util::task::TaskTracker;
@@ -265,6 +266,10 @@ async fn run_group(
             let webhook = Webhook::new(options, config.concurrency)
                 .map_err(|e| GroupError::Handler(e.to_string()))?;
             consumer::run(&group(&config, &shared, &heartbeat, webhook)).await
+        }
+        HandlerSpec::Analytics(options) => {
+            let analytics = Analytics::new(options);
+            consumer::run(&group(&config, &shared, &heartbeat, analytics)).await
         }
     }
 }
