@@ -82,6 +82,25 @@ enum Command {
         group: String,
         consumer: String,
     },
+    /// What a group's handler has aggregated, read from its aggregates in Redis (analytics:
+    /// entries, errors and error rate, event types, sums, latency percentiles, top values
+    /// of each dimension).
+    Stats {
+        #[arg(short, long, env = "STREAMWORKER_CONFIG")]
+        config: PathBuf,
+        /// The consumer group (a `[groups.<name>]` table of the configuration).
+        #[arg(short, long)]
+        group: String,
+        /// How far back, e.g. `15m`, `1h`, `7d` (whole minutes, the current one included).
+        #[arg(long, default_value = "1h", value_parser = streamworker_handlers::duration::parse)]
+        since: std::time::Duration,
+        /// Values shown per dimension, most entries first; 0 shows all.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -235,6 +254,17 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Stats {
+            config,
+            group,
+            since,
+            top,
+            json,
+        } => stats(
+            &config,
+            group,
+            streamworker::admin::stats::Query { since, top, json },
+        ),
     }
 }
 
@@ -365,6 +395,35 @@ fn dlq(action: DlqAction) -> ExitCode {
     admin(&path, move |client, config| {
         let group = config.groups[&group_name].clone();
         work(client, group)
+    })
+}
+
+fn stats(path: &Path, group_name: String, query: streamworker::admin::stats::Query) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let Some(group) = config.groups.get(&group_name) else {
+        eprintln!(
+            "error: {} has no group {group_name:?}; its groups: {}",
+            path.display(),
+            config.groups.keys().cloned().collect::<Vec<_>>().join(", ")
+        );
+        return ExitCode::from(EXIT_BAD_CONFIG);
+    };
+    if let Err(why) = streamworker::admin::stats::supported(group) {
+        eprintln!("error: {why}");
+        return ExitCode::from(EXIT_BAD_CONFIG);
+    }
+    admin(path, move |client, config| {
+        Box::pin(async move {
+            let group = &config.groups[&group_name];
+            print!(
+                "{}",
+                streamworker::admin::stats::run(&client, group, &query).await?
+            );
+            Ok(())
+        })
     })
 }
 

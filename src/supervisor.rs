@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use streamworker_handlers::{HandlerSpec, Store};
 
+use streamworker_handlers::analytics::Analytics;
 use streamworker_handlers::forward::Forward;
 use streamworker_handlers::learning::Learning;
 use streamworker_handlers::noop::Noop;
@@ -283,6 +284,10 @@ async fn run_group(
             )
             .map_err(|e| GroupError::Handler(e.to_string()))?;
             consumer::run(&group(&config, &shared, &heartbeat, learning)).await
+        }
+        HandlerSpec::Analytics(options) => {
+            let analytics = Analytics::new(options);
+            consumer::run(&group(&config, &shared, &heartbeat, analytics)).await
         }
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::analytics::AnalyticsOptions;
 use crate::forward::ForwardOptions;
 use crate::learning::LearningOptions;
 use crate::noop::NoopOptions;
@@ -20,6 +21,7 @@ pub enum HandlerSpec {
     Forward(ForwardOptions),
     /// Boxed: its options are large next to the others'.
     Learning(Box<LearningOptions>),
+    Analytics(AnalyticsOptions),
 }
 
 /// The group settings a handler's options are checked against.
@@ -41,7 +43,8 @@ pub struct OptionProblem {
 
 impl HandlerSpec {
     /// The names `handler = "…"` accepts.
-    pub const KINDS: &'static [&'static str] = &["noop", "webhook", "forward", "learning"];
+    pub const KINDS: &'static [&'static str] =
+        &["noop", "webhook", "forward", "learning", "analytics"];
 
     pub fn kind(&self) -> &'static str {
         match self {
@@ -49,6 +52,7 @@ impl HandlerSpec {
             Self::Webhook(_) => "webhook",
             Self::Forward(_) => "forward",
             Self::Learning(_) => "learning",
+            Self::Analytics(_) => "analytics",
         }
     }
 
@@ -59,6 +63,7 @@ impl HandlerSpec {
             Self::Webhook(o) => o.validate(limits),
             Self::Forward(o) => o.validate(limits),
             Self::Learning(o) => o.validate(limits),
+            Self::Analytics(o) => o.validate(),
         }
     }
 
@@ -78,6 +83,7 @@ impl HandlerSpec {
             Self::Webhook(o) => Self::Webhook(o.redacted()),
             Self::Forward(o) => Self::Forward(o.clone()),
             Self::Learning(o) => Self::Learning(Box::new(o.redacted())),
+            Self::Analytics(o) => Self::Analytics(o.clone()),
         }
     }
 }

@@ -1,7 +1,8 @@
-//! The commands operators reach for when something goes wrong: `status` and `dlq`. They
-//! read and change Redis only through `client`, like the daemon.
+//! The commands operators reach for: `status`, `dlq` and `stats`. They read and change
+//! Redis only through `client`, like the daemon.
 
 pub mod dlq;
+pub mod stats;
 pub mod status;
 
 use std::time::Duration;

@@ -633,6 +633,13 @@ impl Client {
             .collect())
     }
 
+    /// The server's clock (TIME) in unix milliseconds: the clock entry ids are stamped with.
+    pub async fn time_ms(&self) -> Result<u64> {
+        let (seconds, micros): (u64, u64) =
+            redis::cmd("TIME").query_async(&mut self.commands()).await?;
+        Ok(seconds * 1000 + micros / 1000)
+    }
+
     pub async fn xlen(&self, key: &str) -> Result<u64> {
         Ok(redis::cmd("XLEN")
             .arg(key)

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod analytics;
 mod chaos;
 mod cli;
 mod delivery;
