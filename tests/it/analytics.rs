@@ -447,10 +447,12 @@ fn an_entry_delivered_twice_is_counted_once() {
     assert_counted_once(&mut con, &cfg, &expected);
 }
 
+/// XPENDING calls so far: the acknowledgement script checks each entry with one before it
+/// applies its effects and acknowledges it (and skips both for an entry no longer pending).
 fn xack_calls(con: &mut redis::Connection) -> u64 {
     let info: String = redis::cmd("INFO").arg("commandstats").query(con).unwrap();
     info.lines()
-        .find_map(|l| l.strip_prefix("cmdstat_xack:calls="))
+        .find_map(|l| l.strip_prefix("cmdstat_xpending:calls="))
         .and_then(|rest| rest.split(',').next()?.parse().ok())
         .unwrap_or(0)
 }
