@@ -8,6 +8,7 @@ use std::time::Duration;
 use streamworker_handlers::{HandlerSpec, Store};
 
 use streamworker_handlers::noop::Noop;
+use streamworker_handlers::warehouse::{self, Warehouse};
 use streamworker_handlers::webhook::Webhook;
 use tokio_util::task::TaskTracker;
 
@@ -34,7 +35,6 @@ pub enum Outcome {
 struct Shared {
     client: Client,
     /// What stateful handlers read and write through.
-    #[allow(dead_code)] // the stateful handlers take it; see run_group
     store: Arc<dyn Store>,
 
     consumer: String,
@@ -265,6 +265,18 @@ async fn run_group(
             let webhook = Webhook::new(options, config.concurrency)
                 .map_err(|e| GroupError::Handler(e.to_string()))?;
             consumer::run(&group(&config, &shared, &heartbeat, webhook)).await
+        }
+        HandlerSpec::Warehouse(options) => {
+            let context = warehouse::Context {
+                stream: config.stream.clone(),
+                group: config.name.clone(),
+                consumer: shared.consumer.clone(),
+                concurrency: config.concurrency,
+                store: Arc::clone(&shared.store),
+            };
+            let warehouse =
+                Warehouse::new(options, context).map_err(|e| GroupError::Handler(e.to_string()))?;
+            consumer::run(&group(&config, &shared, &heartbeat, warehouse)).await
         }
     }
 }

@@ -13,6 +13,7 @@ mod error;
 pub mod noop;
 mod spec;
 mod store;
+pub mod warehouse;
 pub mod webhook;
 
 use std::future::Future;
