@@ -8,3 +8,4 @@ mod cli;
 mod delivery;
 mod failures;
 mod operate;
+mod warehouse;
