@@ -803,8 +803,10 @@ url = "postgres://app:hunter2@db/events"
 }
 
 // ---------------------------------------------------------------------------------------
-// Throughput (not part of the suite):
-//   cargo test --release --test it warehouse::throughput -- --ignored --nocapture
+// Throughput (not part of the suite): entries already in the stream, wall time from the
+// daemon's start to the last acknowledgement.
+//   WAREHOUSE_BENCH_ENTRIES=300000 cargo test --release --test it warehouse::throughput \
+//     -- --ignored --nocapture --test-threads 1
 
 #[test]
 #[ignore]
