@@ -28,7 +28,8 @@
 //! `stream` and `id`, so a loader can drop it.** The window is one round trip long. Within
 //! a live process the window closes: ids whose lines are written but whose markers could
 //! not be set are remembered, and a retry that comes back to this replica only sets the
-//! marker.
+//! marker. The same duplicate can come from a disk so slow that a batch's write outlives
+//! `handler_timeout`: the entries are retried while the blocked write may still land.
 //!
 //! A redelivery reaches a handler only after `claim_idle`, which `check` keeps above
 //! `handler_timeout + max_wait`, so two replicas never write the same entry at the same
@@ -47,8 +48,8 @@ use futures_util::future::join_all;
 use super::{Context, Recorder, WarehouseOptions};
 use crate::{Effects, Entry, EntryId, HandlerError, Store};
 
-/// Ids written but not yet marked are remembered up to this many (beyond, the oldest
-/// memory is dropped: those entries may be written again on a retry).
+/// Ids written but not yet marked are remembered up to this many (beyond, the memory is
+/// cleared: those entries may be written again on a retry).
 const UNMARKED_CAP: usize = 100_000;
 
 pub struct FileSink {
