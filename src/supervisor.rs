@@ -11,6 +11,7 @@ use streamworker_handlers::analytics::Analytics;
 use streamworker_handlers::forward::Forward;
 use streamworker_handlers::learning::Learning;
 use streamworker_handlers::noop::Noop;
+use streamworker_handlers::warehouse::{self, Warehouse};
 use streamworker_handlers::webhook::Webhook;
 use tokio_util::task::TaskTracker;
 
@@ -288,6 +289,18 @@ async fn run_group(
         HandlerSpec::Analytics(options) => {
             let analytics = Analytics::new(options);
             consumer::run(&group(&config, &shared, &heartbeat, analytics)).await
+        }
+        HandlerSpec::Warehouse(options) => {
+            let context = warehouse::Context {
+                stream: config.stream.clone(),
+                group: config.name.clone(),
+                consumer: shared.consumer.clone(),
+                concurrency: config.concurrency,
+                store: Arc::clone(&shared.store),
+            };
+            let warehouse =
+                Warehouse::new(options, context).map_err(|e| GroupError::Handler(e.to_string()))?;
+            consumer::run(&group(&config, &shared, &heartbeat, warehouse)).await
         }
     }
 }

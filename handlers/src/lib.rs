@@ -16,6 +16,7 @@ pub mod learning;
 pub mod noop;
 mod spec;
 mod store;
+pub mod warehouse;
 pub mod webhook;
 
 use std::future::Future;

@@ -10,6 +10,7 @@ use crate::analytics::AnalyticsOptions;
 use crate::forward::ForwardOptions;
 use crate::learning::LearningOptions;
 use crate::noop::NoopOptions;
+use crate::warehouse::WarehouseOptions;
 use crate::webhook::WebhookOptions;
 
 /// A handler kind and its options, as configured.
@@ -22,6 +23,7 @@ pub enum HandlerSpec {
     /// Boxed: its options are large next to the others'.
     Learning(Box<LearningOptions>),
     Analytics(AnalyticsOptions),
+    Warehouse(WarehouseOptions),
 }
 
 /// The group settings a handler's options are checked against.
@@ -43,8 +45,14 @@ pub struct OptionProblem {
 
 impl HandlerSpec {
     /// The names `handler = "…"` accepts.
-    pub const KINDS: &'static [&'static str] =
-        &["noop", "webhook", "forward", "learning", "analytics"];
+    pub const KINDS: &'static [&'static str] = &[
+        "noop",
+        "webhook",
+        "forward",
+        "learning",
+        "analytics",
+        "warehouse",
+    ];
 
     pub fn kind(&self) -> &'static str {
         match self {
@@ -53,6 +61,7 @@ impl HandlerSpec {
             Self::Forward(_) => "forward",
             Self::Learning(_) => "learning",
             Self::Analytics(_) => "analytics",
+            Self::Warehouse(_) => "warehouse",
         }
     }
 
@@ -64,6 +73,7 @@ impl HandlerSpec {
             Self::Forward(o) => o.validate(limits),
             Self::Learning(o) => o.validate(limits),
             Self::Analytics(o) => o.validate(),
+            Self::Warehouse(o) => o.validate(limits),
         }
     }
 
@@ -84,6 +94,7 @@ impl HandlerSpec {
             Self::Forward(o) => Self::Forward(o.clone()),
             Self::Learning(o) => Self::Learning(Box::new(o.redacted())),
             Self::Analytics(o) => Self::Analytics(o.clone()),
+            Self::Warehouse(o) => Self::Warehouse(o.redacted()),
         }
     }
 }

@@ -13,3 +13,4 @@ mod learning;
 mod observability;
 mod operate;
 mod topology;
+mod warehouse;
