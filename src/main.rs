@@ -478,11 +478,14 @@ fn run(path: &Path) -> ExitCode {
 }
 
 fn serve(config: config::Config) -> anyhow::Result<Outcome> {
+    // Multi-threaded: measured faster than a single thread for draining (the connection
+    // drivers parse while the groups' loops run), see BENCHMARKS.md.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("streamworker")
         .build()
         .context("cannot start the async runtime")?;
+
     let shutdown = Shutdown::new(config.worker.shutdown_timeout);
     shutdown::listen_for_signals(shutdown.clone()).context("cannot install signal handlers")?;
     let metrics = Metrics::new();

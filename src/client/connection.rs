@@ -293,10 +293,19 @@ pub(crate) async fn open(config: &RedisConfig) -> RedisResult<(Deployment, Comma
 /// the same server for waking it (CLIENT UNBLOCK).
 #[derive(Clone)]
 pub struct Reader {
-    pub(crate) conn: MultiplexedConnection,
+    pub(crate) conn: ReadConnection,
     control: MultiplexedConnection,
     /// CLIENT ID of the reading connection.
     pub client_id: i64,
+    /// How long a read may take: `block` plus `command_timeout`.
+    pub(crate) response_timeout: Duration,
+}
+
+/// The lean XREADGROUP connection over TCP and Unix sockets; redis-rs over TLS.
+#[derive(Clone)]
+pub(crate) enum ReadConnection {
+    Wire(super::wire::WireReader),
+    Redis(MultiplexedConnection),
 }
 
 impl Reader {
@@ -340,30 +349,68 @@ impl Deployment {
         &self,
         stream: &str,
         commands: &Commands,
-        config: &AsyncConnectionConfig,
+        timeouts: (Duration, Duration),
         name: &str,
-    ) -> RedisResult<Reader> {
+    ) -> Result<Reader, super::ClientError> {
+        let (connect_timeout, response_timeout) = timeouts;
+        let config = AsyncConnectionConfig::new()
+            .set_response_timeout(Some(response_timeout))
+            .set_connection_timeout(Some(connect_timeout));
         let server = self.server_for(stream, commands).await?;
-        let mut conn = server
-            .get_multiplexed_async_connection_with_config(config)
-            .await?;
         let control = server
-            .get_multiplexed_async_connection_with_config(config)
+            .get_multiplexed_async_connection_with_config(&config)
             .await?;
-        let client_id: i64 = redis::cmd("CLIENT")
-            .arg("ID")
-            .query_async(&mut conn)
-            .await?;
-        // Shows in CLIENT LIST which group and consumer a connection reads for.
-        let _: RedisResult<()> = redis::cmd("CLIENT")
-            .arg("SETNAME")
-            .arg(name)
-            .query_async(&mut conn)
-            .await;
+        let info = server.get_connection_info();
+        let settings = info.redis_settings();
+        let handshake = super::wire::Handshake {
+            username: settings.username(),
+            password: settings.password(),
+            db: settings.db(),
+            name,
+        };
+        let io = |e: std::io::Error| super::ClientError::from(RedisError::from(e));
+        let (conn, client_id) = match info.addr() {
+            ConnectionAddr::Tcp(host, port) => {
+                let connecting = tokio::net::TcpStream::connect((host.as_str(), *port));
+                let socket = tokio::time::timeout(connect_timeout, connecting)
+                    .await
+                    .map_err(|_| {
+                        io(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "connect timed out",
+                        ))
+                    })?
+                    .map_err(io)?;
+                socket.set_nodelay(true).map_err(io)?;
+                let (wire, id) = super::wire::connect(socket, handshake, connect_timeout).await?;
+                (ReadConnection::Wire(wire), id)
+            }
+            ConnectionAddr::Unix(path) => {
+                let socket = tokio::net::UnixStream::connect(path).await.map_err(io)?;
+                let (wire, id) = super::wire::connect(socket, handshake, connect_timeout).await?;
+                (ReadConnection::Wire(wire), id)
+            }
+            _ => {
+                let mut conn = server
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?;
+                let id: i64 = redis::cmd("CLIENT")
+                    .arg("ID")
+                    .query_async(&mut conn)
+                    .await?;
+                let _: RedisResult<()> = redis::cmd("CLIENT")
+                    .arg("SETNAME")
+                    .arg(name)
+                    .query_async(&mut conn)
+                    .await;
+                (ReadConnection::Redis(conn), id)
+            }
+        };
         Ok(Reader {
             conn,
             control,
             client_id,
+            response_timeout,
         })
     }
 }

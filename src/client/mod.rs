@@ -17,13 +17,15 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use redis::{AsyncConnectionConfig, RedisError, RedisResult, Script, Value};
+use redis::{RedisError, RedisResult, Script, Value};
+
 use streamworker_handlers::{Effect, EntryId};
 
 mod connection;
+mod wire;
 
 pub use connection::Reader;
-use connection::{Commands, Deployment};
+use connection::{Commands, Deployment, ReadConnection};
 
 use crate::config::{RedisConfig, redact_url};
 
@@ -275,13 +277,14 @@ impl Client {
     /// Opens a dedicated connection for blocking reads of one group's stream (under
     /// Cluster, to the node that owns the stream's slot).
     pub async fn reader(&self, stream: &str, block: Duration, name: &str) -> Result<Reader> {
-        let config = AsyncConnectionConfig::new()
-            .set_response_timeout(Some(block + self.command_timeout))
-            .set_connection_timeout(Some(self.connect_timeout));
-        Ok(self
-            .deployment
-            .reader(stream, &self.commands, &config, &client_name(name))
-            .await?)
+        self.deployment
+            .reader(
+                stream,
+                &self.commands,
+                (self.connect_timeout, block + self.command_timeout),
+                &client_name(name),
+            )
+            .await
     }
 
     /// XGROUP CREATE … MKSTREAM. Returns false when the group already existed.
@@ -839,21 +842,48 @@ impl Reader {
         count: usize,
         block: Duration,
     ) -> impl Future<Output = Result<Vec<RawEntry>>> + Send + 'static {
-        let mut conn = self.conn.clone();
+        let conn = self.conn.clone();
+        let timeout = self.response_timeout;
+        let count = count.to_string();
+        let block = (block.as_millis().max(1) as u64).to_string();
+        let args: [&[u8]; 10] = [
+            b"XREADGROUP",
+            b"GROUP",
+            group.as_bytes(),
+            consumer.as_bytes(),
+            b"COUNT",
+            count.as_bytes(),
+            b"BLOCK",
+            block.as_bytes(),
+            b"STREAMS",
+            stream.as_bytes(),
+        ];
         let mut cmd = redis::cmd("XREADGROUP");
-        cmd.arg("GROUP")
-            .arg(group)
-            .arg(consumer)
-            .arg("COUNT")
-            .arg(count)
-            .arg("BLOCK")
-            .arg(block.as_millis().max(1) as u64)
-            .arg("STREAMS")
-            .arg(stream)
-            .arg(">");
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.arg(">");
+        let mut packed = args.to_vec();
+        packed.push(b">");
+        let wire_command = wire::encode(&packed);
         async move {
-            let reply: Value = cmd.query_async(&mut conn).await?;
-            parse_read(reply)
+            match conn {
+                ReadConnection::Wire(wire) => {
+                    tokio::time::timeout(timeout, wire.read(wire_command))
+                        .await
+                        .map_err(|_| {
+                            ClientError::Unavailable(RedisError::from((
+                                redis::ErrorKind::Io,
+                                "timed out",
+                                "no reply to XREADGROUP within block + command_timeout".to_owned(),
+                            )))
+                        })?
+                }
+                ReadConnection::Redis(mut conn) => {
+                    let reply: Value = cmd.query_async(&mut conn).await?;
+                    parse_read(reply)
+                }
+            }
         }
     }
 }

@@ -32,13 +32,26 @@ pub fn server_binary() -> String {
     std::env::var("STREAMWORKER_TEST_SERVER").unwrap_or_else(|_| "redis-server".into())
 }
 
-/// A port nobody listens on right now (there is a window before the caller binds it; the
-/// callers retry on failure).
+/// A port nobody listens on right now. Ports are handed out from a counter (starting at a
+/// random point below the kernel's ephemeral range), so two tests of this process never get
+/// the same one; there is still a window before the caller binds it, and callers that start
+/// servers retry on failure.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        20_000 + fastrand::u32(0..10_000),
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    loop {
+        let port = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = 20_000 + (port - 20_000) % 12_000;
+        if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
 }
 
 /// Polls `check` until it returns true or `timeout` passes.
