@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use streamworker_handlers::{HandlerSpec, Store};
 
+use streamworker_handlers::alerts::Alerts;
 use streamworker_handlers::noop::Noop;
 use streamworker_handlers::webhook::Webhook;
 use tokio_util::task::TaskTracker;
@@ -34,7 +35,6 @@ pub enum Outcome {
 struct Shared {
     client: Client,
     /// What stateful handlers read and write through.
-    #[allow(dead_code)] // the stateful handlers take it; see run_group
     store: Arc<dyn Store>,
 
     consumer: String,
@@ -265,6 +265,16 @@ async fn run_group(
             let webhook = Webhook::new(options, config.concurrency)
                 .map_err(|e| GroupError::Handler(e.to_string()))?;
             consumer::run(&group(&config, &shared, &heartbeat, webhook)).await
+        }
+        HandlerSpec::Alerts(options) => {
+            let alerts = Alerts::new(
+                options,
+                &config.stream,
+                &config.name,
+                Arc::clone(&shared.store),
+            )
+            .map_err(|e| GroupError::Handler(e.to_string()))?;
+            consumer::run(&group(&config, &shared, &heartbeat, alerts)).await
         }
     }
 }

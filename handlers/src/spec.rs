@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::alerts::AlertsOptions;
 use crate::noop::NoopOptions;
 use crate::webhook::WebhookOptions;
 
@@ -15,6 +16,7 @@ use crate::webhook::WebhookOptions;
 pub enum HandlerSpec {
     Noop(NoopOptions),
     Webhook(WebhookOptions),
+    Alerts(AlertsOptions),
 }
 
 /// The group settings a handler's options are checked against.
@@ -36,12 +38,13 @@ pub struct OptionProblem {
 
 impl HandlerSpec {
     /// The names `handler = "…"` accepts.
-    pub const KINDS: &'static [&'static str] = &["noop", "webhook"];
+    pub const KINDS: &'static [&'static str] = &["noop", "webhook", "alerts"];
 
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Noop(_) => "noop",
             Self::Webhook(_) => "webhook",
+            Self::Alerts(_) => "alerts",
         }
     }
 
@@ -50,6 +53,7 @@ impl HandlerSpec {
         match self {
             Self::Noop(_) => Vec::new(),
             Self::Webhook(o) => o.validate(limits),
+            Self::Alerts(o) => o.validate(limits),
         }
     }
 
@@ -58,6 +62,7 @@ impl HandlerSpec {
         match self {
             Self::Noop(o) => Self::Noop(o.clone()),
             Self::Webhook(o) => Self::Webhook(o.redacted()),
+            Self::Alerts(o) => Self::Alerts(o.redacted()),
         }
     }
 }

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod alerts;
 mod chaos;
 mod cli;
 mod delivery;
