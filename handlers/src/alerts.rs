@@ -524,11 +524,16 @@ pub fn redact_webhook(url: &str) -> String {
 #[error("alerts: {0}")]
 pub struct AlertsBuildError(String);
 
-/// Bucket widths, in seconds; a rule uses the largest one at most a sixtieth of its window.
+/// Bucket widths, in seconds; a rule ideally uses the largest one at most a sixtieth of its
+/// window.
 const WIDTHS: &[u64] = &[1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600];
 const BUCKETS_PER_WINDOW: u64 = 60;
+/// A longer window still shares a shorter one's buckets when it is read as at most this
+/// many: every width costs each entry one more PEXPIRE, while reading a few hundred small
+/// hashes once a second costs Redis well under a millisecond.
+const MAX_BUCKETS: u64 = 600;
 
-/// The bucket width (ms) and the number of buckets a window is read as.
+/// The ideal bucket width (ms) of a window and the number of buckets it is read as.
 pub fn buckets_for(window: Duration) -> (u64, u64) {
     let window_ms = window.as_millis().max(1) as u64;
     let width_s = WIDTHS
@@ -541,6 +546,25 @@ pub fn buckets_for(window: Duration) -> (u64, u64) {
     (width_ms, window_ms.div_ceil(width_ms))
 }
 
+/// The bucket width (ms) of each window: windows are taken shortest first, each starting a
+/// new width only when the current one would read it as more than `MAX_BUCKETS` buckets.
+pub fn bucket_widths(windows: &[Duration]) -> Vec<u64> {
+    let mut order: Vec<usize> = (0..windows.len()).collect();
+    order.sort_by_key(|&i| windows[i]);
+    let mut out = vec![0; windows.len()];
+    let mut current: Option<u64> = None;
+    for i in order {
+        let window_ms = windows[i].as_millis().max(1) as u64;
+        let width = match current {
+            Some(w) if window_ms.div_ceil(w) <= MAX_BUCKETS => w,
+            _ => buckets_for(windows[i]).0,
+        };
+        current = Some(width);
+        out[i] = width;
+    }
+    out
+}
+
 /// Rules that share a bucket width share the bucket keys.
 #[derive(Debug)]
 struct Family {
@@ -550,10 +574,11 @@ struct Family {
     /// Entries older than this (ms) fall in no window any more: not counted.
     keep_ms: u64,
     ttl: Duration,
-    /// Some rule of the family is a rate: count every entry in `all`.
-    rate: bool,
-    /// The rules counted in this family's buckets.
-    rules: Vec<usize>,
+    /// Count every entry in the field `all`: the family has a rate rule or a rule that
+    /// matches every entry (which then reads `all` instead of a field of its own).
+    all: bool,
+    /// The rules counted in a field of their own (`m:<name>`).
+    counted: Vec<usize>,
     prefix: String,
 }
 
@@ -580,7 +605,7 @@ struct Rule {
     /// For windowed rules: the family and how many of its buckets make the window.
     family: usize,
     buckets: u64,
-    /// `m:<name>`, the bucket field.
+    /// `m:<name>`, the bucket field; `all` for a rule without `when`.
     field: String,
     /// `rule:<name>`, the state field.
     state_field: String,
@@ -776,6 +801,13 @@ impl Alerts {
         let base = format!("{{{stream}}}:alerts:{group}:");
         let mut rules = Vec::new();
         let mut families: Vec<Family> = Vec::new();
+        let windowed: Vec<Duration> = options
+            .rules
+            .iter()
+            .filter(|r| r.kind != RuleKind::Lag)
+            .map(|r| r.window.unwrap_or(MIN_WINDOW))
+            .collect();
+        let mut widths = bucket_widths(&windowed).into_iter();
         for r in &options.rules {
             let missing = |what: &str| {
                 AlertsBuildError(format!(
@@ -787,7 +819,8 @@ impl Alerts {
                 (Duration::ZERO, usize::MAX, 0)
             } else {
                 let window = r.window.ok_or_else(|| missing("window"))?;
-                let (width_ms, buckets) = buckets_for(window);
+                let width_ms = widths.next().unwrap_or(1000);
+                let buckets = (window.as_millis() as u64).div_ceil(width_ms).max(1);
                 let family = match families.iter().position(|f| f.width_ms == width_ms) {
                     Some(i) => i,
                     None => {
@@ -796,8 +829,8 @@ impl Alerts {
                             buckets: 0,
                             keep_ms: 0,
                             ttl: Duration::ZERO,
-                            rate: false,
-                            rules: Vec::new(),
+                            all: false,
+                            counted: Vec::new(),
                             prefix: format!("{base}bucket:{}s:", width_ms / 1000),
                         });
                         families.len() - 1
@@ -807,8 +840,12 @@ impl Alerts {
                 f.buckets = f.buckets.max(buckets);
                 f.keep_ms = f.buckets * width_ms + width_ms;
                 f.ttl = Duration::from_millis(f.keep_ms + 5_000);
-                f.rate |= r.kind == RuleKind::Rate;
-                f.rules.push(rules.len());
+                if r.when.is_empty() {
+                    f.all = true;
+                } else {
+                    f.all |= r.kind == RuleKind::Rate;
+                    f.counted.push(rules.len());
+                }
                 (window, family, buckets)
             };
             let threshold = match r.kind {
@@ -837,7 +874,11 @@ impl Alerts {
                 description: r.description.clone().filter(|d| !d.trim().is_empty()),
                 family,
                 buckets,
-                field: format!("m:{}", r.name),
+                field: if r.when.is_empty() {
+                    "all".into()
+                } else {
+                    format!("m:{}", r.name)
+                },
                 state_field: format!("rule:{}", r.name),
             });
         }
@@ -888,7 +929,7 @@ impl Alerts {
             }
             let key = family.key(at / family.width_ms);
             let before = effects.len();
-            for &r in &family.rules {
+            for &r in &family.counted {
                 let rule = &self.rules[r];
                 if rule.matches(entry) {
                     effects.push(Effect::HashIncr {
@@ -898,7 +939,7 @@ impl Alerts {
                     });
                 }
             }
-            if family.rate {
+            if family.all {
                 effects.push(Effect::HashIncr {
                     key: key.clone(),
                     field: "all".into(),
@@ -962,10 +1003,12 @@ impl Alerts {
                     let mut matched = 0u64;
                     let mut all = 0u64;
                     for b in from..=last {
-                        for (field, value) in &hashes[index + (b - first) as usize] {
+                        let bucket = hashes.get(index + (b - first) as usize);
+                        for (field, value) in bucket.into_iter().flatten() {
                             if *field == rule.field {
                                 matched += value.parse::<u64>().unwrap_or(0);
-                            } else if field == "all" {
+                            }
+                            if field == "all" {
                                 all += value.parse::<u64>().unwrap_or(0);
                             }
                         }
@@ -1546,6 +1589,13 @@ threshold = 2.5
         assert_eq!(buckets_for(s(3600)), (60_000, 60));
         assert_eq!(buckets_for(s(24 * 3600)), (900_000, 96));
         assert_eq!(buckets_for(Duration::from_millis(5500)), (1000, 6));
+        // Longer windows share shorter ones' buckets up to 600 of them.
+        assert_eq!(bucket_widths(&[s(300), s(60)]), vec![1000, 1000]);
+        assert_eq!(bucket_widths(&[s(60), s(3600)]), vec![1000, 60_000]);
+        assert_eq!(
+            bucket_widths(&[s(24 * 3600), s(5), s(600), s(3600), s(7200)]),
+            vec![900_000, 1000, 1000, 60_000, 60_000]
+        );
     }
 
     #[test]
@@ -1574,33 +1624,25 @@ window = "10m"
             &json,
         );
         let effects = a.count(&hit, t + 10);
-        let key1 = "{ml_events}:alerts:alerts:bucket:1s:1700000012";
-        let key10 = "{ml_events}:alerts:alerts:bucket:10s:1700000010";
+        // Both windows share one-second buckets; `quiet` matches everything, so it reads
+        // the total instead of a field of its own.
+        let key = "{ml_events}:alerts:alerts:bucket:1s:1700000012";
         assert_eq!(
             effects,
             vec![
                 Effect::HashIncr {
-                    key: key1.into(),
+                    key: key.into(),
                     field: "m:errors".into(),
                     by: 1
                 },
                 Effect::HashIncr {
-                    key: key1.into(),
+                    key: key.into(),
                     field: "all".into(),
                     by: 1
                 },
                 Effect::Expire {
-                    key: key1.into(),
-                    ttl: Duration::from_secs(66)
-                },
-                Effect::HashIncr {
-                    key: key10.into(),
-                    field: "m:quiet".into(),
-                    by: 1
-                },
-                Effect::Expire {
-                    key: key10.into(),
-                    ttl: Duration::from_secs(615)
+                    key: key.into(),
+                    ttl: Duration::from_secs(606)
                 },
             ]
         );
@@ -1610,7 +1652,7 @@ window = "10m"
             &json,
         );
         let effects = a.count(&miss, t);
-        assert_eq!(effects.len(), 4, "{effects:?}");
+        assert_eq!(effects.len(), 2, "{effects:?}");
         assert!(
             !effects
                 .iter()
