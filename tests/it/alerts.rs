@@ -536,3 +536,21 @@ kind = "ratio"
     }
     assert!(!stderr.contains("SECRETPATH"), "{stderr}");
 }
+
+#[test]
+fn the_readme_example_is_valid() {
+    let readme = include_str!("../../README.md");
+    let section = &readme[readme.find("### alerts").expect("an alerts section")..];
+    let start = section.find("```toml\n").expect("a TOML example") + "```toml\n".len();
+    let example = &section[start..start + section[start..].find("```").unwrap()];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("streamworker.toml");
+    std::fs::write(
+        &path,
+        format!("[redis]\nurl = \"redis://127.0.0.1:6379/0\"\n{example}"),
+    )
+    .unwrap();
+    let (code, stdout, stderr) = run_cli(&["check", "-c", &path.display().to_string()], &[]);
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("kind = \"lag\""), "{stdout}");
+}
