@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use streamworker_handlers::{HandlerSpec, Store};
 
+use streamworker_handlers::alerts::Alerts;
 use streamworker_handlers::analytics::Analytics;
 use streamworker_handlers::forward::Forward;
 use streamworker_handlers::learning::Learning;
@@ -301,6 +302,16 @@ async fn run_group(
             let warehouse =
                 Warehouse::new(options, context).map_err(|e| GroupError::Handler(e.to_string()))?;
             consumer::run(&group(&config, &shared, &heartbeat, warehouse)).await
+        }
+        HandlerSpec::Alerts(options) => {
+            let alerts = Alerts::new(
+                options,
+                &config.stream,
+                &config.name,
+                Arc::clone(&shared.store),
+            )
+            .map_err(|e| GroupError::Handler(e.to_string()))?;
+            consumer::run(&group(&config, &shared, &heartbeat, alerts)).await
         }
     }
 }

@@ -6,6 +6,7 @@
 //! can neither acknowledge early nor lose an entry. A user's own handler depends on this
 //! crate only.
 
+pub mod alerts;
 pub mod analytics;
 pub mod duration;
 mod effect;

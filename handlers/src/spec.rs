@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::alerts::AlertsOptions;
 use crate::analytics::AnalyticsOptions;
 use crate::forward::ForwardOptions;
 use crate::learning::LearningOptions;
@@ -24,6 +25,7 @@ pub enum HandlerSpec {
     Learning(Box<LearningOptions>),
     Analytics(AnalyticsOptions),
     Warehouse(WarehouseOptions),
+    Alerts(AlertsOptions),
 }
 
 /// The group settings a handler's options are checked against.
@@ -52,6 +54,7 @@ impl HandlerSpec {
         "learning",
         "analytics",
         "warehouse",
+        "alerts",
     ];
 
     pub fn kind(&self) -> &'static str {
@@ -62,6 +65,7 @@ impl HandlerSpec {
             Self::Learning(_) => "learning",
             Self::Analytics(_) => "analytics",
             Self::Warehouse(_) => "warehouse",
+            Self::Alerts(_) => "alerts",
         }
     }
 
@@ -74,6 +78,7 @@ impl HandlerSpec {
             Self::Learning(o) => o.validate(limits),
             Self::Analytics(o) => o.validate(),
             Self::Warehouse(o) => o.validate(limits),
+            Self::Alerts(o) => o.validate(limits),
         }
     }
 
@@ -95,6 +100,7 @@ impl HandlerSpec {
             Self::Learning(o) => Self::Learning(Box::new(o.redacted())),
             Self::Analytics(o) => Self::Analytics(o.clone()),
             Self::Warehouse(o) => Self::Warehouse(o.redacted()),
+            Self::Alerts(o) => Self::Alerts(o.redacted()),
         }
     }
 }

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod alerts;
 mod analytics;
 mod chaos;
 mod cli;
