@@ -74,6 +74,45 @@ enum Command {
         #[arg(long, default_value = "redis-server")]
         redis_server: String,
     },
+    /// The product on a fresh machine: a private redis-server, realistic events, the four
+    /// built-in groups (analytics, alerts, warehouse, learning) with a live summary, and a
+    /// report of what each did.
+    Demo {
+        /// How long to run; until Ctrl-C when left out.
+        #[arg(long, value_parser = streamworker_handlers::duration::parse)]
+        duration: Option<std::time::Duration>,
+        /// The redis-server binary to start.
+        #[arg(long, default_value = "redis-server")]
+        redis_server: String,
+    },
+    /// Write realistic events of a seed scenario to its stream, at a rate.
+    Produce {
+        /// Which write-up's events.
+        #[arg(long, value_enum)]
+        scenario: streamworker::produce::Scenario,
+        /// The Redis to write to.
+        #[arg(
+            long,
+            default_value = "redis://127.0.0.1:6379/0",
+            env = "STREAMWORKER_PRODUCE_URL"
+        )]
+        url: String,
+        /// Events per second.
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop after this long (default: 10s when --count is not given).
+        #[arg(long, value_parser = streamworker_handlers::duration::parse)]
+        duration: Option<std::time::Duration>,
+        /// Add a W3C `traceparent` field to each event (a producer span to link to).
+        #[arg(long)]
+        traceparent: bool,
+        /// Produce the incident variant (failing LLM calls, one model rated poorly).
+        #[arg(long)]
+        incident: bool,
+    },
     /// The hand-written redis-rs consumer loop `bench` compares against.
     #[command(hide = true)]
     BenchContender {
@@ -234,6 +273,28 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Demo {
+            duration,
+            redis_server,
+        } => match streamworker::demo::run(streamworker::demo::Options {
+            duration,
+            redis_server,
+        }) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        },
+        Command::Produce {
+            scenario,
+            url,
+            rate,
+            count,
+            duration,
+            traceparent,
+            incident,
+        } => produce(scenario, &url, rate, count, duration, traceparent, incident),
         Command::BenchContender {
             url,
             stream,
@@ -508,4 +569,53 @@ fn serve(config: config::Config) -> anyhow::Result<Outcome> {
         }
         Ok(supervisor::run(config, shutdown, metrics, health).await)
     })
+}
+
+fn produce(
+    scenario: streamworker::produce::Scenario,
+    url: &str,
+    rate: u64,
+    count: Option<u64>,
+    duration: Option<std::time::Duration>,
+    traceparent: bool,
+    incident: bool,
+) -> ExitCode {
+    let duration = duration.or(count
+        .is_none()
+        .then_some(std::time::Duration::from_secs(10)));
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let mood = if incident {
+        streamworker::produce::Mood::Incident
+    } else {
+        streamworker::produce::Mood::Normal
+    };
+    let result = runtime.block_on(async {
+        let client = redis::Client::open(url)?;
+        let mut con = client.get_multiplexed_async_connection().await?;
+        let until = duration.map(|d| std::time::Instant::now() + d);
+        streamworker::produce::produce(&mut con, scenario, rate, count, until, traceparent, || mood)
+            .await
+    });
+    match result {
+        Ok(n) => {
+            eprintln!("added {n} events to {}", scenario.stream());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "error: cannot write to {}: {e}",
+                streamworker::config::redact_url(url)
+            );
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
 }

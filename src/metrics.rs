@@ -296,6 +296,17 @@ impl Metrics {
         self.redis_errors.get_or_create(&ErrorLabels { kind }).inc();
     }
 
+    /// `streamworker_entries_total` of one group and outcome, as counted so far.
+    pub fn entries(&self, stream: &str, group: &str, outcome: &'static str) -> u64 {
+        self.entries
+            .get_or_create(&OutcomeLabels {
+                stream: stream.to_owned(),
+                group: group.to_owned(),
+                outcome,
+            })
+            .get()
+    }
+
     /// The exposition text (OpenMetrics).
     pub fn encode(&self) -> String {
         let mut out = String::new();

@@ -73,8 +73,18 @@ fn trace_endpoint(config: &TelemetryConfig) -> Option<String> {
 }
 
 pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
+    init_with_default(config, "info")
+}
+
+/// Like [`init`], with the filter used when `RUST_LOG` is not set.
+pub fn init_with_default(
+    config: &TelemetryConfig,
+    default_filter: &str,
+) -> Result<Telemetry, TelemetryError> {
     let format = config.log_format;
-    let env_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let env_filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+
     let fmt = match format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()

@@ -6,6 +6,7 @@
 //! [`minutes`] and [`read_hashes`] are there for any kind that keeps per-minute hashes.
 
 mod analytics;
+mod learning;
 
 use std::ops::RangeInclusive;
 use std::time::Duration;
@@ -17,7 +18,7 @@ use crate::client::{Client, ClientError};
 use crate::config::GroupConfig;
 
 /// The handler kinds `stats` reports on.
-pub const KINDS: &[&str] = &["analytics"];
+pub const KINDS: &[&str] = &["analytics", "learning"];
 
 /// What the operator asked for.
 #[derive(Debug, Clone)]
@@ -62,6 +63,8 @@ pub async fn run(
 ) -> Result<String, StatsError> {
     match &group.handler {
         HandlerSpec::Analytics(options) => Ok(analytics::run(client, group, options, query).await?),
+        HandlerSpec::Learning(options) => Ok(learning::run(client, group, options, query).await?),
+
         _ => Err(StatsError::Unsupported(
             supported(group).err().unwrap_or_default(),
         )),

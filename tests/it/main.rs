@@ -8,6 +8,7 @@ mod analytics;
 mod chaos;
 mod cli;
 mod delivery;
+mod demo;
 mod failures;
 mod forward;
 mod learning;

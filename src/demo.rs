@@ -1,0 +1,338 @@
+//! `streamworker demo [--duration 15s]`: the product's main job on a fresh machine, with
+//! nothing configured. It starts a private `redis-server`, produces LLM-observability
+//! events and user feedback (with an incident in the middle: failing calls and one model's
+//! ratings collapsing), runs the four built-in groups — analytics, alerts, warehouse,
+//! learning — with a live one-screen summary, and ends with what each group did.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::admin::stats;
+use crate::client::Client;
+use crate::config::{self, Config};
+use crate::health::Health;
+use crate::local_redis::{LocalRedis, LocalRedisError};
+use crate::metrics::Metrics;
+use crate::produce::{Mood, Scenario};
+use crate::shutdown::Shutdown;
+use crate::supervisor::{self, Outcome};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error(transparent)]
+    Redis(#[from] LocalRedisError),
+    #[error("the demo's configuration is invalid (a bug): {0}")]
+    Config(#[from] config::ConfigError),
+    #[error("{0}")]
+    Other(String),
+}
+
+pub struct Options {
+    /// `None`: until Ctrl-C.
+    pub duration: Option<Duration>,
+    pub redis_server: String,
+}
+
+const EVENTS_PER_SECOND: u64 = 400;
+const FEEDBACK_PER_SECOND: u64 = 60;
+
+/// The incident: from 2 s to 6 s into every 20 s.
+fn mood(started: Instant) -> Mood {
+    let t = started.elapsed().as_secs_f64() % 20.0;
+    if (2.0..6.0).contains(&t) {
+        Mood::Incident
+    } else {
+        Mood::Normal
+    }
+}
+
+struct Paths {
+    root: PathBuf,
+}
+
+pub fn run(options: Options) -> Result<(), DemoError> {
+    let redis = LocalRedis::start(&options.redis_server)?;
+    let root = std::env::temp_dir().join(format!("streamworker-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&root)
+        .map_err(|e| DemoError::Other(format!("{}: {e}", root.display())))?;
+    let paths = Paths { root };
+    let text = include_str!("demo.toml")
+        .replace("{url}", &redis.url())
+        .replace("{dir}", &paths.root.display().to_string());
+    let config_path = paths.root.join("streamworker.toml");
+    std::fs::write(&config_path, text).map_err(|e| DemoError::Other(e.to_string()))?;
+    let config = config::load_with_env(&config_path, Default::default())?;
+    // Warnings and errors only: the summary is the demo's output.
+    let telemetry = crate::telemetry::init_with_default(&config.telemetry, "warn")
+        .map_err(|e| DemoError::Other(e.to_string()))?;
+
+    println!(
+        "streamworker demo: a private redis-server on {}, the groups of {}",
+        redis.url(),
+        config_path.display()
+    );
+    println!(
+        "producing {EVENTS_PER_SECOND} LLM events/s to ml_events and {FEEDBACK_PER_SECOND} feedback events/s to user:feedback; an incident every 20 s (2 s–6 s)"
+    );
+    match options.duration {
+        Some(d) => println!(
+            "running for {}…\n",
+            streamworker_handlers::duration::format(d)
+        ),
+        None => println!("running until Ctrl-C…\n"),
+    }
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| DemoError::Other(e.to_string()))?;
+    let shutdown = Shutdown::new(config.worker.shutdown_timeout);
+    let _ = crate::shutdown::listen_for_signals(shutdown.clone());
+    let metrics = Metrics::new();
+    let health = Health::new();
+    let outcome = runtime.block_on(async {
+        let daemon = tokio::spawn(supervisor::run(config.clone(), shutdown.clone(), metrics.clone(), health.clone()));
+        let client = Client::connect(&config.redis).await.map_err(|e| DemoError::Other(e.to_string()))?;
+        let started = Instant::now();
+        let until = options.duration.map(|d| started + d);
+        let produce = |scenario: Scenario, rate: u64| {
+            let url = redis.url();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let Ok(client) = redis::Client::open(url) else { return };
+                let Ok(mut con) = client.get_multiplexed_async_connection().await else { return };
+
+                tokio::select! {
+                    _ = crate::produce::produce(&mut con, scenario, rate, None, until, false, || mood(started)) => {}
+                    _ = shutdown.triggered() => {}
+                }
+            })
+        };
+        let producers = [
+            produce(Scenario::LlmObservability, EVENTS_PER_SECOND),
+            produce(Scenario::Feedback, FEEDBACK_PER_SECOND),
+        ];
+        let terminal = std::io::stdout().is_terminal();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.triggered() => break,
+            }
+            let frame = summary(&client, &metrics, &config, started).await;
+            if terminal {
+                print!("\x1b[2J\x1b[H{frame}");
+            } else {
+                println!("{}", frame.lines().next().unwrap_or_default());
+            }
+            let _ = std::io::stdout().flush();
+            if until.is_some_and(|u| Instant::now() >= u) {
+                break;
+            }
+        }
+        for p in producers {
+            p.abort();
+        }
+        // Let the groups catch up with what was produced, then stop them.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && !caught_up(&client, &config).await {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        shutdown.trigger();
+        let outcome = daemon.await.unwrap_or(Outcome::Failed("the daemon task panicked".into()));
+        println!("\n{}", report(&client, &metrics, &config, &paths).await);
+        Ok::<Outcome, DemoError>(outcome)
+    })?;
+    telemetry.shutdown();
+    match outcome {
+        Outcome::Clean => Ok(()),
+
+        Outcome::CutOff => Err(DemoError::Other("the groups did not finish in time".into())),
+        Outcome::Failed(e) => Err(DemoError::Other(e)),
+    }
+}
+
+async fn caught_up(client: &Client, config: &Config) -> bool {
+    for g in config.groups.values() {
+        match client.groups(&g.stream).await {
+            Ok(groups) => {
+                if !groups
+                    .iter()
+                    .any(|i| i.name == g.name && i.pending == 0 && i.lag == Some(0))
+                {
+                    return false;
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+/// One screen: per group, entries handled so far and the rate, lag and pending; alerts
+/// and adaptations so far.
+async fn summary(client: &Client, metrics: &Metrics, config: &Config, started: Instant) -> String {
+    let secs = started.elapsed().as_secs_f64().max(0.001);
+    let mut rows = Vec::new();
+    for g in config.groups.values() {
+        let done = metrics.entries(&g.stream, &g.name, "acked")
+            + metrics.entries(&g.stream, &g.name, "dropped");
+        let info = client
+            .groups(&g.stream)
+            .await
+            .ok()
+            .and_then(|gs| gs.into_iter().find(|i| i.name == g.name));
+        rows.push(vec![
+            g.name.clone(),
+            g.handler.kind().to_owned(),
+            g.stream.clone(),
+            done.to_string(),
+            format!("{:.0}", done as f64 / secs),
+            info.as_ref()
+                .and_then(|i| i.lag)
+                .map_or("?".into(), |l| l.to_string()),
+            info.as_ref().map_or("?".into(), |i| i.pending.to_string()),
+            metrics
+                .entries(&g.stream, &g.name, "dead_lettered")
+                .to_string(),
+        ]);
+    }
+    let alerts = client.xlen("alerts").await.unwrap_or(0);
+    let adaptations = client.xlen("ai:adaptations").await.unwrap_or(0);
+    let incident = if mood(started) == Mood::Incident {
+        "  [incident: calls failing, one model rated poorly]"
+    } else {
+        ""
+    };
+    let mut out = format!(
+        "t = {:>4.0} s  alerts {alerts}  adaptations {adaptations}{incident}\n\n",
+        secs
+    );
+    out.push_str(&crate::admin::table(
+        &[
+            "GROUP",
+            "HANDLER",
+            "STREAM",
+            "HANDLED",
+            "PER SECOND",
+            "LAG",
+            "PENDING",
+            "DEAD LETTERS",
+        ],
+        &rows,
+    ));
+    out
+}
+
+fn count_lines(dir: &std::path::Path) -> (u64, Vec<PathBuf>) {
+    let mut lines = 0;
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "jsonl") {
+                lines += std::fs::read_to_string(&p)
+                    .map(|t| t.lines().count() as u64)
+                    .unwrap_or(0);
+                files.push(p);
+            }
+        }
+    }
+    (lines, files)
+}
+
+/// What each group did.
+async fn report(client: &Client, metrics: &Metrics, config: &Config, paths: &Paths) -> String {
+    let handled = |name: &str| {
+        let g = &config.groups[name];
+        metrics.entries(&g.stream, name, "acked") + metrics.entries(&g.stream, name, "dropped")
+    };
+    let mut out = String::from("== what each group did\n\n");
+    out.push_str(&format!(
+        "analytics: {} entries aggregated into per-minute hashes\n",
+        handled("analytics")
+    ));
+    let query = stats::Query {
+        since: Duration::from_secs(3600),
+        top: 3,
+        json: false,
+    };
+    if let Ok(text) = stats::run(client, &config.groups["analytics"], &query).await {
+        out.push_str(&indent(&text));
+    }
+    let alerts = client
+        .range("alerts", "-", "+", 100, false)
+        .await
+        .unwrap_or_default();
+    out.push_str(&format!(
+        "\nalerts: {} entries counted into shared windows; {} alert event{} on stream `alerts`\n",
+        handled("alerts"),
+        alerts.len(),
+        if alerts.len() == 1 { "" } else { "s" }
+    ));
+    for (_, fields) in &alerts {
+        let get = |k: &str| {
+            fields
+                .iter()
+                .find(|(n, _)| n == k.as_bytes())
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default()
+        };
+        out.push_str(&format!(
+            "    {} {}: {}\n",
+            get("rule"),
+            get("state"),
+            get("message")
+        ));
+    }
+    let (lines, files) = count_lines(&paths.root.join("warehouse"));
+    out.push_str(&format!(
+        "\nwarehouse: {} rows written ({lines} JSON lines in {} file{} under {})\n",
+        handled("warehouse"),
+        files.len(),
+        if files.len() == 1 { "" } else { "s" },
+        paths.root.join("warehouse").display()
+    ));
+    let (dataset, _) = count_lines(&paths.root.join("learning"));
+    let adaptations = client
+        .range("ai:adaptations", "-", "+", 100, false)
+        .await
+        .unwrap_or_default();
+    out.push_str(&format!(
+        "\nlearning: {} feedback events aggregated; {dataset} dataset lines under {}; {} adaptation event{} on `ai:adaptations`\n",
+        handled("learning"),
+        paths.root.join("learning").display(),
+        adaptations.len(),
+        if adaptations.len() == 1 { "" } else { "s" }
+    ));
+    for (_, fields) in &adaptations {
+        let get = |k: &str| {
+            fields
+                .iter()
+                .find(|(n, _)| n == k.as_bytes())
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default()
+        };
+        out.push_str(&format!(
+            "    {}: rating {} over {} feedback (threshold {})\n",
+            get("model"),
+            get("rating"),
+            get("feedback"),
+            get("threshold")
+        ));
+    }
+    if let Ok(text) = stats::run(client, &config.groups["learning"], &query).await {
+        out.push_str(&indent(&text));
+    }
+    out
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("    {l}\n")).collect()
+}
