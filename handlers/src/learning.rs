@@ -132,10 +132,8 @@ pub struct LearningOptions {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt_id: Option<String>,
     /// The bottom of the rating scale (what a thumbs down counts as).
-    #[serde(deserialize_with = "float::rating_min")]
     pub rating_min: f64,
     /// The top of the rating scale (what a thumbs up counts as).
-    #[serde(deserialize_with = "float::rating_max")]
     pub rating_max: f64,
     /// Where the JSON Lines dataset goes (relative to the working directory); `""` for no
     /// dataset.
@@ -149,7 +147,6 @@ pub struct LearningOptions {
     /// `MAXLEN ~` for the adaptations stream; 0 for no cap.
     pub adaptations_max_len: u64,
     /// A model whose rolling average rating is at or below this needs adaptation.
-    #[serde(deserialize_with = "float::threshold")]
     pub threshold: f64,
     /// The rolling window, whole minutes (per-minute buckets by entry time).
     #[serde(with = "crate::duration")]
@@ -199,44 +196,6 @@ impl Default for LearningOptions {
 
 const MINUTE_MS: u64 = 60_000;
 
-/// Numbers, also from strings: environment overrides (`STREAMWORKER__…=2.5`) arrive as
-/// text. Errors name the option: the path is lost inside the handler's tagged options.
-mod float {
-    use serde::{Deserialize, Deserializer};
-
-    fn parse<'de, D: Deserializer<'de>>(d: D, key: &str) -> Result<f64, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Number(f64),
-            Text(String),
-            Other(serde::de::IgnoredAny),
-        }
-        let bad = |shown: &str| {
-            serde::de::Error::custom(format!(
-                "options.{key}{shown} is not a number; write e.g. {key} = 3.0"
-            ))
-        };
-        match Raw::deserialize(d)? {
-            Raw::Number(n) => Ok(n),
-            Raw::Text(text) => text
-                .trim()
-                .parse()
-                .map_err(|_| bad(&format!(" = `{text}`"))),
-            Raw::Other(_) => Err(bad("")),
-        }
-    }
-
-    pub fn rating_min<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
-        parse(d, "rating_min")
-    }
-    pub fn rating_max<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
-        parse(d, "rating_max")
-    }
-    pub fn threshold<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
-        parse(d, "threshold")
-    }
-}
 const MAX_WINDOW: Duration = Duration::from_secs(24 * 3600);
 
 impl LearningOptions {

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::alerts::AlertsOptions;
 use crate::analytics::AnalyticsOptions;
@@ -56,6 +56,29 @@ impl HandlerSpec {
         "warehouse",
         "alerts",
     ];
+
+    /// Deserializes the options of handler `kind` straight into its options struct.
+    ///
+    /// The configuration loader uses this rather than the enum's derived (adjacently
+    /// tagged) `Deserialize`: that one buffers `options` whenever it comes before
+    /// `handler` in the map, and the buffer loses the loader's string-to-number coercion,
+    /// so an environment override such as `…__OPTIONS__THRESHOLD=0.4` (always a string)
+    /// would be refused depending on map order.
+    pub fn from_options<'de, D: Deserializer<'de>>(
+        kind: &str,
+        options: D,
+    ) -> Result<Self, D::Error> {
+        Ok(match kind {
+            "noop" => Self::Noop(Deserialize::deserialize(options)?),
+            "webhook" => Self::Webhook(Deserialize::deserialize(options)?),
+            "forward" => Self::Forward(Deserialize::deserialize(options)?),
+            "learning" => Self::Learning(Deserialize::deserialize(options)?),
+            "analytics" => Self::Analytics(Deserialize::deserialize(options)?),
+            "warehouse" => Self::Warehouse(Deserialize::deserialize(options)?),
+            "alerts" => Self::Alerts(Deserialize::deserialize(options)?),
+            other => return Err(serde::de::Error::unknown_variant(other, Self::KINDS)),
+        })
+    }
 
     pub fn kind(&self) -> &'static str {
         match self {

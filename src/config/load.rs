@@ -261,11 +261,27 @@ impl Report {
     fn deserialize<T: DeserializeOwned>(
         &mut self,
         prefix: &str,
+        table: config::Map<String, Value>,
+    ) -> Option<T> {
+        self.deserialize_with(prefix, table, |d| T::deserialize(d))
+    }
+
+    /// [`Self::deserialize`] with the deserializing function given, for types picked at
+    /// run time (a handler's options).
+    fn deserialize_with<T>(
+        &mut self,
+        prefix: &str,
         mut table: config::Map<String, Value>,
+        read: impl Fn(
+            serde_path_to_error::Deserializer<'_, '_, Value>,
+        ) -> Result<T, config::ConfigError>,
     ) -> Option<T> {
         for _ in 0..=table_size(&table) {
             let value = Value::new(None, ValueKind::Table(table.clone()));
-            match serde_path_to_error::deserialize::<_, T>(value) {
+            let mut track = serde_path_to_error::Track::new();
+            let result = read(serde_path_to_error::Deserializer::new(value, &mut track))
+                .map_err(|e| serde_path_to_error::Error::new(track.path(), e));
+            match result {
                 Ok(v) => return Some(v),
                 Err(e) => {
                     let path: Vec<String> = e
@@ -325,49 +341,75 @@ impl Report {
         };
         let options =
             options.unwrap_or_else(|| Value::new(None, ValueKind::Table(Default::default())));
-        let options = self.table(&format!("{prefix}.options"), options)?;
-        let mut spec = config::Map::new();
-        spec.insert("handler".into(), Value::new(None, ValueKind::String(name)));
-        spec.insert(
-            "options".into(),
-            Value::new(None, ValueKind::Table(options)),
-        );
-        self.deserialize::<HandlerSpec>(prefix, spec)
+        let prefix = format!("{prefix}.options");
+        let options = self.table(&prefix, options)?;
+        self.deserialize_with(&prefix, options, |d| HandlerSpec::from_options(&name, d))
     }
 }
 
+/// Keys and array elements below `table`, bounding how many bad keys one table can hold.
 fn table_size(table: &config::Map<String, Value>) -> usize {
-    table
-        .values()
-        .map(|v| match &v.kind {
-            ValueKind::Table(t) => 1 + table_size(t),
-            _ => 1,
-        })
-        .sum()
+    table.values().map(value_size).sum()
 }
 
+fn value_size(value: &Value) -> usize {
+    match &value.kind {
+        ValueKind::Table(t) => 1 + table_size(t),
+        ValueKind::Array(a) => 1 + a.iter().map(value_size).sum::<usize>(),
+        _ => 1,
+    }
+}
+
+/// The value at `path`, through tables (by key) and arrays (by index, as serde's path
+/// names them: `rules.0.window`).
 fn lookup<'a>(table: &'a config::Map<String, Value>, path: &[String]) -> Option<&'a Value> {
     let (first, rest) = path.split_first()?;
-    let value = table.get(first)?;
-    if rest.is_empty() {
+    lookup_in(table.get(first)?, rest)
+}
+
+fn lookup_in<'a>(value: &'a Value, path: &[String]) -> Option<&'a Value> {
+    let Some((first, rest)) = path.split_first() else {
         return Some(value);
-    }
+    };
     match &value.kind {
-        ValueKind::Table(t) => lookup(t, rest),
+        ValueKind::Table(t) => lookup_in(t.get(first)?, rest),
+        ValueKind::Array(a) => lookup_in(a.get(first.parse::<usize>().ok()?)?, rest),
         _ => None,
     }
 }
 
+/// Takes out the value at `path` (or, failing that, the nearest enclosing one) so that
+/// the next attempt gets past it and reports the keys after it.
 fn remove(table: &mut config::Map<String, Value>, path: &[String]) -> bool {
     let Some((first, rest)) = path.split_first() else {
         return false;
     };
-    if rest.is_empty() {
-        return table.remove(first).is_some();
+    if !rest.is_empty()
+        && let Some(value) = table.get_mut(first)
+        && remove_in(value, rest)
+    {
+        return true;
     }
-    match table.get_mut(first).map(|v| &mut v.kind) {
-        Some(ValueKind::Table(t)) => remove(t, rest) || table.remove(first).is_some(),
-        _ => table.remove(first).is_some(),
+    table.remove(first).is_some()
+}
+
+fn remove_in(value: &mut Value, path: &[String]) -> bool {
+    match &mut value.kind {
+        ValueKind::Table(t) => remove(t, path),
+        ValueKind::Array(a) => {
+            let Some((first, rest)) = path.split_first() else {
+                return false;
+            };
+            let Some(index) = first.parse::<usize>().ok().filter(|i| *i < a.len()) else {
+                return false;
+            };
+            if !rest.is_empty() && remove_in(&mut a[index], rest) {
+                return true;
+            }
+            a.remove(index);
+            true
+        }
+        _ => false,
     }
 }
 
@@ -398,4 +440,95 @@ pub fn env_var_for(key: &str) -> String {
     let mut var = format!("{ENV_PREFIX}{ENV_SEPARATOR}");
     var.push_str(&key.replace('.', ENV_SEPARATOR).to_uppercase());
     var
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_text(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("streamworker.toml");
+        std::fs::write(&path, text).unwrap();
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        load_with_env(&path, env)
+    }
+
+    fn problems(result: Result<Config, ConfigError>) -> Vec<Problem> {
+        match result {
+            Err(ConfigError::Invalid { problems, .. }) => problems,
+            other => panic!("expected problems, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn environment_overrides_reach_numeric_handler_options() {
+        // Environment values are text; each must still become the option's number,
+        // whatever order the loader's maps happen to hold `handler` and `options` in.
+        for _ in 0..20 {
+            let config = load_text(
+                "[groups.learn]\nstream = \"feedback\"\nhandler = \"learning\"\n",
+                &[
+                    ("STREAMWORKER__GROUPS__LEARN__OPTIONS__THRESHOLD", "2.5"),
+                    ("STREAMWORKER__GROUPS__LEARN__OPTIONS__MIN_FEEDBACK", "7"),
+                ],
+            )
+            .unwrap();
+            let HandlerSpec::Learning(options) = &config.groups["learn"].handler else {
+                panic!("learning handler expected");
+            };
+            assert_eq!(options.threshold, 2.5);
+            assert_eq!(options.min_feedback, 7);
+        }
+    }
+
+    #[test]
+    fn option_problems_name_the_full_key_including_array_elements() {
+        let problems = problems(load_text(
+            r#"
+[groups.alerts]
+stream = "events"
+handler = "alerts"
+[[groups.alerts.options.rules]]
+name = "errors"
+kind = "count"
+window = "1m"
+threshold = 10
+colour = "red"
+[[groups.alerts.options.rules]]
+name = "slow"
+kind = "count"
+window = "soon"
+threshold = 3
+"#,
+            &[("STREAMWORKER__GROUPS__ALERTS__OPTIONS__MAX_LEN", "lots")],
+        ));
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        for wanted in [
+            "groups.alerts.options.rules.0.colour",
+            "groups.alerts.options.rules.1.window",
+            "groups.alerts.options.max_len",
+        ] {
+            assert!(
+                keys.contains(&wanted),
+                "{wanted} missing from {problems:#?}"
+            );
+        }
+        let max_len = problems
+            .iter()
+            .find(|p| p.key == "groups.alerts.options.max_len")
+            .unwrap();
+        assert_eq!(
+            max_len.source,
+            "environment variable STREAMWORKER__GROUPS__ALERTS__OPTIONS__MAX_LEN"
+        );
+        let window = problems
+            .iter()
+            .find(|p| p.key == "groups.alerts.options.rules.1.window")
+            .unwrap();
+        assert!(window.message.contains("\"soon\""), "{window:?}");
+    }
 }
