@@ -440,7 +440,10 @@ impl<'g, H: Handler> Loop<'g, H> {
             } else if let Some(b) = batching
                 && !self.buffer.is_empty()
                 && (self.buffer.len() >= b.max_entries
-                    || self.buffer_since.is_some_and(|t| now >= t + b.max_wait))
+                    || self.buffer_since.is_some_and(|t| now >= t + b.max_wait)
+                    // Nothing more can be fetched until something finishes, so waiting
+                    // for max_wait would only add latency (concurrency < max_entries).
+                    || running.len() + self.batched + self.buffer.len() >= self.concurrency())
             {
                 let take = self.buffer.len().min(b.max_entries.max(1));
                 let batch: Vec<(Entry, tracing::Span)> = self.buffer.drain(..take).collect();

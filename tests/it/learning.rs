@@ -407,3 +407,29 @@ retry_backoff = { initial = "100ms", max = "1s" }"#,
         assert!(marker.is_some(), "b marked the line of {id} found on disk");
     }
 }
+
+/// A batch cannot grow past the group's `concurrency` (nothing more is fetched while the
+/// buffer is full), so a full buffer starts at once instead of waiting out `max_wait`.
+#[test]
+fn a_buffer_that_fills_concurrency_does_not_wait_for_max_wait() {
+    let redis = RedisServer::start();
+    let _daemon = Daemon::start(&config(
+        &redis.url(),
+        "r1",
+        &group(
+            "dataset_dir = \"\"\nmax_batch = 100\nmax_wait = \"60s\"",
+            "concurrency = 4\nclaim_idle = \"5m\"",
+        ),
+    ));
+    let mut con = redis.connection();
+    let set: Vec<_> = (0..8)
+        .map(|i| feedback("m", "p", "r", &format!("u{i}"), Some("4"), None))
+        .collect();
+    produce(&mut con, STREAM, &set);
+    // Two full buffers of four; with max_wait honoured alone this takes a minute.
+    wait_until(Duration::from_secs(20), "both batches settled", || {
+        done(&mut con)
+    });
+    let keys = Keys::new(STREAM, GROUP);
+    assert_eq!(hgetall(&mut con, &keys.model("m"))["count"], "8");
+}
