@@ -20,7 +20,10 @@ pub const TTL: Duration = Duration::from_secs(10);
 pub const RENEW_EVERY: Duration = Duration::from_secs(2);
 
 pub fn key(stream: &str, group: &str, consumer: &str) -> String {
-    format!("streamworker:lease:{{{stream}}}:{group}:{consumer}")
+    format!(
+        "streamworker:lease:{}:{group}:{consumer}",
+        streamworker_handlers::slot_tag(stream)
+    )
 }
 
 #[derive(Debug, thiserror::Error)]

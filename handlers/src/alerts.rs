@@ -798,7 +798,7 @@ impl Alerts {
                 options.stream
             )));
         }
-        let base = format!("{{{stream}}}:alerts:{group}:");
+        let base = format!("{}:alerts:{group}:", crate::slot_tag(stream));
         let mut rules = Vec::new();
         let mut families: Vec<Family> = Vec::new();
         let windowed: Vec<Duration> = options

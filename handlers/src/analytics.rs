@@ -70,7 +70,7 @@ const MINUTE_MS: u64 = 60_000;
 
 /// The hash holding one minute's aggregates.
 pub fn minute_key(stream: &str, group: &str, minute: u64) -> String {
-    format!("{{{stream}}}:{KIND}:{group}:m:{minute}")
+    format!("{}:{KIND}:{group}:m:{minute}", crate::slot_tag(stream))
 }
 
 /// `[groups.<name>.options]` for `handler = "analytics"`.

@@ -342,7 +342,7 @@ pub struct Keys {
 impl Keys {
     pub fn new(stream: &str, group: &str) -> Self {
         Self {
-            prefix: format!("{{{stream}}}:learning:{group}"),
+            prefix: format!("{}:learning:{group}", crate::slot_tag(stream)),
         }
     }
     /// `{<stream>}:learning:<group>`
@@ -1344,7 +1344,7 @@ mod tests {
 
     #[test]
     fn options_parse_from_toml_with_defaults() {
-        let o: LearningOptions = toml_like(r#"{"threshold": "2.5", "window": "10m"}"#);
+        let o: LearningOptions = toml_like(r#"{"threshold": 2.5, "window": "10m"}"#);
         assert_eq!(o.threshold, 2.5);
         assert_eq!(o.window, Duration::from_secs(600));
         assert_eq!(o.rating, "rating");

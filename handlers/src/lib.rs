@@ -15,6 +15,7 @@ mod error;
 pub mod forward;
 pub mod learning;
 pub mod noop;
+mod slot;
 mod spec;
 mod store;
 pub mod warehouse;
@@ -28,7 +29,9 @@ pub use entry::{
     Entry, EntryId, Origin, Payload, PayloadFormat, REPLAY_GROUP_FIELD, REPLAY_OF_FIELD,
 };
 pub use error::{HandlerError, ResultExt, one_line};
+pub use slot::{hash_input, slot_tag, slot_tag_reaches};
 pub use spec::{HandlerSpec, Limits, OptionProblem};
+
 pub use store::{Store, StoreError, StoreFuture};
 
 /// Business logic for one consumer group.

@@ -114,6 +114,16 @@ impl HandlerSpec {
         }
     }
 
+    /// Streams the handler's effects append to in the same server-side script as the
+    /// entry's XACK, by option key: under Redis Cluster each must share the group's
+    /// stream's hash slot.
+    pub fn acked_with(&self) -> Vec<(&'static str, &str)> {
+        match self {
+            Self::Forward(o) => vec![("to", o.to.as_str())],
+            _ => Vec::new(),
+        }
+    }
+
     /// A copy safe to print: every secret replaced by `"<redacted>"`.
     pub fn redacted(&self) -> Self {
         match self {

@@ -178,7 +178,10 @@ pub struct Retained {
 
 /// The hash where each replica records a circuit that is not closed.
 pub fn circuit_key(stream: &str, group: &str) -> String {
-    format!("streamworker:circuit:{{{stream}}}:{group}")
+    format!(
+        "streamworker:circuit:{}:{group}",
+        streamworker_handlers::slot_tag(stream)
+    )
 }
 
 /// A handle on one Redis deployment; cheap to clone.

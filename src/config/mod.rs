@@ -371,7 +371,7 @@ impl GroupConfig {
 }
 
 pub fn default_dead_letter_stream(stream: &str, group: &str) -> String {
-    format!("{{{stream}}}:dlq:{group}")
+    format!("{}:dlq:{group}", streamworker_handlers::slot_tag(stream))
 }
 
 impl std::ops::Deref for GroupConfig {

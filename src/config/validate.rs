@@ -263,6 +263,29 @@ pub(super) fn validate(config: &Config) -> Vec<(String, String)> {
                 ),
             );
         }
+        if !streamworker_handlers::slot_tag_reaches(&g.stream) {
+            problem(
+                key("stream"),
+                format!(
+                    "= {:?}: Redis hashes this whole name (its first braces are empty), and no key streamworker derives from it (dead letters, leases, handler state) can be put in its cluster slot; rename the stream, e.g. with a hash tag such as \"{{orders}}:events\"",
+                    g.stream
+                ),
+            );
+        }
+        if !redis.cluster.is_empty() {
+            for (option, target) in g.handler.acked_with() {
+                if !target.is_empty() && !same_slot(target, &g.stream) {
+                    problem(
+                        key(&format!("options.{option}")),
+                        format!(
+                            "= {target:?} is in another Redis Cluster hash slot than {:?}: the XADD there and the XACK here run in one script; give both the same hash tag, e.g. \"{}:out\"",
+                            g.stream,
+                            streamworker_handlers::slot_tag(&g.stream)
+                        ),
+                    );
+                }
+            }
+        }
         if g.circuit_breaker.threshold > 0 && g.circuit_breaker.pause.is_zero() {
             problem(
                 key("circuit_breaker.pause"),
@@ -300,5 +323,31 @@ mod tests {
     fn hash_tags_share_a_slot() {
         assert!(same_slot("{orders}:dlq:billing", "orders"));
         assert!(!same_slot("orders:dlq", "orders"));
+    }
+
+    /// Derived keys land in the stream's slot by Redis's own reckoning, whatever braces
+    /// the stream's name already holds.
+    #[test]
+    fn derived_keys_share_the_streams_slot() {
+        use streamworker_handlers::{slot_tag, slot_tag_reaches};
+        for stream in [
+            "orders",
+            "{orders}:events",
+            "events:{eu}:clicks",
+            "half{open",
+            "}close{",
+            "a{}b",
+            "{}",
+            "user:activity",
+        ] {
+            let derived = format!("{}:dlq:billing", slot_tag(stream));
+            assert_eq!(
+                same_slot(&derived, stream),
+                slot_tag_reaches(stream),
+                "{stream} → {derived}"
+            );
+        }
+        let dlq = crate::config::default_dead_letter_stream("{orders}:events", "billing");
+        assert_eq!(dlq, "{orders}:dlq:billing");
     }
 }

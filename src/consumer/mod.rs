@@ -111,7 +111,11 @@ async fn tick<H: Handler>(g: &Group<H>, stop: &tokio_util::sync::CancellationTok
         return;
     };
     let cfg = &g.config;
-    let key = format!("streamworker:tick:{{{}}}:{}", cfg.stream, cfg.name);
+    let key = format!(
+        "streamworker:tick:{}:{}",
+        streamworker_handlers::slot_tag(&cfg.stream),
+        cfg.name
+    );
     loop {
         let jitter = every.mul_f64(fastrand::f64() * 0.1);
         tokio::select! {

@@ -65,7 +65,7 @@ pub struct FileSink {
 
 /// The marker key of an entry: in the stream's hash slot.
 pub fn marker_key(stream: &str, group: &str, id: EntryId) -> String {
-    format!("{{{stream}}}:warehouse:{group}:seen:{id}")
+    format!("{}:warehouse:{group}:seen:{id}", crate::slot_tag(stream))
 }
 
 /// What happens to one entry of the batch.
@@ -99,7 +99,11 @@ impl FileSink {
         );
         Ok(Self {
             store: Arc::clone(&context.store),
-            marker_prefix: format!("{{{}}}:warehouse:{}:seen:", context.stream, context.group),
+            marker_prefix: format!(
+                "{}:warehouse:{}:seen:",
+                crate::slot_tag(&context.stream),
+                context.group
+            ),
             dedupe_window: options.dedupe_window(),
             recorder,
             writer: Arc::new(Mutex::new(Writer {
