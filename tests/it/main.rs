@@ -13,5 +13,6 @@ mod forward;
 mod learning;
 mod observability;
 mod operate;
+mod scenarios;
 mod topology;
 mod warehouse;
