@@ -14,5 +14,6 @@ mod forward;
 mod learning;
 mod observability;
 mod operate;
+mod scenarios;
 mod topology;
 mod warehouse;
