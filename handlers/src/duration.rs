@@ -15,13 +15,35 @@ pub fn parse(text: &str) -> Result<Duration, String> {
     })
 }
 
-/// Formats a duration the way `parse` reads it back.
+/// Formats a duration the way `parse` reads it back, in the units people write:
+/// `"7d"`, `"1h 30m"`, `"1s 500ms"`, `"0s"` (humantime's own formatter says `"7days"`
+/// and counts months of 30.44 days).
 pub fn format(d: Duration) -> String {
-    humantime::format_duration(d).to_string()
+    const UNITS: [(&str, u128); 7] = [
+        ("d", 86_400_000_000_000),
+        ("h", 3_600_000_000_000),
+        ("m", 60_000_000_000),
+        ("s", 1_000_000_000),
+        ("ms", 1_000_000),
+        ("us", 1_000),
+        ("ns", 1),
+    ];
+    let mut rest = d.as_nanos();
+    if rest == 0 {
+        return "0s".into();
+    }
+    let mut parts = Vec::new();
+    for (unit, size) in UNITS {
+        if rest >= size {
+            parts.push(format!("{}{unit}", rest / size));
+            rest %= size;
+        }
+    }
+    parts.join(" ")
 }
 
 pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(&humantime::format_duration(*d))
+    s.serialize_str(&format(*d))
 }
 
 pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -66,5 +88,16 @@ mod tests {
         assert!(e.contains("`2 parsecs` is not a duration"), "{e}");
         assert!(e.contains("parsecs"), "{e}");
         assert_eq!(format(Duration::from_millis(1500)), "1s 500ms");
+        for (d, text) in [
+            (Duration::from_secs(7 * 86_400), "7d"),
+            (Duration::from_secs(86_400 + 2 * 3600), "1d 2h"),
+            (Duration::from_secs(90 * 86_400), "90d"),
+            (Duration::from_secs(120), "2m"),
+            (Duration::ZERO, "0s"),
+            (Duration::from_micros(1_500), "1ms 500us"),
+        ] {
+            assert_eq!(format(d), text);
+            assert_eq!(parse(text), Ok(d), "{text} reads back");
+        }
     }
 }

@@ -85,8 +85,8 @@ impl WebhookOptions {
                 "timeout",
                 format!(
                     "({}) exceeds the group's handler_timeout ({}): the request would be cut off before its own timeout; lower it or raise handler_timeout",
-                    humantime::format_duration(self.timeout),
-                    humantime::format_duration(handler_timeout)
+                    crate::duration::format(self.timeout),
+                    crate::duration::format(handler_timeout)
                 ),
             );
         }
@@ -289,7 +289,7 @@ impl Handler for Webhook {
                 return Err(HandlerError::retry(format!(
                     "webhook {} timed out after {}",
                     self.url,
-                    humantime::format_duration(self.timeout)
+                    crate::duration::format(self.timeout)
                 )));
             }
             Err(e) => {

@@ -345,7 +345,8 @@ impl Client {
         Ok(cmd.query_async(&mut self.commands()).await?)
     }
 
-    /// Hands entries this consumer owns to `target`; see `release.lua`.
+    /// Hands entries this consumer owns to `target`; see `release.lua`. Returns how many
+    /// moved, and the entries found deleted from the stream (no longer pending).
     pub async fn release(
         &self,
         stream: &str,
@@ -353,7 +354,7 @@ impl Client {
         consumer: &str,
         target: &str,
         entries: &[Release],
-    ) -> Result<u64> {
+    ) -> Result<(u64, Vec<EntryId>)> {
         let mut inv = self.scripts.release.key(stream);
         inv.arg(group).arg(consumer).arg(target);
         for r in entries {
@@ -361,7 +362,8 @@ impl Client {
                 .arg(r.idle.as_millis() as u64)
                 .arg(r.delivery_count.map_or(-1, |c| c as i64));
         }
-        Ok(inv.invoke_async(&mut self.commands()).await?)
+        let (moved, deleted): (u64, Vec<String>) = inv.invoke_async(&mut self.commands()).await?;
+        Ok((moved, parse_ids(&deleted)))
     }
 
     /// Moves one entry to `dead_letter_stream`; see `dead_letter.lua`. `Ok(None)` when the
@@ -465,10 +467,7 @@ impl Client {
             }
         }
         let (_acked, skipped): (u64, Vec<String>) = inv.invoke_async(&mut self.commands()).await?;
-        Ok(skipped
-            .iter()
-            .filter_map(|s| EntryId::parse(s.as_bytes()))
-            .collect())
+        Ok(parse_ids(&skipped))
     }
 
     /// Applies effects at once in a MULTI transaction (not tied to an acknowledgement;
@@ -1050,6 +1049,13 @@ fn supported(info: &str, display_url: &str) -> std::result::Result<(), String> {
 
 fn text_of(value: Value) -> String {
     String::from_utf8_lossy(&into_bytes(value)).into_owned()
+}
+
+/// Entry ids a script returned as text.
+fn parse_ids(ids: &[String]) -> Vec<EntryId> {
+    ids.iter()
+        .filter_map(|s| EntryId::parse(s.as_bytes()))
+        .collect()
 }
 
 #[cfg(test)]

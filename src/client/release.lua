@@ -8,19 +8,27 @@
 -- KEYS[1] stream
 -- ARGV[1] group, ARGV[2] this consumer, ARGV[3] target consumer,
 -- then triples: id, idle ms, delivery count to set (-1 keeps it)
--- Returns the number of entries handed over.
+-- Returns {number of entries handed over, ids of entries deleted or trimmed from the
+-- stream meanwhile}: XCLAIM drops those from the pending list and replies with nothing,
+-- so they are settled here and the caller counts them as deleted.
 local moved = 0
+local deleted = {}
 for i = 4, #ARGV, 3 do
   local id = ARGV[i]
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
   if #p == 1 and p[1][2] == ARGV[2] then
+    local r
     if ARGV[i + 2] == '-1' then
-      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, id, 'IDLE', ARGV[i + 1], 'JUSTID')
+      r = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, id, 'IDLE', ARGV[i + 1], 'JUSTID')
     else
-      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, id, 'IDLE', ARGV[i + 1],
+      r = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, id, 'IDLE', ARGV[i + 1],
         'RETRYCOUNT', ARGV[i + 2], 'JUSTID')
     end
-    moved = moved + 1
+    if #r == 1 then
+      moved = moved + 1
+    else
+      deleted[#deleted + 1] = id
+    end
   end
 end
-return moved
+return {moved, deleted}

@@ -1140,6 +1140,7 @@ impl<'g, H: Handler> Loop<'g, H> {
         }
 
         metrics.retried.inc_by(flushed.parked as u64);
+        self.note_deleted(&flushed.deleted, "settlement");
         if flushed.handed_back > 0 {
             tracing::info!(stream = %cfg.stream, group = %cfg.name, count = flushed.handed_back, "handed back entries fetched but never started");
         }
@@ -1164,7 +1165,14 @@ impl<'g, H: Handler> Loop<'g, H> {
         if let Some(error) = flushed.error.take() {
             metrics.redis_error(error.kind());
             if retry && !self.outage_logged {
-                tracing::warn!(stream = %cfg.stream, group = %cfg.name, error = %error, pending = flushed.retry.len(), "could not settle entries; will send again when Redis is back");
+                if error.is_unavailable() {
+                    tracing::warn!(stream = %cfg.stream, group = %cfg.name, error = %error, pending = flushed.retry.len(), "could not settle entries; will send again when Redis is back");
+                } else {
+                    // Not an outage: Redis answered with an error (e.g. WRONGTYPE when the
+                    // stream key was replaced). Retrying is still right, since nothing may be
+                    // lost, but the operator has to fix the key.
+                    tracing::error!(stream = %cfg.stream, group = %cfg.name, error = %error, pending = flushed.retry.len(), "Redis refused to settle entries; retrying with backoff until the cause is fixed");
+                }
             }
         }
         flushed.requeue_into(&mut self.pending);

@@ -90,6 +90,9 @@ pub struct Flushed {
     pub already_acked: Vec<EntryId>,
     pub parked: usize,
     pub handed_back: usize,
+    /// Entries found deleted or trimmed from the stream while being parked or handed
+    /// back: no longer pending, never to be handled.
+    pub deleted: Vec<EntryId>,
     /// Entries moved: the dead letter as sent, and its id in the dead-letter stream.
     pub dead_lettered: Vec<(DeadLetter, String)>,
     /// Dead letters skipped because another consumer owns the entry now.
@@ -136,7 +139,7 @@ pub async fn flush(client: Client, target: Target, batch: Settlements) -> Flushe
     };
     let parking = async {
         if parks.is_empty() {
-            Ok(0)
+            Ok((0, Vec::new()))
         } else {
             client
                 .release(
@@ -151,7 +154,7 @@ pub async fn flush(client: Client, target: Target, batch: Settlements) -> Flushe
     };
     let handing_back = async {
         if hand_backs.is_empty() {
-            Ok(0)
+            Ok((0, Vec::new()))
         } else {
             client
                 .release(
@@ -204,8 +207,14 @@ pub async fn flush(client: Client, target: Target, batch: Settlements) -> Flushe
     }
     match applied {
         Ok(skipped) => {
-            out.acked
-                .extend(effectful.iter().map(|(id, kind, _)| (*id, *kind)));
+            // An entry another consumer acknowledged first was counted there; its
+            // effects were not applied here, so it is not counted again.
+            out.acked.extend(
+                effectful
+                    .iter()
+                    .filter(|(id, _, _)| !skipped.contains(id))
+                    .map(|(id, kind, _)| (*id, *kind)),
+            );
             out.already_acked = skipped;
         }
         Err(e) => {
@@ -214,14 +223,20 @@ pub async fn flush(client: Client, target: Target, batch: Settlements) -> Flushe
         }
     }
     match parked {
-        Ok(n) => out.parked = n as usize,
+        Ok((n, deleted)) => {
+            out.parked = n as usize;
+            out.deleted.extend(deleted);
+        }
         Err(e) => {
             out.retry.parks = parks;
             note(e, &mut out);
         }
     }
     match handed_back {
-        Ok(n) => out.handed_back = n as usize,
+        Ok((n, deleted)) => {
+            out.handed_back = n as usize;
+            out.deleted.extend(deleted);
+        }
         Err(e) => {
             out.retry.hand_backs = hand_backs;
             note(e, &mut out);

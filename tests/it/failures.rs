@@ -297,9 +297,14 @@ fn an_entry_trimmed_while_pending_is_acknowledged_counted_and_not_retried() {
     let daemon = Daemon::start(&cfg);
     let mut con = redis.connection();
     let ids = produce(&mut con, "orders", &[vec![("n", "1".to_owned())]]);
-    wait_until(Duration::from_secs(10), "the first attempt", || {
-        hook.count() == 1
-    });
+    wait_until(
+        Duration::from_secs(10),
+        "the entry parked for its backoff",
+        || {
+            hook.count() == 1
+                && pending_of(&mut con, "orders", "billing", "streamworker:backoff") == 1
+        },
+    );
     // While it waits out its backoff, the entry disappears from the stream.
     let deleted: u64 = redis::cmd("XDEL")
         .arg("orders")
@@ -328,6 +333,62 @@ fn an_entry_trimmed_while_pending_is_acknowledged_counted_and_not_retried() {
             .count(),
         1,
         "{logs}"
+    );
+}
+
+/// The same, but the entry disappears while its handler runs: parking it for a retry
+/// finds it gone, and it is counted then.
+#[test]
+fn an_entry_deleted_while_its_handler_runs_is_counted_when_parked() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let hook = WebhookServer::start_with(move |hit| {
+        let mut con = redis::Client::open(url.as_str())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let _: u64 = redis::cmd("XDEL")
+            .arg("orders")
+            .arg(&hit.id)
+            .query(&mut con)
+            .unwrap();
+        (503, Duration::ZERO)
+    });
+    let extra = r#"retry_backoff = { initial = "1s", max = "1s", jitter = 0.0 }"#;
+    let (cfg, http) = config_with_http(&redis.url(), "r1", &group(&hook.url("r1"), extra));
+    let daemon = Daemon::start(&cfg);
+    let mut con = redis.connection();
+    produce(&mut con, "orders", &[vec![("n", "1".to_owned())]]);
+    wait_until(Duration::from_secs(10), "the deletion counted", || {
+        http_get(&http, "/metrics").is_some_and(|(_, text)| {
+            metric(
+                &text,
+                "streamworker_entries_total",
+                &[("outcome", "deleted")],
+            ) == Some(1.0)
+        })
+    });
+    assert_eq!(
+        group_info(&mut con, "orders", "billing").map(|(p, _)| p),
+        Some(0)
+    );
+    let (_, text) = http_get(&http, "/metrics").unwrap();
+    assert_eq!(
+        metric(
+            &text,
+            "streamworker_entries_total",
+            &[("outcome", "retried")]
+        ),
+        Some(0.0),
+        "a deleted entry is not parked for a retry"
+    );
+    assert_eq!(hook.count(), 1);
+    assert!(
+        daemon
+            .logs()
+            .contains("deleted or trimmed from the stream while pending"),
+        "{}",
+        daemon.logs()
     );
 }
 

@@ -206,9 +206,8 @@ fn run_on(
     for (group, stream, _) in scenario(file).groups {
         let deadline = Instant::now() + SETTLE;
         while group_state(&mut running.con, stream, group).is_none() {
-            // Not `is_running()`: `wait(ZERO)` never polls the child, so it is always true.
             assert!(
-                running.daemon.wait(Duration::from_millis(1)).is_none(),
+                running.daemon.is_running(),
                 "{file}: the daemon exited:\n{}",
                 running.daemon.logs()
             );

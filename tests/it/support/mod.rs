@@ -282,7 +282,8 @@ impl Daemon {
             return self.status;
         }
         let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
+        // Checked at least once, so a zero timeout still notices an exit.
+        loop {
             if let Some(child) = self.child.as_mut()
                 && let Some(status) = child.try_wait().unwrap()
             {
@@ -290,9 +291,11 @@ impl Daemon {
                 self.child = None;
                 return self.status;
             }
+            if Instant::now() >= deadline {
+                return None;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
-        None
     }
 
     pub fn is_running(&mut self) -> bool {
