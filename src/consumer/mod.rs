@@ -122,7 +122,15 @@ async fn tick<H: Handler>(g: &Group<H>, stop: &tokio_util::sync::CancellationTok
             _ = tokio::time::sleep(every + jitter) => {}
             _ = stop.cancelled() => break,
         }
-        match g.client.lease(&key, &g.lease_token, every * 3).await {
+        match g
+            .client
+            .lease(
+                &key,
+                &g.lease_token,
+                tick_lease_ttl(every, cfg.handler_timeout),
+            )
+            .await
+        {
             Ok(None) => {
                 match tokio::time::timeout(
                     cfg.handler_timeout,
@@ -149,6 +157,13 @@ async fn tick<H: Handler>(g: &Group<H>, stop: &tokio_util::sync::CancellationTok
         }
     }
     let _ = g.client.release_lease(&key, &g.lease_token).await;
+}
+
+/// How long a tick lease lasts: a few turns, so the holder keeps it from turn to turn,
+/// and never less than one tick may run (`handler_timeout`) plus a turn, so that a slow
+/// tick is not joined by another replica's.
+fn tick_lease_ttl(every: Duration, handler_timeout: Duration) -> Duration {
+    (every * 3).max(handler_timeout + every * 2)
 }
 
 /// Creates the group (MKSTREAM; BUSYGROUP is fine) and takes the lease. `None` when
