@@ -32,6 +32,8 @@ pub struct Options {
     /// `None`: until Ctrl-C.
     pub duration: Option<Duration>,
     pub redis_server: String,
+    /// A Redis to use instead of a private one.
+    pub url: Option<String>,
 }
 
 const EVENTS_PER_SECOND: u64 = 400;
@@ -52,13 +54,21 @@ struct Paths {
 }
 
 pub fn run(options: Options) -> Result<(), DemoError> {
-    let redis = LocalRedis::start(&options.redis_server)?;
+    // Kept alive (and stopped on drop) for the whole run when started here.
+    let (_private, url) = match &options.url {
+        Some(url) => (None, url.clone()),
+        None => {
+            let redis = LocalRedis::start(&options.redis_server)?;
+            let url = redis.url();
+            (Some(redis), url)
+        }
+    };
     let root = std::env::temp_dir().join(format!("streamworker-demo-{}", std::process::id()));
     std::fs::create_dir_all(&root)
         .map_err(|e| DemoError::Other(format!("{}: {e}", root.display())))?;
     let paths = Paths { root };
     let text = include_str!("demo.toml")
-        .replace("{url}", &redis.url())
+        .replace("{url}", &url)
         .replace("{dir}", &paths.root.display().to_string());
     let config_path = paths.root.join("streamworker.toml");
     std::fs::write(&config_path, text).map_err(|e| DemoError::Other(e.to_string()))?;
@@ -67,9 +77,14 @@ pub fn run(options: Options) -> Result<(), DemoError> {
     let telemetry = crate::telemetry::init_with_default(&config.telemetry, "warn")
         .map_err(|e| DemoError::Other(e.to_string()))?;
 
+    let whose = if options.url.is_some() {
+        "the Redis at"
+    } else {
+        "a private redis-server on"
+    };
     println!(
-        "streamworker demo: a private redis-server on {}, the groups of {}",
-        redis.url(),
+        "streamworker demo: {whose} {}, the groups of {}",
+        crate::config::redact_url(&url),
         config_path.display()
     );
     println!(
@@ -97,7 +112,7 @@ pub fn run(options: Options) -> Result<(), DemoError> {
         let started = Instant::now();
         let until = options.duration.map(|d| started + d);
         let produce = |scenario: Scenario, rate: u64| {
-            let url = redis.url();
+            let url = url.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
                 let Ok(client) = redis::Client::open(url) else { return };
@@ -274,16 +289,10 @@ async fn report(client: &Client, metrics: &Metrics, config: &Config, paths: &Pat
         "\nalerts: {} entries counted into shared windows; {} alert event{} on stream `alerts`\n",
         handled("alerts"),
         alerts.len(),
-        if alerts.len() == 1 { "" } else { "s" }
+        plural(alerts.len())
     ));
     for (_, fields) in &alerts {
-        let get = |k: &str| {
-            fields
-                .iter()
-                .find(|(n, _)| n == k.as_bytes())
-                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-                .unwrap_or_default()
-        };
+        let get = |k: &str| field(fields, k);
         out.push_str(&format!(
             "    {} {}: {}\n",
             get("rule"),
@@ -296,7 +305,7 @@ async fn report(client: &Client, metrics: &Metrics, config: &Config, paths: &Pat
         "\nwarehouse: {} rows written ({lines} JSON lines in {} file{} under {})\n",
         handled("warehouse"),
         files.len(),
-        if files.len() == 1 { "" } else { "s" },
+        plural(files.len()),
         paths.root.join("warehouse").display()
     ));
     let (dataset, _) = count_lines(&paths.root.join("learning"));
@@ -309,16 +318,10 @@ async fn report(client: &Client, metrics: &Metrics, config: &Config, paths: &Pat
         handled("learning"),
         paths.root.join("learning").display(),
         adaptations.len(),
-        if adaptations.len() == 1 { "" } else { "s" }
+        plural(adaptations.len())
     ));
     for (_, fields) in &adaptations {
-        let get = |k: &str| {
-            fields
-                .iter()
-                .find(|(n, _)| n == k.as_bytes())
-                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-                .unwrap_or_default()
-        };
+        let get = |k: &str| field(fields, k);
         out.push_str(&format!(
             "    {}: rating {} over {} feedback (threshold {})\n",
             get("model"),
@@ -335,4 +338,17 @@ async fn report(client: &Client, metrics: &Metrics, config: &Config, paths: &Pat
 
 fn indent(text: &str) -> String {
     text.lines().map(|l| format!("    {l}\n")).collect()
+}
+
+/// A field of an entry as text; empty when missing.
+fn field(fields: &[(Vec<u8>, Vec<u8>)], name: &str) -> String {
+    fields
+        .iter()
+        .find(|(n, _)| n == name.as_bytes())
+        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        .unwrap_or_default()
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
 }

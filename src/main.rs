@@ -84,6 +84,10 @@ enum Command {
         /// The redis-server binary to start.
         #[arg(long, default_value = "redis-server")]
         redis_server: String,
+        /// Use this Redis instead of starting one (the demo writes to `ml_events`,
+        /// `user:feedback`, `alerts` and `ai:adaptations` there and creates its groups).
+        #[arg(long, env = "STREAMWORKER__REDIS__URL")]
+        url: Option<String>,
     },
     /// Write realistic events of a seed scenario to its stream, at a rate.
     Produce {
@@ -276,9 +280,11 @@ fn main() -> ExitCode {
         Command::Demo {
             duration,
             redis_server,
+            url,
         } => match streamworker::demo::run(streamworker::demo::Options {
             duration,
             redis_server,
+            url,
         }) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

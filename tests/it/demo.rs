@@ -54,3 +54,31 @@ fn the_demo_explains_a_missing_redis_server() {
         "{err}"
     );
 }
+
+#[test]
+fn the_demo_uses_a_configured_redis_instead_of_starting_one() {
+    let redis = RedisServer::start();
+    let (code, out, err) = run_cli(
+        &[
+            "demo",
+            "--duration",
+            "3s",
+            "--redis-server",
+            "/nonexistent/redis-server",
+        ],
+        &[("STREAMWORKER__REDIS__URL", &redis.url())],
+    );
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("the Redis at"), "{out}");
+    let mut con = redis.connection();
+    for (stream, group) in [
+        ("ml_events", "analytics"),
+        ("ml_events", "alerts"),
+        ("ml_events", "warehouse"),
+        ("user:feedback", "learning"),
+    ] {
+        let (pending, _) = group_info(&mut con, stream, group)
+            .unwrap_or_else(|| panic!("group {group} on {stream} in the given Redis"));
+        assert_eq!(pending, 0, "{stream}/{group} settled at shutdown");
+    }
+}
