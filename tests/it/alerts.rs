@@ -93,15 +93,7 @@ impl Subscriber {
 }
 
 fn acked(http: &str) -> f64 {
-    http_get(http, "/metrics")
-        .and_then(|(_, text)| {
-            metric(
-                &text,
-                "streamworker_entries_total",
-                &[("group", "alerts"), ("outcome", "acked")],
-            )
-        })
-        .unwrap_or(0.0)
+    entries_total(http, &[("group", "alerts"), ("outcome", "acked")])
 }
 
 #[test]

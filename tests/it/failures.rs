@@ -313,12 +313,7 @@ fn an_entry_trimmed_while_pending_is_acknowledged_counted_and_not_retried() {
         .unwrap();
     assert_eq!(deleted, 1);
     wait_until(Duration::from_secs(10), "the deletion counted", || {
-        let (_, text) = http_get(&http, "/metrics").unwrap();
-        metric(
-            &text,
-            "streamworker_entries_total",
-            &[("outcome", "deleted")],
-        ) == Some(1.0)
+        entries_total(&http, &[("outcome", "deleted")]) == 1.0
     });
     assert_eq!(
         group_info(&mut con, "orders", "billing").map(|(p, _)| p),
@@ -360,26 +355,15 @@ fn an_entry_deleted_while_its_handler_runs_is_counted_when_parked() {
     let mut con = redis.connection();
     produce(&mut con, "orders", &[vec![("n", "1".to_owned())]]);
     wait_until(Duration::from_secs(10), "the deletion counted", || {
-        http_get(&http, "/metrics").is_some_and(|(_, text)| {
-            metric(
-                &text,
-                "streamworker_entries_total",
-                &[("outcome", "deleted")],
-            ) == Some(1.0)
-        })
+        entries_total(&http, &[("outcome", "deleted")]) == 1.0
     });
     assert_eq!(
         group_info(&mut con, "orders", "billing").map(|(p, _)| p),
         Some(0)
     );
-    let (_, text) = http_get(&http, "/metrics").unwrap();
     assert_eq!(
-        metric(
-            &text,
-            "streamworker_entries_total",
-            &[("outcome", "retried")]
-        ),
-        Some(0.0),
+        entries_total(&http, &[("outcome", "retried")]),
+        0.0,
         "a deleted entry is not parked for a retry"
     );
     assert_eq!(hook.count(), 1);

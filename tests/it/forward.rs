@@ -131,19 +131,14 @@ fn xlen(con: &mut redis::Connection, key: &str) -> u64 {
 }
 
 fn entries_metric(addr: &str, outcome: &str) -> f64 {
-    http_get(addr, "/metrics")
-        .and_then(|(_, body)| {
-            metric(
-                &body,
-                "streamworker_entries_total",
-                &[
-                    ("stream", RAW),
-                    ("group", "normalize"),
-                    ("outcome", outcome),
-                ],
-            )
-        })
-        .unwrap_or(0.0)
+    entries_total(
+        addr,
+        &[
+            ("stream", RAW),
+            ("group", "normalize"),
+            ("outcome", outcome),
+        ],
+    )
 }
 
 #[test]

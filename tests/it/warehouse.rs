@@ -301,15 +301,7 @@ fn wait_for_blocked_read(con: &mut redis::Connection, group: &str, consumer: &st
 }
 
 fn dropped(http: &str, group: &str) -> f64 {
-    http_get(http, "/metrics")
-        .and_then(|(_, text)| {
-            metric(
-                &text,
-                "streamworker_entries_total",
-                &[("group", group), ("outcome", "dropped")],
-            )
-        })
-        .unwrap_or(0.0)
+    entries_total(http, &[("group", group), ("outcome", "dropped")])
 }
 
 fn idle(con: &mut redis::Connection, stream: &str, group: &str) -> bool {

@@ -483,6 +483,14 @@ pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
+/// `streamworker_entries_total{labels…}` from the daemon's `/metrics` at `http`; 0 while
+/// the daemon does not answer or has no such sample yet.
+pub fn entries_total(http: &str, labels: &[(&str, &str)]) -> f64 {
+    http_get(http, "/metrics")
+        .and_then(|(_, text)| metric(&text, "streamworker_entries_total", labels))
+        .unwrap_or(0.0)
+}
+
 /// The value of the sample `name{labels…}` in exposition text, matching every given label.
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     text.lines().find_map(|line| {
