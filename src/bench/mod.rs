@@ -581,7 +581,7 @@ pub fn run(options: &Options) -> Result<String, crate::local_redis::LocalRedisEr
         .unwrap_or_default();
 
     let mut out = format!(
-        "Drain: {} pre-loaded entries (5 fields each), noop handler, batch_size 512, concurrency 1024, reclaim and metrics on; median of {} runs, interleaved. One private redis-server on the same machine.\n\n",
+        "Drain: {} pre-loaded entries (4 fields each), noop handler, batch_size 512, concurrency 1024, reclaim and metrics on; median of {} runs, interleaved. One private redis-server on the same machine.\n\n",
         options.entries, options.runs
     );
     out.push_str("| consumer | entries/s | streamworker (1 replica) ÷ this | Redis CPU µs/entry | ÷ hand-written Rust's | consumer CPU µs/entry | peak RSS MiB |\n");
