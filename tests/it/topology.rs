@@ -291,13 +291,21 @@ fn the_daemon_follows_a_sentinel_failover() {
     assert!(daemon.is_running(), "{}", daemon.logs());
 }
 
-/// The commands streamworker needs, as an ACL rule (also in README).
-pub const ACL_RULES: &str = "on resetkeys ~* resetchannels &* -@all +ping +info +hello +auth +select +client|id +client|setname +client|unblock +xreadgroup +xack +xadd +xclaim +xautoclaim +xpending +xgroup|create +xgroup|delconsumer +xinfo|groups +xinfo|consumers +xlen +xrange +xtrim +xdel +evalsha +eval +script|load +get +set +del +exists +pttl +pexpire +hset +hdel +hgetall +hincrby +hincrbyfloat +multi +exec +publish +cluster|slots";
+/// The ACL rule the README documents (`user streamworker on >PASSWORD …`), read from the
+/// README itself so that the test exercises exactly what users are told to configure.
+fn acl_rules() -> String {
+    const PREFIX: &str = "user streamworker on >PASSWORD ";
+    let line = include_str!("../../README.md")
+        .lines()
+        .find(|l| l.starts_with(PREFIX))
+        .expect("README documents the ACL user");
+    format!("on {}", &line[PREFIX.len()..])
+}
 
 #[test]
 fn tls_with_client_certificates_and_a_least_privilege_acl_user() {
     let certs = Certificates::generate();
-    let user_rule = format!("streamworker >s3cr3t-acl-pw {ACL_RULES}");
+    let user_rule = format!("streamworker >s3cr3t-acl-pw {}", acl_rules());
     let mut args: Vec<String> = certs.server_args();
     // redis-server reads a directive's words as separate arguments.
     for rule in ["admin on >admin-pw ~* &* +@all", &user_rule] {
@@ -323,8 +331,31 @@ fn tls_with_client_certificates_and_a_least_privilege_acl_user() {
         p("client.crt"),
         p("client.key")
     );
+    // Every kind of Redis work under the restricted user: a webhook group (acks, retries,
+    // dead letters, retention), analytics (effects applied with the XACK), alerts (the
+    // tick lease, shared windows, XADD and PUBLISH of alert events).
     let groups = format!(
-        "[streams.orders]\nretention = {{ max_len = 5 }}\n{}",
+        r#"[streams.orders]
+retention = {{ max_len = 5 }}
+{}
+[groups.usage]
+stream = "orders"
+handler = "analytics"
+[groups.usage.options]
+dimensions = ["kind"]
+
+[groups.watch]
+stream = "orders"
+handler = "alerts"
+[groups.watch.options]
+channel = "streamworker:alerts"
+[[groups.watch.options.rules]]
+name = "bad-entries"
+kind = "count"
+when = {{ kind = "bad" }}
+window = "10s"
+threshold = 1
+"#,
         webhook_group("billing", "orders", &hook.url("r1"))
     );
     let (cfg, http) = config_with_http("unused", "r1", &groups);
@@ -347,21 +378,23 @@ fn tls_with_client_certificates_and_a_least_privilege_acl_user() {
         admin(&["XADD", "orders", "*", "kind", kind, "n", &i.to_string()]);
     }
     wait_until(Duration::from_secs(30), "all settled", || {
-        let Some((_, text)) = http_get(&http, "/metrics") else {
-            return false;
-        };
-        metric(&text, "streamworker_entries_total", &[("outcome", "acked")]) == Some(7.0)
-            && metric(
-                &text,
-                "streamworker_entries_total",
-                &[("outcome", "dead_lettered")],
-            ) == Some(1.0)
+        entries_total(&http, &[("group", "billing"), ("outcome", "acked")]) == 7.0
+            && entries_total(&http, &[("group", "billing"), ("outcome", "dead_lettered")])
+                == 1.0
+            && entries_total(&http, &[("group", "usage"), ("outcome", "acked")]) == 8.0
+    });
+    wait_until(Duration::from_secs(20), "the alert event", || {
+        admin(&["XLEN", "alerts"]).trim() == "1"
     });
     // Retention trims with the restricted user, down to max_len once everything is acked.
     wait_until(Duration::from_secs(20), "retention", || {
         admin(&["XLEN", "orders"]).trim() == "5"
     });
     let path = daemon.config_path.to_str().unwrap().to_owned();
+    let (code, out, err) = run_cli(&["stats", "-c", &path, "--group", "usage", "--json"], &[]);
+    assert_eq!(code, 0, "{err}");
+    let stats: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(stats["entries"], 8, "every entry counted once:\n{out}");
     let (code, out, err) = run_cli(&["status", "-c", &path, "--json"], &[]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("\"dead_letter_length\": 1"), "{out}");
