@@ -237,32 +237,70 @@ impl Entry {
         self.field(name).map(String::from_utf8_lossy)
     }
 
-    /// A value by name in either payload shape: a field for `fields`, a key (or a dotted path
-    /// such as `usage.total_tokens`) of the JSON document for `json:<field>`. Scalars come
-    /// back as text; `null` and missing keys as `None`.
+    /// A value by name, the one lookup every built-in handler uses, in either payload
+    /// shape:
+    ///
+    /// - `json:<field>`: a key, or a dotted path such as `usage.total_tokens` or
+    ///   `items.0.sku`, of the decoded document; when the document has no such key, a flat
+    ///   field of that exact name (so `event_type` can sit beside the JSON field);
+    /// - `fields`: the field of that name; when there is none and the name is dotted, a
+    ///   path into a field holding JSON text (`data.tokens` reads `tokens` of the JSON in
+    ///   field `data`, as `memory:events` entries carry it).
+    ///
+    /// Scalars come back as text (objects and arrays as JSON text); `null` and missing
+    /// keys as `None`.
     pub fn get(&self, key: &str) -> Option<Cow<'_, str>> {
-        match &self.payload {
-            Payload::Fields => self.field_str(key),
-            Payload::Json(doc) => json_path(doc, key).and_then(|v| match v {
+        match self.find(key)? {
+            Found::Text(text) => Some(text),
+            Found::Json(Cow::Borrowed(v)) => match v {
                 serde_json::Value::Null => None,
                 serde_json::Value::String(s) => Some(Cow::Borrowed(s.as_str())),
                 other => Some(Cow::Owned(other.to_string())),
-            }),
+            },
+            Found::Json(Cow::Owned(v)) => match v {
+                serde_json::Value::Null => None,
+                serde_json::Value::String(s) => Some(Cow::Owned(s)),
+                other => Some(Cow::Owned(other.to_string())),
+            },
         }
     }
 
-    /// A numeric value by name in either payload shape.
+    /// A numeric value by name, found as [`Entry::get`] finds it; numbers given as text
+    /// are parsed, `true`/`false` count as 1/0.
     pub fn get_f64(&self, key: &str) -> Option<f64> {
-        match &self.payload {
-            Payload::Json(doc) => match json_path(doc, key)? {
+        match self.find(key)? {
+            Found::Text(text) => text.trim().parse().ok(),
+            Found::Json(v) => match v.as_ref() {
                 serde_json::Value::Number(n) => n.as_f64(),
                 serde_json::Value::String(s) => s.trim().parse().ok(),
                 serde_json::Value::Bool(b) => Some(f64::from(u8::from(*b))),
                 _ => None,
             },
-            Payload::Fields => self.field_str(key)?.trim().parse().ok(),
         }
         .filter(|n: &f64| n.is_finite())
+    }
+
+    fn find(&self, key: &str) -> Option<Found<'_>> {
+        match &self.payload {
+            Payload::Json(doc) => match json_path(doc, key) {
+                Some(v) => Some(Found::Json(Cow::Borrowed(v))),
+                None => self.field_str(key).map(Found::Text),
+            },
+            Payload::Fields => match self.field_str(key) {
+                Some(text) => Some(Found::Text(text)),
+                None => self.json_in_field(key).map(|v| Found::Json(Cow::Owned(v))),
+            },
+        }
+    }
+
+    /// `data.tokens` with flat fields: `tokens` of the JSON text in field `data` (the
+    /// shortest field name that exists and parses wins). Parsed per lookup, and only for
+    /// a dotted name no field has.
+    fn json_in_field(&self, key: &str) -> Option<serde_json::Value> {
+        key.match_indices('.').find_map(|(i, _)| {
+            let doc: serde_json::Value = serde_json::from_slice(self.field(&key[..i])?).ok()?;
+            json_path(&doc, &key[i + 1..]).cloned()
+        })
     }
 
     /// The original id when this entry is a replay of a dead letter.
@@ -275,6 +313,12 @@ impl Entry {
     pub fn idempotency_id(&self) -> EntryId {
         self.replay_of().unwrap_or(self.id)
     }
+}
+
+/// What a lookup found: a flat field's text, or a JSON value.
+enum Found<'a> {
+    Text(Cow<'a, str>),
+    Json(Cow<'a, serde_json::Value>),
 }
 
 fn json_path<'a>(doc: &'a serde_json::Value, key: &str) -> Option<&'a serde_json::Value> {
@@ -370,6 +414,49 @@ mod tests {
         assert_eq!(e.get("data.model").as_deref(), Some("gpt-4"));
         assert_eq!(e.get_f64("data.tokens.1"), Some(4.0));
         assert_eq!(e.get_f64("ok"), Some(1.0));
+    }
+
+    #[test]
+    fn lookups_cross_payload_shapes() {
+        // A JSON payload: keys the document lacks fall back to flat fields.
+        let e = decoded(
+            EntryId::new(1, 0),
+            fields(&[
+                ("event_type", "purchase"),
+                ("payload", r#"{"total": 12.5, "event_type": null}"#),
+            ]),
+            &PayloadFormat::Json("payload".into()),
+        )
+        .unwrap();
+        assert_eq!(e.get_f64("total"), Some(12.5));
+        assert_eq!(e.get("event_type"), None, "null in the document wins");
+        let e = decoded(
+            EntryId::new(1, 0),
+            fields(&[("brand_id", "b1"), ("payload", r#"{"total": 3}"#)]),
+            &PayloadFormat::Json("payload".into()),
+        )
+        .unwrap();
+        assert_eq!(e.get("brand_id").as_deref(), Some("b1"));
+        // Flat fields: a dotted name reads into a field holding JSON text.
+        let e = decoded(
+            EntryId::new(1, 0),
+            fields(&[
+                ("type", "agent.step"),
+                ("data", r#"{"tokens": 42, "tool": {"name": "search"}}"#),
+                ("a.b", "literal"),
+            ]),
+            &PayloadFormat::Fields,
+        )
+        .unwrap();
+        assert_eq!(e.get_f64("data.tokens"), Some(42.0));
+        assert_eq!(e.get("data.tool.name").as_deref(), Some("search"));
+        assert_eq!(
+            e.get("a.b").as_deref(),
+            Some("literal"),
+            "an exact field first"
+        );
+        assert_eq!(e.get("type.x"), None, "not JSON: nothing");
+        assert_eq!(e.get("data.missing"), None);
     }
 
     #[test]

@@ -19,11 +19,11 @@
 //!    source id (`source_id_field`, default `source_id`). An added field replaces a passed-on
 //!    field of the same name.
 //!
-//! Values are looked up (for `filter` and `extract`) as [`Entry::get`] does: a field for
-//! `payload = "fields"`, a key or dotted path of the JSON document for
-//! `payload = "json:<field>"`, falling back to a flat field of that exact name when the
-//! document has no such key (so a `json:payload` source can still filter on its flat
-//! `event_type`).
+//! Values are looked up (for `filter` and `extract`) with [`Entry::get`], as by every
+//! handler: a field for `payload = "fields"` (or a path into a field holding JSON text), a
+//! key or dotted path of the JSON document for `payload = "json:<field>"`, falling back to
+//! a flat field of that exact name when the document has no such key (so a `json:payload`
+//! source can still filter on its flat `event_type`).
 //!
 //! The source id is [`Entry::idempotency_id`]: the entry's id, or for a replayed dead letter
 //! the id of the original entry, so a consumer of the target can dedupe on
@@ -33,7 +33,6 @@
 //! hash tag, e.g. `{events}.raw` and `{events}.normalized`), since the XADD and the XACK run
 //! in one script.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 
@@ -41,8 +40,8 @@ use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::{
-    Effect, Effects, Entry, Handler, HandlerError, Limits, OptionProblem, Payload,
-    REPLAY_GROUP_FIELD, REPLAY_OF_FIELD,
+    Effect, Effects, Entry, Handler, HandlerError, Limits, OptionProblem, REPLAY_GROUP_FIELD,
+    REPLAY_OF_FIELD,
 };
 
 /// Field names and values, bytes as stored, in order.
@@ -489,14 +488,16 @@ impl Forward {
     /// The fields to append downstream, or why the entry is not forwarded.
     pub fn transform(&self, entry: &Entry) -> Result<Fields, HandlerError> {
         for (key, accepted) in &self.filter {
-            let pass = lookup(entry, key).is_some_and(|v| accepted.iter().any(|a| *a == *v));
+            let pass = entry
+                .get(key)
+                .is_some_and(|v| accepted.iter().any(|a| *a == *v));
             if !pass {
                 return Err(HandlerError::Drop(format!("filtered out by filter.{key}")));
             }
         }
         let mut added: Fields = Vec::with_capacity(self.extract.len() + self.set.len() + 1);
         for (name, path) in &self.extract {
-            if let Some(value) = lookup(entry, path) {
+            if let Some(value) = entry.get(path) {
                 added.push((name.clone(), value.into_owned().into_bytes()));
             }
         }
@@ -539,14 +540,6 @@ impl Forward {
         }
         Ok(out)
     }
-}
-
-/// A value by key: [`Entry::get`], then for a JSON payload a flat field of that name.
-fn lookup<'a>(entry: &'a Entry, key: &str) -> Option<Cow<'a, str>> {
-    entry.get(key).or_else(|| match entry.payload {
-        Payload::Json(_) => entry.field_str(key),
-        Payload::Fields => None,
-    })
 }
 
 impl Handler for Forward {

@@ -869,6 +869,8 @@ fn event_sourcing_archives_counts_trims_by_age_and_replays_from_a_time() {
     assert_eq!(s["entries"], 8, "{s:#}");
     assert_eq!(s["errors"], 1);
     assert_eq!(s["event_types"]["message.added"], 3);
+    // `tokens` inside the JSON text of the flat field `data`: 150 + 90 + 40.
+    assert_eq!(s["sums"]["data.tokens"].as_f64(), Some(280.0), "{s:#}");
     let agents = dimension(&s, "agent_id");
     assert_eq!(agents["support-bot"]["entries"], 5);
     assert_eq!(agents["research-bot"]["entries"], 3);

@@ -379,8 +379,7 @@ threshold = 1
     }
     wait_until(Duration::from_secs(30), "all settled", || {
         entries_total(&http, &[("group", "billing"), ("outcome", "acked")]) == 7.0
-            && entries_total(&http, &[("group", "billing"), ("outcome", "dead_lettered")])
-                == 1.0
+            && entries_total(&http, &[("group", "billing"), ("outcome", "dead_lettered")]) == 1.0
             && entries_total(&http, &[("group", "usage"), ("outcome", "acked")]) == 8.0
     });
     wait_until(Duration::from_secs(20), "the alert event", || {
