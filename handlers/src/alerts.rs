@@ -66,7 +66,7 @@ pub struct AlertsOptions {
 pub struct RuleOptions {
     /// Names the rule in events, keys and messages: letters, digits, `-`, `_`, `.`.
     pub name: String,
-    /// `count`, `rate`, `absence` or `lag`.
+    /// `count`, `rate`, `absence`, `lag` or `consumers`.
     pub kind: RuleKind,
     /// Which entries match (count, rate, absence): every listed field must have one of its
     /// values, compared as text; a key may be a dotted path into a JSON payload
@@ -74,6 +74,7 @@ pub struct RuleOptions {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub when: BTreeMap<String, Values>,
     /// The sliding window (count, rate, absence): at least 5 s and 5 × `evaluate_every`.
+    /// For consumers: a consumer that took entries within this long counts as active.
     #[serde(
         default,
         with = "crate::duration::option",
@@ -82,6 +83,7 @@ pub struct RuleOptions {
     pub window: Option<Duration>,
     /// Fires at or above: matching entries (count), matching ÷ all entries in the window,
     /// in (0, 1] (rate), entries not yet delivered to the group (lag). Absence has none.
+    /// Consumers fires *below* it: fewer active consumers than this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threshold: Option<f64>,
     /// Rate only: a window with fewer entries is not judged (counts as clear). Default 10.
@@ -93,10 +95,10 @@ pub struct RuleOptions {
     /// The condition must hold this long before the rule fires; default 0 (at once).
     #[serde(rename = "for", with = "crate::duration", default)]
     pub hold: Duration,
-    /// Lag only: the consumer group watched; default this group.
+    /// Lag and consumers: the consumer group watched; default this group.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
-    /// Lag only: the stream of that group; default this group's stream.
+    /// Lag and consumers: the stream of that group; default this group's stream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream: Option<String>,
     /// Free text added to every event of this rule (what to do, a runbook link).
@@ -116,6 +118,9 @@ pub enum RuleKind {
     Absence,
     /// A consumer group's lag (entries not yet delivered to it) reaches `threshold`.
     Lag,
+    /// Entries wait for a group and fewer than `threshold` of its consumers took any
+    /// within `window` (`threshold = 1`: nobody is consuming).
+    Consumers,
 }
 
 impl<'de> Deserialize<'de> for RuleKind {
@@ -127,14 +132,20 @@ impl<'de> Deserialize<'de> for RuleKind {
             .find(|k| k.as_str() == text)
             .ok_or_else(|| {
                 serde::de::Error::custom(format!(
-                    "`{text}` is not a rule kind; choose count, rate, absence or lag"
+                    "`{text}` is not a rule kind; choose count, rate, absence, lag or consumers"
                 ))
             })
     }
 }
 
 impl RuleKind {
-    pub const ALL: [RuleKind; 4] = [Self::Count, Self::Rate, Self::Absence, Self::Lag];
+    pub const ALL: [RuleKind; 5] = [
+        Self::Count,
+        Self::Rate,
+        Self::Absence,
+        Self::Lag,
+        Self::Consumers,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -142,7 +153,13 @@ impl RuleKind {
             Self::Rate => "rate",
             Self::Absence => "absence",
             Self::Lag => "lag",
+            Self::Consumers => "consumers",
         }
+    }
+
+    /// Rules that read a consumer group (`group`, `stream`) rather than count entries.
+    pub fn watches_a_group(self) -> bool {
+        matches!(self, Self::Lag | Self::Consumers)
     }
 }
 
@@ -306,7 +323,7 @@ impl AlertsOptions {
         if self.rules.is_empty() {
             problem(
                 "rules".into(),
-                "has no usable rule: add at least one [[groups.<name>.options.rules]] table with a name and a kind (count, rate, absence or lag), and fix the problems reported for rules".into(),
+                "has no usable rule: add at least one [[groups.<name>.options.rules]] table with a name and a kind (count, rate, absence, lag or consumers), and fix the problems reported for rules".into(),
             );
         }
         let min_window = self.min_window();
@@ -370,6 +387,10 @@ impl RuleOptions {
                 "lag is read as it is now; use `for` to require it to last",
             ),
             (RuleKind::Lag, None) => {}
+            (RuleKind::Consumers, None) => out.push((
+                "window",
+                "is missing: a consumer counts as active when it took entries within this long, e.g. window = \"1m\"".into(),
+            )),
             (_, None) => out.push((
                 "window",
                 format!(
@@ -403,6 +424,7 @@ impl RuleOptions {
                 match self.kind {
                     RuleKind::Rate => "is missing: the fraction of entries at which the rule fires, e.g. threshold = 0.05 for 5 %".into(),
                     RuleKind::Count => "is missing: the number of matching entries in the window at which the rule fires, e.g. threshold = 100".into(),
+                    RuleKind::Consumers => "is missing: the number of active consumers below which the rule fires, e.g. threshold = 1 (fires when none is active)".into(),
                     _ => "is missing: the lag (entries not yet delivered to the group) at which the rule fires, e.g. threshold = 10000".into(),
                 },
             )),
@@ -420,6 +442,13 @@ impl RuleOptions {
                     format!("= {t}: a {kind} threshold is a whole number of entries, at least 1"),
                 ))
             }
+            (RuleKind::Consumers, Some(t)) if !(t >= 1.0 && t.fract() == 0.0 && t < 1e6) => out
+                .push((
+                    "threshold",
+                    format!(
+                        "= {t}: a consumers threshold is a whole number of consumers, at least 1"
+                    ),
+                )),
             _ => {}
         }
         match (self.kind, self.min_events) {
@@ -435,13 +464,9 @@ impl RuleOptions {
             ),
         }
         match self.kind {
-            RuleKind::Lag => {
+            RuleKind::Lag | RuleKind::Consumers => {
                 if !self.when.is_empty() {
-                    not_for(
-                        "when",
-                        &mut out,
-                        "lag counts every entry not yet delivered to the group",
-                    );
+                    not_for("when", &mut out, "it reads the consumer group, not entries");
                 }
                 if matches!(&self.group, Some(g) if g.is_empty()) {
                     out.push((
@@ -459,10 +484,18 @@ impl RuleOptions {
             }
             _ => {
                 if self.group.is_some() {
-                    not_for("group", &mut out, "only lag rules watch another group");
+                    not_for(
+                        "group",
+                        &mut out,
+                        "only lag and consumers rules watch a group",
+                    );
                 }
                 if self.stream.is_some() {
-                    not_for("stream", &mut out, "only lag rules watch another stream");
+                    not_for(
+                        "stream",
+                        &mut out,
+                        "only lag and consumers rules watch another stream",
+                    );
                 }
                 if self.kind == RuleKind::Rate && self.when.is_empty() {
                     out.push((
@@ -804,7 +837,7 @@ impl Alerts {
         let windowed: Vec<Duration> = options
             .rules
             .iter()
-            .filter(|r| r.kind != RuleKind::Lag)
+            .filter(|r| !r.kind.watches_a_group())
             .map(|r| r.window.unwrap_or(MIN_WINDOW))
             .collect();
         let mut widths = bucket_widths(&windowed).into_iter();
@@ -817,6 +850,9 @@ impl Alerts {
             };
             let (window, family, buckets) = if r.kind == RuleKind::Lag {
                 (Duration::ZERO, usize::MAX, 0)
+            } else if r.kind == RuleKind::Consumers {
+                let window = r.window.ok_or_else(|| missing("window"))?;
+                (window, usize::MAX, 0)
             } else {
                 let window = r.window.ok_or_else(|| missing("window"))?;
                 let width_ms = widths.next().unwrap_or(1000);
@@ -865,7 +901,7 @@ impl Alerts {
                 min_events: r.min_events.unwrap_or(DEFAULT_MIN_EVENTS),
                 cooldown_ms: r.cooldown.as_millis() as u64,
                 hold_ms: r.hold.as_millis() as u64,
-                watched: (r.kind == RuleKind::Lag).then(|| {
+                watched: r.kind.watches_a_group().then(|| {
                     (
                         r.stream.clone().unwrap_or_else(|| stream.to_owned()),
                         r.group.clone().unwrap_or_else(|| group.to_owned()),
@@ -997,6 +1033,7 @@ impl Alerts {
             }
             let seen = match rule.kind {
                 RuleKind::Lag => self.observe_lag(rule).await,
+                RuleKind::Consumers => self.observe_consumers(rule).await,
                 _ => {
                     let (index, first, last) = firsts[rule.family];
                     let from = last.saturating_sub(rule.buckets - 1).max(first);
@@ -1098,6 +1135,56 @@ impl Alerts {
                 tracing::debug!(stream = %self.stream, group = %self.group, rule = %rule.name, error = %e, "cannot read a group's lag");
                 unknown()
             }
+        }
+    }
+
+    /// Consumers that received entries within the rule's window, judged only while
+    /// entries wait for the group.
+    ///
+    /// Redis (before 7.2) refreshes a consumer's idle time only when a read or claim
+    /// hands it entries, so a healthy consumer of a quiet stream looks idle; the rule
+    /// therefore fires only while the group has entries not yet delivered (lag > 0, or lag
+    /// unknown) and too few consumers took any within `window`. Idle times are the
+    /// server's, so replicas' clocks do not matter; streamworker's parking consumer is
+    /// not a reader.
+    async fn observe_consumers(&self, rule: &Rule) -> Observation {
+        let Some((stream, group)) = &rule.watched else {
+            return unknown();
+        };
+        let (consumers, lag) = match tokio::join!(
+            self.store.consumers(stream.clone(), group.clone()),
+            self.store.lag(stream.clone(), group.clone())
+        ) {
+            (Ok(Some(consumers)), Ok(lag)) => (consumers, lag),
+            (Ok(None), _) => return unknown(),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::debug!(stream = %self.stream, group = %self.group, rule = %rule.name, error = %e, "cannot read a group's consumers");
+                return unknown();
+            }
+        };
+        let within = rule.window.as_millis() as u64;
+        let readers = || {
+            consumers
+                .iter()
+                .filter(|(name, _)| name != crate::BACKOFF_CONSUMER)
+        };
+        let active = readers().filter(|(_, idle)| *idle < within).count();
+        let wanted = rule.threshold;
+        let waiting = match lag {
+            Some(0) => "nothing waiting".to_owned(),
+            Some(n) => format!("{n} entries waiting"),
+            None => "an unknown number of entries waiting".to_owned(),
+        };
+        Observation {
+            value: active as f64,
+            firing: Some((active as f64) < wanted && lag != Some(0)),
+            detail: format!(
+                "group {group} on {stream} has {active} consumer{} active in the last {} ({} known; at least {} wanted) and {waiting}",
+                if active == 1 { "" } else { "s" },
+                human(rule.window),
+                readers().count(),
+                number(wanted)
+            ),
         }
     }
 
@@ -1269,7 +1356,7 @@ fn observe_window(rule: &Rule, matched: u64, all: u64, watched_ms: u64) -> Obser
                 format!("no matching entry for {window}")
             },
         },
-        RuleKind::Lag => unknown(),
+        RuleKind::Lag | RuleKind::Consumers => unknown(),
     }
 }
 
@@ -1327,7 +1414,11 @@ mod tests {
         events: Mutex<Vec<Vec<(String, String)>>>,
         published: Mutex<Vec<String>>,
         lag: Mutex<HashMap<(String, String), u64>>,
+        consumers: Mutex<HashMap<(String, String), Consumers>>,
     }
+
+    /// Each consumer's name and idle time, as XINFO CONSUMERS gives them.
+    type Consumers = Vec<(String, u64)>;
 
     impl FakeStore {
         fn run(&self, effects: &[Effect]) {
@@ -1410,6 +1501,19 @@ mod tests {
         fn lag(&self, stream: String, group: String) -> StoreFuture<'_, Option<u64>> {
             let lag = self.lag.lock().unwrap().get(&(stream, group)).copied();
             Box::pin(async move { Ok(lag) })
+        }
+        fn consumers(
+            &self,
+            stream: String,
+            group: String,
+        ) -> StoreFuture<'_, Option<Vec<(String, u64)>>> {
+            let consumers = self
+                .consumers
+                .lock()
+                .unwrap()
+                .get(&(stream, group))
+                .cloned();
+            Box::pin(async move { Ok(consumers) })
         }
     }
 
@@ -1549,7 +1653,7 @@ threshold = 2.5
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("`ratio` is not a rule kind; choose count, rate, absence or lag"),
+            e.contains("`ratio` is not a rule kind; choose count, rate, absence, lag or consumers"),
             "{e}"
         );
         let e = toml::from_str::<AlertsOptions>(
@@ -1834,6 +1938,82 @@ threshold = 100
             assert!(a.evaluate(t0 + 604_000).await.unwrap().is_empty());
             assert_eq!(a.evaluate(t0 + 605_000).await.unwrap()[0].rule, "silence");
         });
+    }
+
+    #[test]
+    fn a_consumers_rule_fires_when_nobody_has_read_within_its_window() {
+        let o = options(
+            r#"
+[[rules]]
+name = "nobody-learning"
+kind = "consumers"
+group = "learning"
+stream = "user:feedback"
+window = "30s"
+threshold = 1
+cooldown = "0s"
+"#,
+        );
+        assert!(
+            o.validate(&limits()).is_empty(),
+            "{:?}",
+            o.validate(&limits())
+        );
+        let store = Arc::new(FakeStore::default());
+        let a = Alerts::new(&o, "logs", "alerts", store.clone()).unwrap();
+        let set = |consumers: &[(&str, u64)]| {
+            store.consumers.lock().unwrap().insert(
+                ("user:feedback".into(), "learning".into()),
+                consumers.iter().map(|(n, i)| (n.to_string(), *i)).collect(),
+            );
+        };
+        let t0: u64 = 1_700_000_000_000;
+        block_on(async {
+            // No such group: unknown, nothing fires.
+            assert!(a.evaluate(t0).await.unwrap().is_empty());
+            set(&[("pod-a", 1_000)]);
+            assert!(a.evaluate(t0 + 1_000).await.unwrap().is_empty());
+            // The only reader went quiet, but nothing waits for it (a quiet stream): fine.
+            let lag = |n: u64| {
+                store
+                    .lag
+                    .lock()
+                    .unwrap()
+                    .insert(("user:feedback".into(), "learning".into()), n)
+            };
+            lag(0);
+            set(&[("pod-a", 31_000), (crate::BACKOFF_CONSUMER, 10)]);
+            assert!(a.evaluate(t0 + 1_500).await.unwrap().is_empty());
+            // Entries arrive and nobody takes them; the parking consumer does not count.
+            lag(3);
+            let fired = a.evaluate(t0 + 2_000).await.unwrap();
+            assert_eq!(fired.len(), 1);
+            assert_eq!(fired[0].change, Change::Firing);
+            assert_eq!(fired[0].value, 0.0);
+            assert!(
+                fired[0]
+                    .message
+                    .contains("0 consumers active in the last 30s (1 known; at least 1 wanted) and 3 entries waiting"),
+                "{}",
+                fired[0].message
+            );
+            set(&[("pod-a", 31_000), ("pod-b", 200)]);
+            let resolved = a.evaluate(t0 + 3_000).await.unwrap();
+            assert_eq!(resolved[0].change, Change::Resolved);
+        });
+        let bad = options(
+            r#"
+[[rules]]
+name = "c"
+kind = "consumers"
+threshold = 0.5
+when = { a = "b" }
+"#,
+        );
+        let keys: Vec<String> = bad.validate(&limits()).into_iter().map(|p| p.key).collect();
+        for key in ["rules.0.window", "rules.0.threshold", "rules.0.when"] {
+            assert!(keys.iter().any(|k| k == key), "{key} in {keys:?}");
+        }
     }
 
     #[test]

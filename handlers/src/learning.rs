@@ -1275,6 +1275,13 @@ mod tests {
         fn lag(&self, _stream: String, _group: String) -> StoreFuture<'_, Option<u64>> {
             Box::pin(async { Err(StoreError("not here".into())) })
         }
+        fn consumers(
+            &self,
+            _stream: String,
+            _group: String,
+        ) -> StoreFuture<'_, Option<Vec<(String, u64)>>> {
+            Box::pin(async { Err(StoreError("not here".into())) })
+        }
     }
 
     fn entry(id: EntryId, delivery_count: u64, pairs: &[(&str, &str)]) -> Entry {

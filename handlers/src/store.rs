@@ -30,4 +30,11 @@ pub trait Store: Send + Sync + 'static {
     /// The lag of a consumer group (XINFO GROUPS), `None` when Redis cannot tell or the
     /// group does not exist.
     fn lag(&self, stream: String, group: String) -> StoreFuture<'_, Option<u64>>;
+    /// The consumers of a group with the time since Redis last saw each read (XINFO
+    /// CONSUMERS `idle`, milliseconds); `None` when the stream or the group does not exist.
+    fn consumers(
+        &self,
+        stream: String,
+        group: String,
+    ) -> StoreFuture<'_, Option<Vec<(String, u64)>>>;
 }

@@ -13,10 +13,7 @@ use streamworker_handlers::{Effect, Effects, EntryId, one_line};
 
 use crate::client::{Client, ClientError, Release};
 
-/// The consumer that holds entries waiting out a retry backoff. Any replica's reclaim takes
-/// them from it once their idle time reaches `claim_idle`; this consumer's own re-reads
-/// never see them, so a restart does not cut a backoff short.
-pub const BACKOFF_CONSUMER: &str = "streamworker:backoff";
+pub use streamworker_handlers::BACKOFF_CONSUMER;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AckKind {

@@ -380,6 +380,88 @@ threshold = 1000
     );
 }
 
+/// "Alert if no consumers active": another application's group whose only reader stops
+/// taking entries while entries wait fires once, and resolves when a reader takes them.
+#[test]
+fn a_consumers_rule_fires_when_a_group_has_no_active_reader() {
+    let redis = RedisServer::start();
+    let mut con = redis.connection();
+    let read_as = |con: &mut redis::Connection, consumer: &str| {
+        let _: redis::Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("learning")
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(10)
+            .arg("STREAMS")
+            .arg("user:feedback")
+            .arg(">")
+            .query(con)
+            .unwrap();
+    };
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg("user:feedback")
+        .arg("learning")
+        .arg("$")
+        .arg("MKSTREAM")
+        .query(&mut con)
+        .unwrap();
+    let feedback = || vec![vec![("rating", "4".to_owned())]];
+    // Redis creates (and refreshes) a consumer only when a read hands it entries.
+    produce(&mut con, "user:feedback", &feedback());
+    read_as(&mut con, "worker-1");
+    let _daemon = Daemon::start(&config(
+        &redis.url(),
+        "r1",
+        &alerts_group(
+            "user_logs",
+            FAST,
+            r#"
+[[groups.alerts.options.rules]]
+name = "nobody-learning"
+kind = "consumers"
+stream = "user:feedback"
+group = "learning"
+window = "5s"
+threshold = 1
+cooldown = "1s"
+"#,
+        ),
+    ));
+    // Quiet for a while: worker-1 goes idle, but nothing waits for it, so no alert.
+    std::thread::sleep(Duration::from_secs(7));
+    assert!(
+        transitions(&mut con).is_empty(),
+        "{:?}",
+        alert_events(&mut con)
+    );
+    produce(&mut con, "user:feedback", &feedback());
+    wait_until(Duration::from_secs(10), "the alert", || {
+        !transitions(&mut con).is_empty()
+    });
+    let fired = alert_events(&mut con);
+    assert_eq!(transitions(&mut con), vec!["nobody-learning:firing"]);
+    assert_eq!(fired[0]["kind"], "consumers");
+    assert_eq!(fired[0]["value"], "0");
+    assert_eq!(fired[0]["window"], "5s");
+    assert!(
+        fired[0]["message"].contains(
+            "group learning on user:feedback has 0 consumers active in the last 5s (1 known; at least 1 wanted) and 1 entries waiting"
+        ),
+        "{:?}",
+        fired[0]
+    );
+    read_as(&mut con, "worker-2");
+    wait_until(Duration::from_secs(8), "the resolution", || {
+        transitions(&mut con).len() == 2
+    });
+    assert_eq!(
+        transitions(&mut con),
+        vec!["nobody-learning:firing", "nobody-learning:resolved"]
+    );
+}
+
 /// The count of `field` across the group's one-second buckets.
 fn bucket_total(con: &mut redis::Connection, stream: &str, field: &str) -> i64 {
     let keys: Vec<String> = redis::cmd("KEYS")
@@ -522,7 +604,7 @@ kind = "ratio"
         "a window must be at least 10s",
         "groups.bad.options.rules.0.threshold = 5: a rate threshold is a fraction above 0 and at most 1",
         "groups.bad.options.rules.1.name = \"error-rate\": another rule has this name",
-        "`ratio` is not a rule kind; choose count, rate, absence or lag",
+        "`ratio` is not a rule kind; choose count, rate, absence, lag or consumers",
     ] {
         assert!(stderr.contains(needle), "missing {needle:?} in:\n{stderr}");
     }

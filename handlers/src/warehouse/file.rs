@@ -449,6 +449,13 @@ mod tests {
         fn lag(&self, _stream: String, _group: String) -> StoreFuture<'_, Option<u64>> {
             Box::pin(async { Ok(None) })
         }
+        fn consumers(
+            &self,
+            _stream: String,
+            _group: String,
+        ) -> StoreFuture<'_, Option<Vec<(String, u64)>>> {
+            Box::pin(async { Err(StoreError("not here".into())) })
+        }
     }
 
     fn sink(dir: &Path, store: Arc<Memory>, rotate_bytes: u64) -> FileSink {
