@@ -292,7 +292,7 @@ async fn report(client: &Client, metrics: &Metrics, config: &Config, paths: &Pat
         plural(alerts.len())
     ));
     for (_, fields) in &alerts {
-        let get = |k: &str| field(fields, k);
+        let get = |k: &str| crate::admin::field(fields, k);
         out.push_str(&format!(
             "    {} {}: {}\n",
             get("rule"),
@@ -321,7 +321,7 @@ async fn report(client: &Client, metrics: &Metrics, config: &Config, paths: &Pat
         plural(adaptations.len())
     ));
     for (_, fields) in &adaptations {
-        let get = |k: &str| field(fields, k);
+        let get = |k: &str| crate::admin::field(fields, k);
         out.push_str(&format!(
             "    {}: rating {} over {} feedback (threshold {})\n",
             get("model"),
@@ -338,15 +338,6 @@ async fn report(client: &Client, metrics: &Metrics, config: &Config, paths: &Pat
 
 fn indent(text: &str) -> String {
     text.lines().map(|l| format!("    {l}\n")).collect()
-}
-
-/// A field of an entry as text; empty when missing.
-fn field(fields: &[(Vec<u8>, Vec<u8>)], name: &str) -> String {
-    fields
-        .iter()
-        .find(|(n, _)| n == name.as_bytes())
-        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-        .unwrap_or_default()
 }
 
 fn plural(n: usize) -> &'static str {

@@ -10,7 +10,7 @@ use streamworker_handlers::one_line;
 use crate::client::{Client, ClientError, StreamEntry};
 use crate::config::GroupConfig;
 
-use super::table;
+use super::{field, table};
 
 /// Which dead letters a replay or purge applies to.
 #[derive(Debug, Clone)]
@@ -33,14 +33,6 @@ struct Listed {
     failed_at: String,
     consumer: String,
     error: String,
-}
-
-fn field(fields: &[(Vec<u8>, Vec<u8>)], name: &str) -> String {
-    fields
-        .iter()
-        .find(|(k, _)| k == name.as_bytes())
-        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-        .unwrap_or_default()
 }
 
 fn listed(entry: &StreamEntry) -> Listed {

@@ -16,6 +16,15 @@ pub fn human(d: Duration) -> String {
     }
 }
 
+/// A field of an entry as text (invalid UTF-8 replaced); empty when missing.
+pub fn field(fields: &[(Vec<u8>, Vec<u8>)], name: &str) -> String {
+    fields
+        .iter()
+        .find(|(k, _)| k == name.as_bytes())
+        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        .unwrap_or_default()
+}
+
 /// Pads cells into aligned columns.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
