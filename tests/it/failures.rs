@@ -9,6 +9,12 @@ use crate::support::*;
 
 /// A webhook group with fast retry settings; `extra` lines go into the group table.
 fn group(url: &str, extra: &str) -> String {
+    group_claiming_after(url, extra, "3s")
+}
+
+/// [`group`] with another `claim_idle`: tests that time retries use one far above their
+/// backoffs, so that a retry waiting for a claim to expire cannot pass for a slow one.
+fn group_claiming_after(url: &str, extra: &str, claim_idle: &str) -> String {
     format!(
         r#"
 [groups.billing]
@@ -16,7 +22,7 @@ stream = "orders"
 handler = "webhook"
 block = "500ms"
 handler_timeout = "1s"
-claim_idle = "3s"
+claim_idle = "{claim_idle}"
 consumer_ttl = "1m"
 {extra}
 [groups.billing.options]
@@ -49,7 +55,11 @@ fn a_poison_entry_is_tried_exactly_max_deliveries_times_with_backoff_then_dead_l
     let hook = WebhookServer::start_with(|_| (503, Duration::ZERO));
     let extra = r#"max_deliveries = 4
 retry_backoff = { initial = "300ms", max = "1500ms", multiplier = 2.0, jitter = 0.5 }"#;
-    let _daemon = Daemon::start(&config(&redis.url(), "r1", &group(&hook.url("r1"), extra)));
+    let _daemon = Daemon::start(&config(
+        &redis.url(),
+        "r1",
+        &group_claiming_after(&hook.url("r1"), extra, "8s"),
+    ));
     let mut con = redis.connection();
     let ids = produce(
         &mut con,
@@ -77,11 +87,12 @@ retry_backoff = { initial = "300ms", max = "1500ms", multiplier = 2.0, jitter = 
             "the handler sees Redis's delivery count"
         );
     }
-    // Gaps: at least the backoff; at most backoff × (1 + jitter) + claim_interval + 1 s.
+    // Gaps: at least the backoff; at most backoff × (1 + jitter) + claim_interval, plus
+    // slack for a loaded machine, all far below claim_idle.
     for n in 1..4u32 {
         let backoff = Duration::from_millis(300) * 2u32.pow(n - 1);
         let gap = hits[n as usize].at - hits[n as usize - 1].at;
-        let most = backoff.mul_f64(1.5) + Duration::from_millis(200) + Duration::from_secs(1);
+        let most = backoff.mul_f64(1.5) + Duration::from_secs(1) + Duration::from_secs(2);
         assert!(
             gap >= backoff && gap <= most,
             "gap {n}: {gap:?} not within [{backoff:?}, {most:?}]"
@@ -121,12 +132,15 @@ fn a_replica_killed_during_a_backoff_does_not_delay_the_retry() {
     });
     let extra = r#"max_deliveries = 3
 retry_backoff = { initial = "1500ms", max = "2s", multiplier = 2.0, jitter = 0.2 }"#;
+    // A claim_idle far above the backoff: a retry that waited for the dead replica's
+    // claim to expire (the failure this test catches) comes 8 s late, not a hair late.
+    let settings = |r: &str| group_claiming_after(&hook.url(r), extra, "8s");
     let mut replicas: HashMap<String, Daemon> = ["a", "b"]
         .iter()
         .map(|r| {
             (
                 r.to_string(),
-                Daemon::start(&config(&redis.url(), r, &group(&hook.url(r), extra))),
+                Daemon::start(&config(&redis.url(), r, &settings(r))),
             )
         })
         .collect();
@@ -150,9 +164,10 @@ retry_backoff = { initial = "1500ms", max = "2s", multiplier = 2.0, jitter = 0.2
     assert_ne!(retry.path, first.path, "the surviving replica retried");
     assert_eq!(retry.delivery_count, 2);
     let gap = retry.at - first.at;
-    let most = Duration::from_millis(1500).mul_f64(1.2)
-        + Duration::from_millis(200)
-        + Duration::from_secs(1);
+    // Backoff with jitter, one claim_interval, and slack for a loaded machine; far below
+    // claim_idle.
+    let most =
+        Duration::from_millis(1500).mul_f64(1.2) + Duration::from_secs(1) + Duration::from_secs(2);
     assert!(
         gap >= Duration::from_millis(1500) && gap <= most,
         "retry after {gap:?}, expected within [1.5s, {most:?}]"
