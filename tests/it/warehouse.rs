@@ -728,7 +728,6 @@ fn a_marker_keeps_another_replica_from_writing_a_line_again() {
         .arg("0")
         .query(&mut con)
         .unwrap();
-    let started = Instant::now();
     let (b_config, http) = config_with_http(
         &redis.url(),
         "b",
@@ -742,7 +741,6 @@ fn a_marker_keeps_another_replica_from_writing_a_line_again() {
     );
     assert!(lines_in(&[&b_dir]).is_empty(), "b wrote nothing");
     assert_eq!(lines_in(&[&a_dir]), written, "a's files are unchanged");
-    assert!(started.elapsed() < Duration::from_secs(10));
 }
 
 #[test]
