@@ -1207,3 +1207,18 @@ async fn maybe<T>(slot: &mut Option<BoxFuture<'static, T>>) -> T {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::tick_lease_ttl;
+    use std::time::Duration;
+
+    #[test]
+    fn a_tick_lease_outlives_the_longest_tick() {
+        let s = Duration::from_secs;
+        // A slow tick (up to handler_timeout) keeps its lease past its end.
+        assert!(tick_lease_ttl(s(1), s(30)) > s(30) + s(1));
+        // A fast handler still holds the lease for a few turns.
+        assert_eq!(tick_lease_ttl(s(10), s(1)), s(30));
+    }
+}

@@ -358,9 +358,10 @@ fn delivered_to_a_whose_ack_is_held(
     redis: &RedisServer,
     proxy: &Proxy,
     con: &mut redis::Connection,
-) -> (Daemon, String, Expected) {
+) -> (Daemon, String, Expected, String) {
     let group = llm_group("usage", TIMING).replace("block = \"500ms\"", "block = \"5s\"");
-    let a = Daemon::start(&config(&proxy.url(), "a", &group));
+    let (a_config, a_http) = config_with_http(&proxy.url(), "a", &group);
+    let a = Daemon::start(&a_config);
     wait_until(Duration::from_secs(20), "a's read to block", || {
         let list: String = redis::cmd("CLIENT").arg("LIST").query(con).unwrap();
         list.lines().any(|l| {
@@ -391,7 +392,7 @@ fn delivered_to_a_whose_ack_is_held(
         "a's effects wait in the proxy with its acknowledgement"
     );
     let _ = redis;
-    (a, group, expected)
+    (a, group, expected, a_http)
 }
 
 /// Starts replica `b` directly against Redis, with a `control` group that sees every entry
@@ -440,7 +441,7 @@ fn an_entry_delivered_twice_is_counted_once() {
     let redis = RedisServer::start();
     let proxy = Proxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap());
     let mut con = redis.connection();
-    let (mut a, group, expected) = delivered_to_a_whose_ack_is_held(&redis, &proxy, &mut con);
+    let (mut a, group, expected, _) = delivered_to_a_whose_ack_is_held(&redis, &proxy, &mut con);
     // SIGKILL: a's held acknowledgement is discarded; b reclaims and handles every entry.
     a.kill();
     let (_b, cfg) = b_handles_everything_again(&redis, &mut con, &group);
@@ -462,7 +463,7 @@ fn a_late_acknowledgement_does_not_count_entries_again() {
     let redis = RedisServer::start();
     let proxy = Proxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap());
     let mut con = redis.connection();
-    let (a, group, expected) = delivered_to_a_whose_ack_is_held(&redis, &proxy, &mut con);
+    let (a, group, expected, a_http) = delivered_to_a_whose_ack_is_held(&redis, &proxy, &mut con);
     // a stays alive; b reclaims, handles and acknowledges every entry first.
     let (_b, cfg) = b_handles_everything_again(&redis, &mut con, &group);
     // Now a's acknowledgement with its effects reaches Redis: every XACK in it finds the
@@ -476,6 +477,17 @@ fn a_late_acknowledgement_does_not_count_entries_again() {
     );
     std::thread::sleep(Duration::from_millis(300));
     assert_counted_once(&mut con, &cfg, &expected);
+    // Nor does a count them as acknowledged: b did, and counted them.
+    let (_, text) = http_get(&a_http, "/metrics").expect("a serves its metrics");
+    assert_eq!(
+        metric(
+            &text,
+            "streamworker_entries_total",
+            &[("group", "usage"), ("outcome", "acked")]
+        ),
+        Some(0.0),
+        "a's late acknowledgement found every entry acknowledged already"
+    );
     drop(a);
 }
 

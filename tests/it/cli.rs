@@ -59,6 +59,70 @@ claim_idle = "10s"
     assert!(stdout.is_empty());
 }
 
+/// Under Redis Cluster, scripts touch a stream and its derived keys together: `check`
+/// refuses what would put them in different slots, and accepts a stream that already has
+/// a hash tag (its derived keys take the same one).
+#[test]
+fn check_keeps_each_groups_keys_in_one_cluster_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        &dir,
+        r#"
+[redis]
+cluster = ["redis://127.0.0.1:7000"]
+
+[groups.normalize]
+stream = "{events}.raw"
+handler = "forward"
+[groups.normalize.options]
+to = "events.normalized"
+
+[groups.odd]
+stream = "a{}b"
+handler = "noop"
+
+[groups.tagged]
+stream = "{orders}:events"
+handler = "noop"
+"#,
+    );
+    let (code, stdout, stderr) = run_cli(&["check", "-c", &path], &[]);
+    assert_eq!(code, 2, "stdout: {stdout}\nstderr: {stderr}");
+    for needle in [
+        "groups.normalize.options.to = \"events.normalized\" is in another Redis Cluster hash slot",
+        "\"{events}:out\"",
+        "groups.odd.stream = \"a{}b\"",
+    ] {
+        assert!(stderr.contains(needle), "missing {needle:?} in:\n{stderr}");
+    }
+    assert!(!stderr.contains("groups.tagged"), "{stderr}");
+
+    // With the target in the source's slot, and a stream every key can follow, it passes.
+    let path = write(
+        &dir,
+        r#"
+[redis]
+cluster = ["redis://127.0.0.1:7000"]
+
+[groups.normalize]
+stream = "{events}.raw"
+handler = "forward"
+[groups.normalize.options]
+to = "{events}.normalized"
+
+[groups.tagged]
+stream = "{orders}:events"
+handler = "noop"
+"#,
+    );
+    let (code, stdout, stderr) = run_cli(&["check", "-c", &path], &[]);
+    assert_eq!(code, 0, "stderr: {stderr}");
+    assert!(
+        stdout.contains("dead_letter_stream = \"{orders}:dlq:tagged\""),
+        "{stdout}"
+    );
+}
+
 #[test]
 fn check_prints_the_resolved_configuration_with_secrets_redacted() {
     let dir = tempfile::tempdir().unwrap();
