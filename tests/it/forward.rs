@@ -415,6 +415,12 @@ fn a_target_redis_refuses_loses_nothing_and_forwards_once_when_fixed() {
     wait_until(Duration::from_secs(10), "the refusal to be logged", || {
         daemon.logs().contains("WRONGTYPE")
     });
+    // Logged as a refusal to fix, not as an outage to wait out.
+    let logs = daemon.logs();
+    assert!(
+        logs.contains("Redis refused to settle entries") && !logs.contains("when Redis is back"),
+        "{logs}"
+    );
     // Several flushes (and reclaims) later, nothing was acknowledged without its forward.
     std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(
