@@ -90,7 +90,11 @@ pub async fn inspect(client: &Client, config: &Config) -> Result<Vec<StreamRepor
                 .groups
                 .values()
                 .find(|g| g.name == info.name && g.stream == stream);
-            let consumers = client.consumers(&stream, &info.name).await?;
+            // None: the group was destroyed since XINFO GROUPS listed it.
+            let consumers = client
+                .consumers(&stream, &info.name)
+                .await?
+                .unwrap_or_default();
             let retrying = consumers
                 .iter()
                 .find(|c| c.name == BACKOFF_CONSUMER)

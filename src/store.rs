@@ -63,20 +63,12 @@ impl Store for RedisStore {
         group: String,
     ) -> StoreFuture<'_, Option<Vec<(String, u64)>>> {
         Box::pin(async move {
-            // XINFO CONSUMERS errors on a missing stream or group; look first, so that
-            // "nobody consumes because the group does not exist" stays unknown.
-            let groups = self.client.groups(&stream).await.map_err(store_error)?;
-            if !groups.iter().any(|g| g.name == group) {
-                return Ok(None);
-            }
             let consumers = self
                 .client
                 .consumers(&stream, &group)
                 .await
                 .map_err(store_error)?;
-            Ok(Some(
-                consumers.into_iter().map(|c| (c.name, c.idle_ms)).collect(),
-            ))
+            Ok(consumers.map(|c| c.into_iter().map(|c| (c.name, c.idle_ms)).collect()))
         })
     }
 }

@@ -1404,7 +1404,7 @@ impl Handler for Alerts {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{EntryId, Origin, PayloadFormat, StoreError, StoreFuture};
+    use crate::{EntryId, PayloadFormat, StoreError, StoreFuture};
     use std::sync::Mutex;
 
     /// An in-memory store that applies effects as Redis would.
@@ -1530,21 +1530,14 @@ mod tests {
     }
 
     fn entry(ms: u64, fields: &[(&str, &str)], format: &PayloadFormat) -> Entry {
-        let mut e = Entry::new(
-            Arc::new(Origin {
-                stream: "ml_events".into(),
-                group: "alerts".into(),
-                consumer: "c".into(),
-            }),
+        Entry::for_test(
+            "ml_events",
+            "alerts",
             EntryId::new(ms, 0),
             1,
-            fields
-                .iter()
-                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
-                .collect(),
-        );
-        e.decode(format).unwrap();
-        e
+            fields,
+            format,
+        )
     }
 
     fn block_on<F: std::future::Future>(f: F) -> F::Output {

@@ -585,7 +585,7 @@ impl Handler for Analytics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{EntryId, Origin, PayloadFormat};
+    use crate::{EntryId, PayloadFormat};
     use std::collections::HashMap;
 
     const NOW_MS: u64 = 1_700_000_100_000;
@@ -605,21 +605,7 @@ mod tests {
     }
 
     fn entry(ms: u64, fields: &[(&str, &str)], format: &PayloadFormat) -> Entry {
-        let mut e = Entry::new(
-            Arc::new(Origin {
-                stream: "ml_events".into(),
-                group: "usage".into(),
-                consumer: "c".into(),
-            }),
-            EntryId::new(ms, 0),
-            1,
-            fields
-                .iter()
-                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
-                .collect(),
-        );
-        e.decode(format).unwrap();
-        e
+        Entry::for_test("ml_events", "usage", EntryId::new(ms, 0), 1, fields, format)
     }
 
     fn json(ms: u64, doc: &str) -> Entry {

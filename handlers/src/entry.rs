@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -172,6 +172,9 @@ pub struct Entry {
     /// The W3C `traceparent` of the consumer span handling this entry, when tracing is on;
     /// handlers that call out (the webhook) pass it on.
     pub traceparent: Option<String>,
+    /// Fields holding JSON objects or arrays, parsed once, on the first dotted lookup that
+    /// needs one (flat payloads only; see [`Entry::get`]). Indexed like `fields`.
+    field_docs: OnceLock<Vec<Option<serde_json::Value>>>,
 }
 
 /// The field that marks an entry re-added by `streamworker dlq replay`.
@@ -194,6 +197,7 @@ impl Entry {
             fields,
             payload: Payload::Fields,
             traceparent: None,
+            field_docs: OnceLock::new(),
         }
     }
 
@@ -252,16 +256,9 @@ impl Entry {
     pub fn get(&self, key: &str) -> Option<Cow<'_, str>> {
         match self.find(key)? {
             Found::Text(text) => Some(text),
-            Found::Json(Cow::Borrowed(v)) => match v {
-                serde_json::Value::Null => None,
-                serde_json::Value::String(s) => Some(Cow::Borrowed(s.as_str())),
-                other => Some(Cow::Owned(other.to_string())),
-            },
-            Found::Json(Cow::Owned(v)) => match v {
-                serde_json::Value::Null => None,
-                serde_json::Value::String(s) => Some(Cow::Owned(s)),
-                other => Some(Cow::Owned(other.to_string())),
-            },
+            Found::Json(serde_json::Value::Null) => None,
+            Found::Json(serde_json::Value::String(s)) => Some(Cow::Borrowed(s.as_str())),
+            Found::Json(other) => Some(Cow::Owned(other.to_string())),
         }
     }
 
@@ -270,7 +267,7 @@ impl Entry {
     pub fn get_f64(&self, key: &str) -> Option<f64> {
         match self.find(key)? {
             Found::Text(text) => text.trim().parse().ok(),
-            Found::Json(v) => match v.as_ref() {
+            Found::Json(v) => match v {
                 serde_json::Value::Number(n) => n.as_f64(),
                 serde_json::Value::String(s) => s.trim().parse().ok(),
                 serde_json::Value::Bool(b) => Some(f64::from(u8::from(*b))),
@@ -283,23 +280,39 @@ impl Entry {
     fn find(&self, key: &str) -> Option<Found<'_>> {
         match &self.payload {
             Payload::Json(doc) => match json_path(doc, key) {
-                Some(v) => Some(Found::Json(Cow::Borrowed(v))),
+                Some(v) => Some(Found::Json(v)),
                 None => self.field_str(key).map(Found::Text),
             },
             Payload::Fields => match self.field_str(key) {
                 Some(text) => Some(Found::Text(text)),
-                None => self.json_in_field(key).map(|v| Found::Json(Cow::Owned(v))),
+                None => self.json_in_field(key).map(Found::Json),
             },
         }
     }
 
     /// `data.tokens` with flat fields: `tokens` of the JSON text in field `data` (the
-    /// shortest field name that exists and parses wins). Parsed per lookup, and only for
-    /// a dotted name no field has.
-    fn json_in_field(&self, key: &str) -> Option<serde_json::Value> {
+    /// shortest field name that exists and holds JSON wins). Only for a dotted name no
+    /// field has; the entry's JSON fields are parsed once, whatever the number of lookups.
+    fn json_in_field(&self, key: &str) -> Option<&serde_json::Value> {
+        if !key.contains('.') {
+            return None;
+        }
+        let docs = self.field_docs.get_or_init(|| {
+            self.fields
+                .iter()
+                .map(|(_, value)| {
+                    // Only objects and arrays can hold a path; skip the rest unparsed.
+                    let first = value.iter().find(|b| !b.is_ascii_whitespace());
+                    matches!(first, Some(b'{' | b'['))
+                        .then(|| serde_json::from_slice(value).ok())
+                        .flatten()
+                })
+                .collect()
+        });
         key.match_indices('.').find_map(|(i, _)| {
-            let doc: serde_json::Value = serde_json::from_slice(self.field(&key[..i])?).ok()?;
-            json_path(&doc, &key[i + 1..]).cloned()
+            let name = &key.as_bytes()[..i];
+            let index = self.fields.iter().position(|(n, _)| n.as_slice() == name)?;
+            json_path(docs[index].as_ref()?, &key[i + 1..])
         })
     }
 
@@ -315,10 +328,40 @@ impl Entry {
     }
 }
 
+#[cfg(test)]
+impl Entry {
+    /// An entry of `stream`/`group` with these fields, decoded as `format`: what the
+    /// handlers' unit tests feed them.
+    pub(crate) fn for_test(
+        stream: &str,
+        group: &str,
+        id: EntryId,
+        delivery_count: u64,
+        pairs: &[(&str, &str)],
+        format: &PayloadFormat,
+    ) -> Entry {
+        let mut e = Entry::new(
+            Arc::new(Origin {
+                stream: stream.into(),
+                group: group.into(),
+                consumer: "c".into(),
+            }),
+            id,
+            delivery_count,
+            pairs
+                .iter()
+                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+                .collect(),
+        );
+        e.decode(format).unwrap();
+        e
+    }
+}
+
 /// What a lookup found: a flat field's text, or a JSON value.
 enum Found<'a> {
     Text(Cow<'a, str>),
-    Json(Cow<'a, serde_json::Value>),
+    Json(&'a serde_json::Value),
 }
 
 fn json_path<'a>(doc: &'a serde_json::Value, key: &str) -> Option<&'a serde_json::Value> {

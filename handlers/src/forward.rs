@@ -556,8 +556,7 @@ impl Handler for Forward {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{EntryId, Origin, PayloadFormat};
-    use std::sync::Arc;
+    use crate::{EntryId, PayloadFormat};
     use std::time::Duration;
 
     fn limits() -> Limits {
@@ -568,21 +567,7 @@ mod tests {
     }
 
     fn entry(id: EntryId, pairs: &[(&str, &str)], format: &PayloadFormat) -> Entry {
-        let mut e = Entry::new(
-            Arc::new(Origin {
-                stream: "events.raw".into(),
-                group: "normalize".into(),
-                consumer: "c".into(),
-            }),
-            id,
-            1,
-            pairs
-                .iter()
-                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
-                .collect(),
-        );
-        e.decode(format).unwrap();
-        e
+        Entry::for_test("events.raw", "normalize", id, 1, pairs, format)
     }
 
     fn names_values(fields: &[(Vec<u8>, Vec<u8>)]) -> Vec<(String, String)> {

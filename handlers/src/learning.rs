@@ -1228,7 +1228,7 @@ fn find_bytes(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Origin, PayloadFormat, StoreError, StoreFuture};
+    use crate::{PayloadFormat, StoreError, StoreFuture};
 
     fn limits() -> Limits {
         Limits {
@@ -1285,21 +1285,14 @@ mod tests {
     }
 
     fn entry(id: EntryId, delivery_count: u64, pairs: &[(&str, &str)]) -> Entry {
-        let mut e = Entry::new(
-            Arc::new(Origin {
-                stream: "user:feedback".into(),
-                group: "learning".into(),
-                consumer: "c".into(),
-            }),
+        Entry::for_test(
+            "user:feedback",
+            "learning",
             id,
             delivery_count,
-            pairs
-                .iter()
-                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
-                .collect(),
-        );
-        e.decode(&PayloadFormat::Fields).unwrap();
-        e
+            pairs,
+            &PayloadFormat::Fields,
+        )
     }
 
     fn handler(dir: &Path, store: Arc<MemoryStore>) -> Learning {

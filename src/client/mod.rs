@@ -678,22 +678,33 @@ impl Client {
             .collect())
     }
 
-    /// XINFO CONSUMERS.
-    pub async fn consumers(&self, stream: &str, group: &str) -> Result<Vec<ConsumerInfo>> {
-        let reply: Value = redis::cmd("XINFO")
+    /// XINFO CONSUMERS; `None` when the stream or the group does not exist.
+    pub async fn consumers(&self, stream: &str, group: &str) -> Result<Option<Vec<ConsumerInfo>>> {
+        let reply: RedisResult<Value> = redis::cmd("XINFO")
             .arg("CONSUMERS")
             .arg(stream)
             .arg(group)
             .query_async(&mut self.commands())
-            .await?;
-        Ok(rows(reply)
-            .into_iter()
-            .map(|m| ConsumerInfo {
-                name: m.text("name"),
-                pending: m.number("pending").unwrap_or(0),
-                idle_ms: m.number("idle").unwrap_or(0),
-            })
-            .collect())
+            .await;
+        let reply = match reply {
+            Err(e)
+                if e.code() == Some("NOGROUP")
+                    || (e.code() == Some("ERR") && e.to_string().contains("no such key")) =>
+            {
+                return Ok(None);
+            }
+            other => other?,
+        };
+        Ok(Some(
+            rows(reply)
+                .into_iter()
+                .map(|m| ConsumerInfo {
+                    name: m.text("name"),
+                    pending: m.number("pending").unwrap_or(0),
+                    idle_ms: m.number("idle").unwrap_or(0),
+                })
+                .collect(),
+        ))
     }
 
     /// The longest idle time among the group's `sample` oldest pending entries: the age

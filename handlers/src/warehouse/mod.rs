@@ -487,24 +487,10 @@ pub(crate) fn already_stored(id: EntryId) -> HandlerError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Origin, PayloadFormat};
+    use crate::PayloadFormat;
 
     pub(crate) fn entry(id: EntryId, fields: &[(&str, &str)], format: &PayloadFormat) -> Entry {
-        let mut e = Entry::new(
-            Arc::new(Origin {
-                stream: "ml_events".into(),
-                group: "warehouse".into(),
-                consumer: "c".into(),
-            }),
-            id,
-            1,
-            fields
-                .iter()
-                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
-                .collect(),
-        );
-        e.decode(format).unwrap();
-        e
+        Entry::for_test("ml_events", "warehouse", id, 1, fields, format)
     }
 
     fn limits() -> Limits {
