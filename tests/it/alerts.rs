@@ -426,6 +426,15 @@ group = "learning"
 window = "5s"
 threshold = 1
 cooldown = "1s"
+# A group that does not exist: nothing to judge, never an alert (checked below: only
+# nobody-learning ever changes).
+[[groups.alerts.options.rules]]
+name = "ghost"
+kind = "consumers"
+stream = "user:feedback"
+group = "no-such-group"
+window = "5s"
+threshold = 1
 "#,
         ),
     ));
