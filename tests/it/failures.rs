@@ -157,7 +157,12 @@ retry_backoff = { initial = "1500ms", max = "2s", multiplier = 2.0, jitter = 0.2
         hook.count() == 1
     });
     let first = hook.hits()[0].clone();
-    // Kill the replica that failed it, during its backoff.
+    // Kill the replica that failed it, during its backoff: once the failure is parked.
+    // (Killed before that, the replica still owns the entry, and it is reclaimed after
+    // claim_idle like any entry of a dead replica.)
+    wait_until(Duration::from_secs(5), "the failure parked", || {
+        pending_of(&mut con, "orders", "billing", "streamworker:backoff") == 1
+    });
     replicas.get_mut(&first.path).unwrap().kill();
     wait_until(Duration::from_secs(10), "the retry", || hook.count() == 2);
     let retry = hook.hits()[1].clone();
