@@ -28,6 +28,7 @@ pub async fn run(
     config: Arc<Config>,
     consumer: String,
     metrics: Metrics,
+    health: crate::health::Health,
     shutdown: Shutdown,
 ) {
     let mut forget_at: Vec<Instant> = config.groups.values().map(|_| Instant::now()).collect();
@@ -55,7 +56,10 @@ pub async fn run(
             }
         }
         match crate::inspect::inspect(&client, &config).await {
-            Ok(reports) => metrics.set_group_gauges(&reports),
+            Ok(reports) => {
+                metrics.set_group_gauges(&reports);
+                health.set_lags(&reports);
+            }
             Err(e) => tracing::debug!(error = %e, "could not refresh the group gauges"),
         }
         let jitter = INTERVAL.mul_f64(fastrand::f64() * 0.2);

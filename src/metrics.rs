@@ -63,6 +63,7 @@ pub struct Metrics {
     inflight: Family<GroupLabels, Gauge>,
     reclaimed: Family<GroupLabels, Counter>,
     group_recreated: Family<GroupLabels, Counter>,
+    dead_letter_refused: Family<GroupLabels, Counter>,
     circuit_open: Family<GroupLabels, Gauge>,
     redis_errors: Family<ErrorLabels, Counter>,
     pub up: Gauge,
@@ -124,6 +125,12 @@ impl Metrics {
             "streamworker_group_recreated",
             "Consumer groups recreated after Redis lost them (NOGROUP)",
             group_recreated.clone(),
+        );
+        let dead_letter_refused = Family::<GroupLabels, Counter>::default();
+        registry.register(
+            "streamworker_dead_letters_refused",
+            "Dead letters Redis refused (the dead-letter key's type, OOM): the entry stays pending and is retried after claim_idle",
+            dead_letter_refused.clone(),
         );
         let circuit_open = Family::<GroupLabels, Gauge>::default();
         registry.register(
@@ -200,6 +207,7 @@ impl Metrics {
             inflight,
             reclaimed,
             group_recreated,
+            dead_letter_refused,
             circuit_open,
             redis_errors,
             up,
@@ -287,6 +295,7 @@ impl Metrics {
             inflight: self.inflight.get_or_create(&labels).clone(),
             reclaimed: self.reclaimed.get_or_create(&labels).clone(),
             group_recreated: self.group_recreated.get_or_create(&labels).clone(),
+            dead_letter_refused: self.dead_letter_refused.get_or_create(&labels).clone(),
             circuit_open: self.circuit_open.get_or_create(&labels).clone(),
             redis_errors: self.redis_errors.clone(),
         }
@@ -331,6 +340,7 @@ pub struct GroupMetrics {
     pub inflight: Gauge,
     pub reclaimed: Counter,
     pub group_recreated: Counter,
+    pub dead_letter_refused: Counter,
     pub circuit_open: Gauge,
     redis_errors: Family<ErrorLabels, Counter>,
 }

@@ -92,6 +92,7 @@ pub async fn run(config: Config, shutdown: Shutdown, metrics: Metrics, health: H
         Arc::new(config.clone()),
         shared.consumer.clone(),
         metrics.clone(),
+        health.clone(),
         shutdown.clone(),
     ));
     let tracker = TaskTracker::new();
@@ -99,7 +100,10 @@ pub async fn run(config: Config, shutdown: Shutdown, metrics: Metrics, health: H
     for group in config.groups.values() {
         let stall_after =
             Duration::from_secs(10).max(group.block * 2 + config.worker.claim_interval * 2);
-        let heartbeat = health.register(&group.name, stall_after);
+        // Lag is read every housekeeping turn; a healthy loop fetches or settles something
+        // well within a handler_timeout of entries waiting.
+        let idle_after = stall_after.max(group.handler_timeout * 2 + Duration::from_secs(30));
+        let heartbeat = health.register(&group.name, stall_after, idle_after);
         outcomes.push(tracker.spawn(supervise(
             Arc::new(group.clone()),
             shared.clone(),
@@ -107,19 +111,37 @@ pub async fn run(config: Config, shutdown: Shutdown, metrics: Metrics, health: H
         )));
     }
     tracker.close();
-    let mut result = Outcome::Clean;
-    for outcome in outcomes {
-        let outcome = outcome
-            .await
-            .unwrap_or_else(|e| Outcome::Failed(format!("group supervisor panicked: {e}")));
-        result = match (result, outcome) {
-            (Outcome::Failed(a), _) => Outcome::Failed(a),
-            (_, Outcome::Failed(b)) => Outcome::Failed(b),
-            (Outcome::CutOff, _) | (_, Outcome::CutOff) => Outcome::CutOff,
-            _ => Outcome::Clean,
-        };
-    }
-    tracker.wait().await;
+    let finishing = async {
+        let mut result = Outcome::Clean;
+        for outcome in outcomes {
+            let outcome = outcome
+                .await
+                .unwrap_or_else(|e| Outcome::Failed(format!("group supervisor panicked: {e}")));
+            result = match (result, outcome) {
+                (Outcome::Failed(a), _) => Outcome::Failed(a),
+                (_, Outcome::Failed(b)) => Outcome::Failed(b),
+                (Outcome::CutOff, _) | (_, Outcome::CutOff) => Outcome::CutOff,
+                _ => Outcome::Clean,
+            };
+        }
+        tracker.wait().await;
+        result
+    };
+    // Every group bounds its own shutdown; this is the backstop that keeps the promise
+    // (SIGTERM to exit within shutdown_timeout + 2 s) whatever a group is stuck in.
+    let backstop = async {
+        shutdown.triggered().await;
+        if let Some(deadline) = shutdown.deadline() {
+            tokio::time::sleep_until(deadline + Duration::from_millis(1500)).await;
+        }
+    };
+    let result = tokio::select! {
+        result = finishing => result,
+        _ = backstop => {
+            tracing::error!("shutdown deadline passed and a group has still not stopped; exiting anyway (its in-flight entries stay pending for other replicas)");
+            Outcome::CutOff
+        }
+    };
     prober.abort();
     housekeeping.abort();
     health.set_redis_up(false);

@@ -37,6 +37,15 @@ pub struct RawEntry {
     pub fields: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
+/// What `ack_with_effects` did besides acknowledging.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// No longer pending: acknowledged elsewhere first; effects not applied.
+    pub skipped: Vec<EntryId>,
+    /// Effects Redis refused (e.g. WRONGTYPE): nothing applied, not acknowledged.
+    pub refused: Vec<(EntryId, String)>,
+}
+
 /// What a page of reclaiming or re-reading found.
 #[derive(Debug, Default)]
 pub struct Claimed {
@@ -417,7 +426,9 @@ impl Client {
     }
 
     /// One page of this consumer's own pending entries after `after`; see
-    /// `own_pending.lua`.
+    /// `own_pending.lua`. `counts`: whether this re-delivery counts as a delivery (at
+    /// startup, when a crash may have cut a handler call short) or keeps the count (after
+    /// a reconnect, when the entries' handlers never ran here).
     pub async fn own_pending(
         &self,
         stream: &str,
@@ -425,6 +436,7 @@ impl Client {
         consumer: &str,
         after: Option<EntryId>,
         count: usize,
+        counts: bool,
     ) -> Result<Claimed> {
         let start = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
         let reply: Value = self
@@ -435,6 +447,7 @@ impl Client {
             .arg(consumer)
             .arg(start)
             .arg(count)
+            .arg(if counts { "count" } else { "keep" })
             .invoke_async(&mut self.commands())
             .await?;
         let mut claimed = parse_claimed(reply, "own pending")?;
@@ -447,13 +460,14 @@ impl Client {
 
 impl Client {
     /// Acknowledges entries and applies their effects atomically; see `ack_effects.lua`.
-    /// Returns the ids that were no longer pending (their effects were not applied).
+    /// Returns the ids that were no longer pending (their effects were not applied) and
+    /// those whose effects Redis refused (not applied, not acknowledged).
     pub async fn ack_with_effects(
         &self,
         stream: &str,
         group: &str,
         entries: &[(EntryId, &[Effect])],
-    ) -> Result<Vec<EntryId>> {
+    ) -> Result<Applied> {
         let mut inv = self.scripts.ack_effects.key(stream);
         inv.arg(group);
         for (id, effects) in entries {
@@ -466,8 +480,49 @@ impl Client {
                 }
             }
         }
-        let (_acked, skipped): (u64, Vec<String>) = inv.invoke_async(&mut self.commands()).await?;
-        Ok(parse_ids(&skipped))
+        let (_acked, skipped, refused): (u64, Vec<String>, Vec<String>) =
+            inv.invoke_async(&mut self.commands()).await?;
+        Ok(Applied {
+            skipped: parse_ids(&skipped),
+            refused: refused
+                .chunks_exact(2)
+                .filter_map(|pair| Some((pair[0].parse().ok()?, pair[1].clone())))
+                .collect(),
+        })
+    }
+
+    /// An entry still pending in `group`, with its delivery count and fields; `None` when
+    /// it is not pending any more or no longer in the stream.
+    pub async fn pending_entry(
+        &self,
+        stream: &str,
+        group: &str,
+        id: EntryId,
+    ) -> Result<Option<RawEntry>> {
+        let id_text = id.to_string();
+        type Rows = Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)>;
+        type Pending = Vec<(String, String, u64, u64)>;
+        let (rows, pending): (Rows, Pending) = redis::pipe()
+            .cmd("XRANGE")
+            .arg(stream)
+            .arg(&id_text)
+            .arg(&id_text)
+            .cmd("XPENDING")
+            .arg(stream)
+            .arg(group)
+            .arg(&id_text)
+            .arg(&id_text)
+            .arg(1)
+            .query_async(&mut self.commands())
+            .await?;
+        Ok(match (rows.into_iter().next(), pending.first()) {
+            (Some((_, fields)), Some((_, _, _, delivery_count))) => Some(RawEntry {
+                id,
+                delivery_count: *delivery_count,
+                fields,
+            }),
+            _ => None,
+        })
     }
 
     /// Applies effects at once in a MULTI transaction (not tied to an acknowledgement;

@@ -286,22 +286,36 @@ impl Default for RetryBackoff {
 }
 
 /// Pauses a group whose downstream is failing, so an outage does not burn every entry's
-/// attempts (DESIGN §3, downstream outages).
+/// attempts (DESIGN §3, downstream outages). See `circuit.rs` for the rule.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CircuitBreakerConfig {
-    /// Consecutive retryable failures (errors, timeouts, panics, webhook 429/5xx) that
-    /// open the circuit; 0 turns the breaker off.
+    /// Retryable failures (errors, timeouts, panics, webhook 429/5xx) among the last
+    /// `window` results that open the circuit; 0 turns the breaker off. Failures of
+    /// entries that already failed before (retries) are not counted.
     pub threshold: u32,
+    /// How many of the latest results are judged; twice `threshold` unless set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window: Option<u32>,
     /// How long an open circuit stops reading before one entry probes the downstream.
     #[serde(with = "streamworker_handlers::duration")]
     pub pause: Duration,
+}
+
+impl CircuitBreakerConfig {
+    /// `window`, or twice `threshold` when not set.
+    pub fn window(&self) -> u32 {
+        self.window
+            .unwrap_or_else(|| self.threshold.saturating_mul(2))
+            .max(self.threshold)
+    }
 }
 
 impl Default for CircuitBreakerConfig {
     fn default() -> Self {
         Self {
             threshold: 10,
+            window: None,
             pause: Duration::from_secs(5),
         }
     }

@@ -292,6 +292,17 @@ pub(super) fn validate(config: &Config) -> Vec<(String, String)> {
                 "must be greater than zero (or set circuit_breaker.threshold = 0 to turn the breaker off)".into(),
             );
         }
+        if let Some(window) = g.circuit_breaker.window
+            && window < g.circuit_breaker.threshold
+        {
+            problem(
+                key("circuit_breaker.window"),
+                format!(
+                    "= {window} is smaller than circuit_breaker.threshold ({}): the circuit could never open; make the window at least the threshold, or leave it out (twice the threshold)",
+                    g.circuit_breaker.threshold
+                ),
+            );
+        }
         let limits = streamworker_handlers::Limits {
             handler_timeout: g.handler_timeout,
             claim_idle: g.claim_idle,

@@ -11,6 +11,7 @@
 
 mod settle;
 
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -25,10 +26,10 @@ use streamworker_handlers::{
 use tokio::time::{Instant, sleep_until};
 use tracing::Instrument;
 
-use settle::{AckKind, Flushed, Target, park_idle};
+use settle::{AckKind, Burial, Flushed, Target, park_idle};
 pub use settle::{BACKOFF_CONSUMER, DeadLetter, Settlements, dead_letter_fields};
 
-use crate::circuit::{Breaker, Transition};
+use crate::circuit::{Breaker, GiveBacks, Outcome, Transition};
 use crate::client::{Claimed, Client, ClientError, RawEntry, Reader, Release};
 use crate::config::GroupConfig;
 use crate::health::Heartbeat;
@@ -100,7 +101,12 @@ pub async fn run<H: Handler>(g: &Group<H>) -> Result<GroupExit, GroupError> {
         tick(g, &stop),
     );
     g.heartbeat.set_running(false);
-    lease.release().await;
+    if tokio::time::timeout(LAST_WORDS, lease.release())
+        .await
+        .is_err()
+    {
+        tracing::debug!(stream = %g.config.stream, group = %g.config.name, "could not release the consumer name's lease in time; it expires by itself");
+    }
     result
 }
 
@@ -116,11 +122,21 @@ async fn tick<H: Handler>(g: &Group<H>, stop: &tokio_util::sync::CancellationTok
         streamworker_handlers::slot_tag(&cfg.stream),
         cfg.name
     );
+    // A tick in progress at shutdown may run until the shutdown deadline, then it is
+    // dropped: shutdown keeps its deadline whatever the handler's periodic work does.
+    let past_deadline = async {
+        g.shutdown.triggered().await;
+        if let Some(deadline) = g.shutdown.deadline() {
+            tokio::time::sleep_until(deadline).await;
+        }
+    };
+    tokio::pin!(past_deadline);
     loop {
         let jitter = every.mul_f64(fastrand::f64() * 0.1);
         tokio::select! {
             _ = tokio::time::sleep(every + jitter) => {}
             _ = stop.cancelled() => break,
+            _ = g.shutdown.triggered() => break,
         }
         match g
             .client
@@ -132,12 +148,18 @@ async fn tick<H: Handler>(g: &Group<H>, stop: &tokio_util::sync::CancellationTok
             .await
         {
             Ok(None) => {
-                match tokio::time::timeout(
+                let ticking = tokio::time::timeout(
                     cfg.handler_timeout,
                     AssertUnwindSafe(g.handler.tick()).catch_unwind(),
-                )
-                .await
-                {
+                );
+                let outcome = tokio::select! {
+                    outcome = ticking => outcome,
+                    _ = &mut past_deadline => {
+                        tracing::warn!(stream = %cfg.stream, group = %cfg.name, "the handler's periodic work was cut off at the shutdown deadline");
+                        break;
+                    }
+                };
+                match outcome {
                     Ok(Ok(Ok(()))) => {}
                     Ok(Ok(Err(e))) => {
                         tracing::warn!(stream = %cfg.stream, group = %cfg.name, error = %e, "the handler's periodic work failed")
@@ -156,8 +178,13 @@ async fn tick<H: Handler>(g: &Group<H>, stop: &tokio_util::sync::CancellationTok
             }
         }
     }
-    let _ = g.client.release_lease(&key, &g.lease_token).await;
+    // Bounded: with Redis down the lease simply expires.
+    let _ = tokio::time::timeout(LAST_WORDS, g.client.release_lease(&key, &g.lease_token)).await;
 }
+
+/// How long the last calls of a stopping group (lease releases, the final settlement
+/// after a cut-off) may take: the process exits within `shutdown_timeout` plus a little.
+const LAST_WORDS: Duration = Duration::from_millis(500);
 
 /// How long a tick lease lasts: a few turns, so the holder keeps it from turn to turn,
 /// and never less than one tick may run (`handler_timeout`) plus a turn, so that a slow
@@ -205,6 +232,10 @@ async fn setup<H: Handler>(g: &Group<H>) -> Result<Option<Lease>, GroupError> {
         }
     }
 }
+
+/// How often Redis may refuse an entry's settlement before the entry is dead-lettered with
+/// the refusal (issue: a forward target of the wrong type retried without end).
+const MAX_REFUSALS: u32 = 3;
 
 fn reconnect_delays() -> impl Iterator<Item = Duration> {
     use backon::BackoffBuilder;
@@ -365,6 +396,15 @@ struct Loop<'g, H> {
     unblock_at: Instant,
     report_at: Instant,
     breaker: Breaker,
+    /// Deliveries given back because the circuit was not closed, per entry (bounded).
+    give_backs: GiveBacks,
+    /// Half-open: a read for a fresh probe came back empty, so a reclaimed entry may probe.
+    probe_claims: bool,
+    /// How often Redis refused each entry's settlement so far (see `on_flush`).
+    refusals: HashMap<EntryId, u32>,
+    /// Whether a resync re-delivery counts as a delivery: yes at startup (a crash may have
+    /// cut a handler call short), no after a reconnect (this process never started them).
+    resync_counts: bool,
     /// When to tell Redis again that the circuit is not closed (for `status`).
     circuit_refresh_at: Instant,
     /// Entries waiting for a batch handler's next batch, and since when the oldest waits.
@@ -415,6 +455,10 @@ impl<'g, H: Handler> Loop<'g, H> {
             unblock_at: now,
             report_at: now,
             breaker: Breaker::new(cfg.circuit_breaker),
+            give_backs: GiveBacks::default(),
+            probe_claims: false,
+            refusals: HashMap::new(),
+            resync_counts: true,
             circuit_refresh_at: now,
             buffer: Vec::new(),
             buffer_since: None,
@@ -432,6 +476,10 @@ impl<'g, H: Handler> Loop<'g, H> {
         let mut batches = FuturesUnordered::new();
         loop {
             g.heartbeat.beat();
+            if self.draining || self.outage_logged || !self.breaker.is_closed() {
+                // Waiting on purpose (an outage, an open circuit, shutdown) is not a stall.
+                g.heartbeat.progress();
+            }
             let now = Instant::now();
             let busy = running.len() + self.batched + self.buffer.len();
             g.metrics.inflight.set(busy as i64);
@@ -472,7 +520,7 @@ impl<'g, H: Handler> Loop<'g, H> {
             }
             self.pump(running.len() + self.batched + self.buffer.len(), now);
 
-            let mut wake = self.next_wakeup(now);
+            let mut wake = self.next_wakeup(now, running.len() + self.batched + self.buffer.len());
             if let (Some(b), Some(since)) = (batching, self.buffer_since) {
                 wake = wake.min(since + b.max_wait);
             }
@@ -547,8 +595,20 @@ impl<'g, H: Handler> Loop<'g, H> {
         self.g.config.concurrency
     }
 
-    /// Slots left for new entries.
+    /// Unsent settlements at which reading pauses. Handlers still running add at most
+    /// `concurrency` more.
+    fn max_unsent(&self) -> usize {
+        (self.concurrency() * 2)
+            .max(self.g.config.batch_size)
+            .max(1024)
+    }
+
+    /// Slots left for new entries: none while the queue of unsent settlements is full
+    /// (Redis is refusing or unreachable), so memory stays bounded.
     fn free(&self, running: usize) -> usize {
+        if self.pending.len() >= self.max_unsent() {
+            return 0;
+        }
         let free = self.concurrency().saturating_sub(running + self.reserved);
         match self.breaker.may_fetch(running) {
             Some(limit) => free.min(limit.saturating_sub(self.reserved)),
@@ -599,9 +659,10 @@ impl<'g, H: Handler> Loop<'g, H> {
                     self.reserved += count;
                     let client = self.g.client.clone();
                     let t = self.target.clone();
+                    let counts = self.resync_counts;
                     self.resyncing = Some(Box::pin(async move {
                         let r = client
-                            .own_pending(&t.stream, &t.group, &t.consumer, after, count)
+                            .own_pending(&t.stream, &t.group, &t.consumer, after, count, counts)
                             .await;
                         (count, r)
                     }));
@@ -610,7 +671,7 @@ impl<'g, H: Handler> Loop<'g, H> {
                 // A due reclaim goes first: reads yield to it, and a read blocked on a quiet
                 // stream is woken so that its reserved slots come back at once. Otherwise
                 // retries would wait behind reads (up to `block`), or behind a backlog.
-                let claim_due = self.claiming.is_none() && now >= self.claim_at;
+                let claim_due = self.claiming.is_none() && now >= self.claim_at && self.may_claim();
                 let free = self.free(running);
                 if claim_due && free > 0 {
                     let count = free.min(cfg.batch_size);
@@ -642,12 +703,19 @@ impl<'g, H: Handler> Loop<'g, H> {
                     if start_read {
                         let count = free.min(cfg.batch_size);
                         self.reserved += count;
+                        // Looking for a fresh probe: do not block; if the stream has
+                        // nothing new, a reclaimed entry probes instead.
+                        let block = if self.breaker.wants_probe() && !self.probe_claims {
+                            Duration::from_millis(1)
+                        } else {
+                            cfg.block
+                        };
                         let read = self.reader.as_ref().expect("connected").read_new(
                             &cfg.stream,
                             &cfg.name,
                             &self.g.consumer,
                             count,
-                            cfg.block,
+                            block,
                         );
                         self.reads
                             .push_back(Box::pin(read.map(move |r| (count, r))));
@@ -685,13 +753,26 @@ impl<'g, H: Handler> Loop<'g, H> {
         }
     }
 
-    fn next_wakeup(&self, now: Instant) -> Instant {
+    /// Whether reclaiming may fetch now: always while closed; while half-open only once a
+    /// fresh probe was looked for and none found, so retried entries probe last.
+    fn may_claim(&self) -> bool {
+        self.breaker.is_closed() || self.probe_claims
+    }
+
+    /// When something may change without an event: a timer the loop set itself. A due
+    /// reclaim counts only when it could start, or the loop would spin until it can.
+    fn next_wakeup(&self, now: Instant, running: usize) -> Instant {
         let mut wake = now + Duration::from_secs(1);
         if !self.draining {
             if self.reader.is_none() && self.connecting.is_none() {
                 wake = wake.min(self.connect_at);
             }
-            if self.claiming.is_none() && self.resync == Resync::Done {
+            if self.claiming.is_none()
+                && self.resync == Resync::Done
+                && self.reader.is_some()
+                && self.may_claim()
+                && self.free(running) > 0
+            {
                 wake = wake.min(self.claim_at);
             }
         } else {
@@ -732,8 +813,10 @@ impl<'g, H: Handler> Loop<'g, H> {
     /// The deadline passed: leave the running handlers' entries pending (others reclaim
     /// them after `claim_idle`) and make one last attempt to settle what is decided.
     async fn cut_off(mut self, abandoned: usize) -> GroupExit {
+        // One budget for both attempts, so the process exits within shutdown_timeout + 2 s.
+        let until = Instant::now() + LAST_WORDS * 2;
         if let Some(flushing) = self.flushing.take() {
-            let flushed = tokio::time::timeout(Duration::from_secs(2), flushing).await;
+            let flushed = tokio::time::timeout_at(until, flushing).await;
             if let Ok(flushed) = flushed {
                 self.on_flush(flushed);
             }
@@ -742,7 +825,7 @@ impl<'g, H: Handler> Loop<'g, H> {
         if !self.pending.is_empty() {
             let batch = std::mem::take(&mut self.pending);
             let flush = settle::flush(self.g.client.clone(), self.target.clone(), batch);
-            if let Ok(mut flushed) = tokio::time::timeout(Duration::from_secs(2), flush).await {
+            if let Ok(mut flushed) = tokio::time::timeout_at(until, flush).await {
                 let mut rest = Settlements::default();
                 flushed.requeue_into(&mut rest);
                 unsettled = rest.len();
@@ -830,6 +913,12 @@ impl<'g, H: Handler> Loop<'g, H> {
         match result {
             Ok(entries) => {
                 self.backlog = entries.len() == count;
+                if entries.is_empty() && self.breaker.wants_probe() {
+                    // Nothing fresh to probe with: a reclaimed entry may.
+                    self.probe_claims = true;
+                } else if !entries.is_empty() {
+                    self.g.heartbeat.progress();
+                }
                 Ok(entries)
             }
             Err(e) => {
@@ -885,6 +974,11 @@ impl<'g, H: Handler> Loop<'g, H> {
         match result {
             Ok(page) => {
                 self.note_deleted(&page.deleted, "own pending re-read");
+                if page.next.is_none() {
+                    // From now on, every own pending entry a resync finds is one whose
+                    // delivery reply was lost: its handler never ran here.
+                    self.resync_counts = false;
+                }
                 self.resync = match page.next {
                     Some(_) => Resync::Paging {
                         after: page
@@ -1013,13 +1107,22 @@ impl<'g, H: Handler> Loop<'g, H> {
                 .observe(elapsed.as_secs_f64());
         }
         let failed = matches!(result, Err(HandlerError::Retry(_)));
+        let outcome = if failed {
+            Outcome::Failed {
+                first_delivery: entry.delivery_count <= 1,
+            }
+        } else {
+            Outcome::Answered
+        };
         let circuit_was_closed = self.breaker.is_closed();
-        if let Some(t) = self.breaker.record(entry.id, failed, Instant::now()) {
+        if let Some(t) = self.breaker.record(entry.id, outcome, Instant::now()) {
             self.on_transition(t);
         }
-        if failed && !circuit_was_closed {
+        if failed && !circuit_was_closed && self.give_backs.take(entry.id, cfg.max_deliveries) {
             // The circuit had already opened: the downstream is down, not this entry.
-            // Give the delivery back so an outage cannot use up its attempts.
+            // Give the delivery back so an outage cannot use up its attempts — a bounded
+            // number of times, so an entry that fails only while the circuit is open (a
+            // probe, again and again) still reaches its dead letter.
             let after = retry::delay(&cfg.retry_backoff, entry.delivery_count, fastrand::f64());
             tracing::debug!(stream = %cfg.stream, group = %cfg.name, consumer = %self.g.consumer, id = %entry.id, delivery_count = entry.delivery_count, "failed while the circuit is open; the attempt is given back");
             if let Err(e) = &result {
@@ -1032,6 +1135,7 @@ impl<'g, H: Handler> Loop<'g, H> {
             });
             return;
         }
+        self.give_backs.forget(entry.id);
         let (result, effects) = match result {
             Ok(effects) => (Ok(()), effects),
             Err(e) => (Err(e), Effects::new()),
@@ -1097,12 +1201,17 @@ impl<'g, H: Handler> Loop<'g, H> {
     fn on_transition(&mut self, transition: Transition) {
         let cfg = &self.g.config;
         match transition {
-            Transition::Opened { failures, pause } => tracing::warn!(
-                stream = %cfg.stream, group = %cfg.name, consumer = %self.g.consumer, failures,
+            Transition::Opened {
+                failures,
+                window,
+                pause,
+            } => tracing::warn!(
+                stream = %cfg.stream, group = %cfg.name, consumer = %self.g.consumer, failures, window,
                 pause_ms = pause.as_millis() as u64,
                 "circuit opened: the handler keeps failing; reading paused, then one entry will probe"
             ),
             Transition::HalfOpened => {
+                self.probe_claims = false;
                 tracing::info!(stream = %cfg.stream, group = %cfg.name, consumer = %self.g.consumer, "circuit half-open: probing with one entry")
             }
             Transition::Reopened { pause } => {
@@ -1136,6 +1245,7 @@ impl<'g, H: Handler> Loop<'g, H> {
         });
     }
 
+    /// Acts on what a flush achieved: metrics and logs, and what to send again.
     fn on_flush(&mut self, mut flushed: Flushed) {
         let cfg = &self.g.config;
         let metrics = &self.g.metrics;
@@ -1172,25 +1282,74 @@ impl<'g, H: Handler> Loop<'g, H> {
             tracing::warn!(stream = %cfg.stream, group = %cfg.name, consumer = %self.g.consumer, id = %id, delivery_count, "not dead-lettered: another consumer owns the entry now and will decide");
         }
 
-        for (id, error) in &flushed.refused {
+        for (id, error) in &flushed.dead_letter_refused {
             metrics.redis_error(error.kind());
+            metrics.dead_letter_refused.inc();
             tracing::error!(stream = %cfg.stream, group = %cfg.name, consumer = %self.g.consumer, id = %id, dead_letter_stream = %self.target.dead_letter_stream, error = %error, "Redis refused the dead letter; the entry stays pending and will be retried after claim_idle");
+        }
+        if flushed.group_gone {
+            // Redis lost the group (a restart without persistence, XGROUP DESTROY): the
+            // entries these settlements were for are no longer pending anywhere, so
+            // sending them again would fail forever. Drop them, recreate the group.
+            metrics.redis_error("nogroup");
+            metrics.deleted.inc_by(flushed.gone as u64);
+            tracing::warn!(
+                stream = %cfg.stream, group = %cfg.name, dropped = flushed.gone,
+                "the consumer group is gone (NOGROUP): dropped the settlements of entries Redis no longer has; recreating the group"
+            );
+            self.reader = None;
+            self.recreate = true;
+            self.claim_cursor = EntryId::ZERO;
+        }
+        let refused = !flushed.refused.is_empty();
+        if refused {
+            // Not an outage: Redis answered with an error (WRONGTYPE, OOM, a script error).
+            // Sent again a few times (the cause may pass, e.g. memory freed), then the
+            // entry is dead-lettered with the refusal, to be replayed once it is fixed.
+            let mut batch = std::mem::take(&mut flushed.refused);
+            let refusals = &mut self.refusals;
+            let give_up = batch.give_up(|id| {
+                let n = refusals.entry(id).or_insert(0);
+                *n += 1;
+                *n >= MAX_REFUSALS
+            });
+            tracing::error!(
+                stream = %cfg.stream, group = %cfg.name, consumer = %self.g.consumer,
+                refused = batch.len() + give_up.len(), dead_lettering = give_up.len(),
+                error = flushed.refusals.values().next().map(String::as_str).unwrap_or_default(),
+                "Redis refused to settle entries; sending again, and dead-lettering those refused {MAX_REFUSALS} times"
+            );
+            for id in give_up {
+                self.refusals.remove(&id);
+                let error = flushed
+                    .refusals
+                    .remove(&id)
+                    .unwrap_or_else(|| "Redis refused the settlement".into());
+                self.pending.burials.push(Burial {
+                    id,
+                    error: format!(
+                        "Redis refused to settle the entry {MAX_REFUSALS} times: {error}"
+                    ),
+                });
+            }
+            self.pending.absorb(batch);
         }
         let retry = !flushed.retry.is_empty();
         if let Some(error) = flushed.error.take() {
             metrics.redis_error(error.kind());
             if retry && !self.outage_logged {
-                if error.is_unavailable() {
-                    tracing::warn!(stream = %cfg.stream, group = %cfg.name, error = %error, pending = flushed.retry.len(), "could not settle entries; will send again when Redis is back");
-                } else {
-                    // Not an outage: Redis answered with an error (e.g. WRONGTYPE when the
-                    // stream key was replaced). Retrying is still right, since nothing may be
-                    // lost, but the operator has to fix the key.
-                    tracing::error!(stream = %cfg.stream, group = %cfg.name, error = %error, pending = flushed.retry.len(), "Redis refused to settle entries; retrying with backoff until the cause is fixed");
-                }
+                tracing::warn!(stream = %cfg.stream, group = %cfg.name, error = %error, pending = flushed.retry.len(), "could not settle entries; will send again when Redis is back");
             }
         }
         flushed.requeue_into(&mut self.pending);
+        if !refused && self.pending.is_empty() {
+            // Nothing refused is waiting any more.
+            self.refusals.clear();
+        }
+        if !retry && !refused {
+            self.g.heartbeat.progress();
+        }
+        let retry = retry || refused;
         self.flush_at = if retry {
             Instant::now() + self.flush_delays.next().unwrap_or(Duration::from_secs(5))
         } else {

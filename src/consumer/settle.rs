@@ -2,10 +2,18 @@
 //!
 //! Decisions accumulate while one flush is in flight and go out together in the next one,
 //! so acknowledgements batch themselves under load (hundreds per XACK) and leave at once
-//! when the group is quiet. A flush that fails because Redis is unreachable is put back and
-//! sent after the outage; nothing is acknowledged that was not handled, dropped or
-//! dead-lettered.
+//! when the group is quiet. What a flush could not send is sorted by why:
+//!
+//! - **Redis unreachable**: put back and sent after the outage, as often as it takes.
+//! - **The group is gone** (NOGROUP: Redis lost its data, or someone destroyed the group):
+//!   the entries no longer exist as far as the group knows; the settlements are dropped
+//!   with a count and the loop recreates the group.
+//! - **Refused** (WRONGTYPE, OOM, a script error): put back a bounded number of times by
+//!   the loop, then the entry is dead-lettered with the refusal as its error.
+//!
+//! Nothing is acknowledged that was not handled, dropped or dead-lettered.
 
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
 use futures_util::future::join_all;
@@ -42,6 +50,16 @@ pub struct Settlements {
     /// Entries fetched but never started, given back at shutdown.
     pub hand_backs: Vec<Release>,
     pub dead_letters: Vec<DeadLetter>,
+    /// Entries whose settlement Redis kept refusing: dead-lettered from what the stream
+    /// holds (the loop no longer has their fields).
+    pub burials: Vec<Burial>,
+}
+
+/// An entry to dead-letter by id; see [`Settlements::burials`].
+#[derive(Debug, Clone)]
+pub struct Burial {
+    pub id: EntryId,
+    pub error: String,
 }
 
 impl Settlements {
@@ -51,6 +69,7 @@ impl Settlements {
             && self.parks.is_empty()
             && self.hand_backs.is_empty()
             && self.dead_letters.is_empty()
+            && self.burials.is_empty()
     }
 
     pub fn len(&self) -> usize {
@@ -59,14 +78,61 @@ impl Settlements {
             + self.parks.len()
             + self.hand_backs.len()
             + self.dead_letters.len()
+            + self.burials.len()
     }
 
-    fn absorb(&mut self, other: Settlements) {
-        self.acks.extend(other.acks);
-        self.effectful.extend(other.effectful);
-        self.parks.extend(other.parks);
-        self.hand_backs.extend(other.hand_backs);
-        self.dead_letters.extend(other.dead_letters);
+    /// Every entry something is decided for.
+    fn ids(&self) -> HashSet<EntryId> {
+        let mut ids = HashSet::with_capacity(self.len());
+        ids.extend(self.acks.iter().map(|(id, _)| *id));
+        ids.extend(self.effectful.iter().map(|(id, _, _)| *id));
+        ids.extend(self.parks.iter().map(|r| r.id));
+        ids.extend(self.hand_backs.iter().map(|r| r.id));
+        ids.extend(self.dead_letters.iter().map(|d| d.id));
+        ids.extend(self.burials.iter().map(|b| b.id));
+        ids
+    }
+
+    /// Keeps only the settlements `keep` says yes to.
+    fn retain(&mut self, mut keep: impl FnMut(EntryId) -> bool) {
+        self.acks.retain(|(id, _)| keep(*id));
+        self.effectful.retain(|(id, _, _)| keep(*id));
+        self.parks.retain(|r| keep(r.id));
+        self.hand_backs.retain(|r| keep(r.id));
+        self.dead_letters.retain(|d| keep(d.id));
+        self.burials.retain(|b| keep(b.id));
+    }
+
+    /// Adds `older` (settlements sent before and put back) to these, newer, ones. An entry
+    /// decided twice (reclaimed and handled again while its first settlement waited) keeps
+    /// only its newer decision, so the queue never holds an entry twice.
+    pub fn absorb(&mut self, mut older: Settlements) {
+        if older.is_empty() {
+            return;
+        }
+        if !self.is_empty() {
+            let newer = self.ids();
+            older.retain(|id| !newer.contains(&id));
+        }
+        self.acks.extend(older.acks);
+        self.effectful.extend(older.effectful);
+        self.parks.extend(older.parks);
+        self.hand_backs.extend(older.hand_backs);
+        self.dead_letters.extend(older.dead_letters);
+        self.burials.extend(older.burials);
+    }
+
+    /// Removes and returns the ids `give_up` picks.
+    pub fn give_up(&mut self, mut give_up: impl FnMut(EntryId) -> bool) -> Vec<EntryId> {
+        let mut gone = Vec::new();
+        self.retain(|id| {
+            let drop = give_up(id);
+            if drop {
+                gone.push(id);
+            }
+            !drop
+        });
+        gone
     }
 }
 
@@ -98,9 +164,65 @@ pub struct Flushed {
     pub retry: Settlements,
     /// The first error, for the log.
     pub error: Option<ClientError>,
-    /// Dead letters Redis refused for good (e.g. the dead-letter key has the wrong type):
-    /// the entries stay pending and will be reclaimed.
-    pub refused: Vec<(EntryId, ClientError)>,
+    /// Settlements Redis refused (not an outage, not a missing group), with each entry's
+    /// refusal: the loop sends them again a bounded number of times, then buries them.
+    pub refused: Settlements,
+    pub refusals: HashMap<EntryId, String>,
+    /// Settlements dropped because the group (or its stream) no longer exists in Redis.
+    pub gone: usize,
+    /// Redis answered NOGROUP: the group must be recreated.
+    pub group_gone: bool,
+    /// Dead letters Redis refused (e.g. the dead-letter key has the wrong type, OOM): the
+    /// entries stay pending and will be reclaimed.
+    pub dead_letter_refused: Vec<(EntryId, ClientError)>,
+}
+
+/// Why a command of a flush failed, which decides what becomes of its settlements.
+enum Failure {
+    Outage(ClientError),
+    Gone,
+    Refused(ClientError),
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::Unavailable(_) => Self::Outage(e),
+            ClientError::NoGroup(_) => Self::Gone,
+            other => Self::Refused(other),
+        }
+    }
+}
+
+impl Flushed {
+    /// Files `batch` (one command's worth, which failed) by why it failed.
+    fn failed(&mut self, error: ClientError, batch: Settlements) {
+        let n = batch.len();
+        match Failure::from(error) {
+            Failure::Outage(e) => {
+                self.retry.absorb(batch);
+                self.note(e);
+            }
+            Failure::Gone => {
+                self.gone += n;
+                self.group_gone = true;
+            }
+            Failure::Refused(e) => {
+                let reason = one_line(e.to_string());
+                for id in batch.ids() {
+                    self.refusals.entry(id).or_insert_with(|| reason.clone());
+                }
+                self.refused.absorb(batch);
+                self.note(e);
+            }
+        }
+    }
+
+    fn note(&mut self, e: ClientError) {
+        if self.error.is_none() {
+            self.error = Some(e);
+        }
+    }
 }
 
 /// Sends everything in `batch` at once: one XACK, one release script per target, one
@@ -111,11 +233,37 @@ pub async fn flush(client: Client, target: Target, batch: Settlements) -> Flushe
         effectful,
         parks,
         hand_backs,
-        dead_letters,
+        mut dead_letters,
+        burials,
     } = batch;
+    let mut out = Flushed::default();
+    // Entries to bury by id: read what the stream holds of them first (rare: only after
+    // Redis refused their settlement again and again).
+    for burial in burials {
+        match client
+            .pending_entry(&target.stream, &target.group, burial.id)
+            .await
+        {
+            Ok(Some(entry)) => dead_letters.push(DeadLetter {
+                id: entry.id,
+                delivery_count: entry.delivery_count,
+                fields: entry.fields,
+                error: burial.error,
+            }),
+            // Acknowledged meanwhile, or deleted from the stream: nothing left to bury.
+            Ok(None) => out.deleted.push(burial.id),
+            Err(e) => out.failed(
+                e,
+                Settlements {
+                    burials: vec![burial],
+                    ..Settlements::default()
+                },
+            ),
+        }
+    }
     let applying = async {
         if effectful.is_empty() {
-            Ok(Vec::new())
+            Ok(Default::default())
         } else {
             let entries: Vec<(EntryId, &[Effect])> = effectful
                 .iter()
@@ -189,67 +337,85 @@ pub async fn flush(client: Client, target: Target, batch: Settlements) -> Flushe
     let (acked, applied, parked, handed_back, buried) =
         tokio::join!(acking, applying, parking, handing_back, burying);
 
-    let mut out = Flushed::default();
-    let note = |e: ClientError, out: &mut Flushed| {
-        if out.error.is_none() {
-            out.error = Some(e);
-        }
-    };
     match acked {
         Ok(_) => out.acked = acks,
-        Err(e) => {
-            out.retry.acks = acks;
-            note(e, &mut out);
-        }
+        Err(e) => out.failed(
+            e,
+            Settlements {
+                acks,
+                ..Settlements::default()
+            },
+        ),
     }
     match applied {
-        Ok(skipped) => {
-            // An entry another consumer acknowledged first was counted there; its
-            // effects were not applied here, so it is not counted again.
-            out.acked.extend(
-                effectful
-                    .iter()
-                    .filter(|(id, _, _)| !skipped.contains(id))
-                    .map(|(id, kind, _)| (*id, *kind)),
-            );
+        Ok(applied) => {
+            let crate::client::Applied { skipped, refused } = applied;
+            let mut refused_effectful = Vec::new();
+            for (id, kind, effects) in effectful {
+                if let Some(reason) = refused.iter().find(|(r, _)| *r == id).map(|(_, e)| e) {
+                    out.refusals.insert(id, reason.clone());
+                    refused_effectful.push((id, kind, effects));
+                } else if !skipped.contains(&id) {
+                    // An entry another consumer acknowledged first was counted there;
+                    // its effects were not applied here, so it is not counted again.
+                    out.acked.push((id, kind));
+                }
+            }
+            if !refused_effectful.is_empty() {
+                out.refused.effectful.extend(refused_effectful);
+            }
             out.already_acked = skipped;
         }
-        Err(e) => {
-            out.retry.effectful = effectful;
-            note(e, &mut out);
-        }
+        Err(e) => out.failed(
+            e,
+            Settlements {
+                effectful,
+                ..Settlements::default()
+            },
+        ),
     }
     match parked {
         Ok((n, deleted)) => {
             out.parked = n as usize;
             out.deleted.extend(deleted);
         }
-        Err(e) => {
-            out.retry.parks = parks;
-            note(e, &mut out);
-        }
+        Err(e) => out.failed(
+            e,
+            Settlements {
+                parks,
+                ..Settlements::default()
+            },
+        ),
     }
     match handed_back {
         Ok((n, deleted)) => {
             out.handed_back = n as usize;
             out.deleted.extend(deleted);
         }
-        Err(e) => {
-            out.retry.hand_backs = hand_backs;
-            note(e, &mut out);
-        }
+        Err(e) => out.failed(
+            e,
+            Settlements {
+                hand_backs,
+                ..Settlements::default()
+            },
+        ),
     }
     for (d, result) in dead_letters.into_iter().zip(buried) {
         match result {
             Ok(Some(dead_id)) => out.dead_lettered.push((d, dead_id)),
-
             Ok(None) => out.not_ours.push((d.id, d.delivery_count)),
-
-            Err(e) if e.is_unavailable() => {
-                out.retry.dead_letters.push(d);
-                note(e, &mut out);
-            }
-            Err(e) => out.refused.push((d.id, e)),
+            Err(e) => match Failure::from(e) {
+                Failure::Outage(e) => {
+                    out.retry.dead_letters.push(d);
+                    out.note(e);
+                }
+                Failure::Gone => {
+                    out.gone += 1;
+                    out.group_gone = true;
+                }
+                // Refused for good: the entry stays pending; the loop logs it.
+                Failure::Refused(e) => out.dead_letter_refused.push((d.id, e)),
+            },
         }
     }
     out

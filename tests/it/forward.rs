@@ -397,7 +397,7 @@ timeout = "1s"
 }
 
 #[test]
-fn a_target_redis_refuses_loses_nothing_and_forwards_once_when_fixed() {
+fn a_target_redis_refuses_is_dead_lettered_and_forwarded_once_when_fixed_and_replayed() {
     let redis = RedisServer::start();
     let mut con = redis.connection();
     // Someone left a string where the target stream should be.
@@ -421,17 +421,30 @@ fn a_target_redis_refuses_loses_nothing_and_forwards_once_when_fixed() {
         logs.contains("Redis refused to settle entries") && !logs.contains("when Redis is back"),
         "{logs}"
     );
-    // Several flushes (and reclaims) later, nothing was acknowledged without its forward.
-    std::thread::sleep(Duration::from_millis(2500));
-    assert_eq!(
-        group_info(&mut con, RAW, "normalize").map(|(pending, _)| pending),
-        Some(ids.len() as u64),
-        "entries whose forward failed must stay pending:\n{}",
-        daemon.logs()
-    );
-    let _: () = redis::cmd("DEL").arg(NORMALIZED).query(&mut con).unwrap();
-    wait_until(Duration::from_secs(15), "every entry forwarded", || {
+    // A bounded number of refusals later, every entry is a dead letter carrying the
+    // refusal, and nothing was acknowledged without its forward or its dead letter.
+    wait_until(Duration::from_secs(20), "every entry dead-lettered", || {
+        entries(&mut con, &format!("{{{RAW}}}:dlq:normalize")).len() >= ids.len()
+    });
+    wait_until(Duration::from_secs(5), "nothing pending", || {
         group_info(&mut con, RAW, "normalize").map(|(pending, _)| pending) == Some(0)
+    });
+    let _: () = redis::cmd("DEL").arg(NORMALIZED).query(&mut con).unwrap();
+    let (code, out, err) = run_cli(
+        &[
+            "dlq",
+            "replay",
+            "-c",
+            daemon.config_path.to_str().unwrap(),
+            "--group",
+            "normalize",
+            "--all",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    wait_until(Duration::from_secs(15), "every entry forwarded", || {
+        source_ids(&mut con).len() >= ids.len()
     });
     std::thread::sleep(Duration::from_millis(500));
     let downstream = source_ids(&mut con);

@@ -10,6 +10,7 @@ mod cli;
 mod delivery;
 mod demo;
 mod failures;
+mod faults;
 mod forward;
 mod learning;
 mod observability;
