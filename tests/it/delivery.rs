@@ -123,7 +123,10 @@ fn a_killed_replicas_pending_entries_are_handled_by_the_survivors() {
     wait_until(
         Duration::from_secs(20),
         "r1 to hold at least 20 entries",
-        || pending_of(&mut con, "orders", "billing", "r1") >= 20,
+        || {
+            group_info(&mut con, "orders", "billing").is_some()
+                && pending_of(&mut con, "orders", "billing", "r1") >= 20
+        },
     );
     let survivors: Vec<Daemon> = ["r2", "r3"]
         .iter()
