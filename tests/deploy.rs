@@ -2,7 +2,8 @@
 //! container engine or a cluster: that the files parse, that they agree with each other and
 //! with the daemon (ports, paths, durations, group names, environment overrides), that the
 //! configurations they ship pass `streamworker check`, and that the image's HEALTHCHECK
-//! command tells a healthy daemon from an unhealthy one.
+//! command tells a healthy daemon from an unhealthy one. Also that README's defaults tables
+//! are what `check` resolves for a minimal configuration.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{SocketAddr, TcpListener};
@@ -1661,20 +1662,18 @@ fn the_healthcheck_passes_only_while_livez_answers_200() {
 
 #[test]
 fn the_compose_prometheus_configuration_passes_promtool() {
-    // promtool ships with Debian's `prometheus` package; without it this check is skipped
-    // (STREAMWORKER_REQUIRE_PROMTOOL=1 makes that a failure, as in observability_assets).
+    // promtool ships with Debian's `prometheus` package (scripts/test installs it). Without
+    // it this test fails: skipping would pass with the configuration unchecked.
     let found = Command::new("promtool")
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(
-            std::env::var_os("STREAMWORKER_REQUIRE_PROMTOOL").is_none_or(|v| v.is_empty()),
-            "promtool is not on PATH and STREAMWORKER_REQUIRE_PROMTOOL is set"
-        );
-        eprintln!("note: promtool is not on PATH; skipping `promtool check config`");
-        return;
-    }
+    assert!(
+        found,
+        "`promtool check config` needs promtool, which is not on PATH: install it with \
+         `apt-get install prometheus` (Debian; scripts/test does this) or put the `promtool` \
+         of a Prometheus release (https://prometheus.io/download/) on PATH"
+    );
     // The rule files are paths inside the Prometheus container: map them back through the
     // service's mounts, so promtool also checks that the mounted rules are the right file.
     let compose = Compose::load();
@@ -1710,5 +1709,148 @@ fn the_compose_prometheus_configuration_passes_promtool() {
         "promtool check config deploy/compose/prometheus.yml failed:\n{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+// ---- README's defaults ----------------------------------------------------------------------
+
+/// The value at a dotted path of a TOML table (`groups.g1.block`).
+fn toml_at<'a>(t: &'a toml::Table, path: &[&str]) -> Option<&'a toml::Value> {
+    let (last, parents) = path.split_last()?;
+    let mut table = t;
+    for key in parents {
+        table = table.get(*key)?.as_table()?;
+    }
+    table.get(*last)
+}
+
+/// A scalar as README writes it: strings bare, numbers and booleans as TOML prints them.
+fn as_written(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// README's tables of `[redis]`, `[worker]`, `[http]`/`[telemetry]`, `[groups.<name>]` and
+/// `[streams.<name>]` give, for each key, the default `check` resolves for a configuration
+/// that sets nothing but a group's stream and handler; and every key `check` prints there
+/// has a row.
+#[test]
+fn the_readme_defaults_tables_are_what_check_prints() {
+    let (stream, group) = ("orders", "g1");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("minimal.toml");
+    std::fs::write(
+        &file,
+        format!("[groups.{group}]\nstream = \"{stream}\"\nhandler = \"noop\"\n"),
+    )
+    .unwrap();
+    let resolved = check_passes("a minimal configuration", &file, &BTreeMap::new());
+
+    let readme = read("README.md");
+    // (table header, [(key, default)]) for every table whose second column is "default".
+    let mut tables: Vec<(String, Vec<(String, String)>)> = Vec::new();
+    let mut in_table = false;
+    for line in readme.lines() {
+        let cells: Vec<&str> = line
+            .trim()
+            .trim_matches('|')
+            .split(" | ")
+            .map(str::trim)
+            .collect();
+        if !line.starts_with('|') {
+            in_table = false;
+        } else if cells.len() >= 2 && cells[1] == "default" && cells[0].starts_with("`[") {
+            tables.push((cells[0].to_owned(), Vec::new()));
+            in_table = true;
+        } else if in_table && !cells[0].starts_with("---") {
+            let key = cells[0].trim_matches('`').to_owned();
+            tables
+                .last_mut()
+                .unwrap()
+                .1
+                .push((key, cells[1].to_owned()));
+        }
+    }
+    let mut sections: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (header, rows) in &tables {
+        let prefix = match header.as_str() {
+            "`[redis]`" => "redis",
+            "`[worker]`" => "worker",
+            "`[http]` / `[telemetry]`" => "",
+            "`[groups.<name>]`" => "groups.g1",
+            "`[streams.<name>]`" => "streams.orders",
+            other => panic!("README has a defaults table this test does not know: {other}"),
+        };
+        for (key, default) in rows {
+            let path = if prefix.is_empty() {
+                key.clone()
+            } else {
+                format!("{prefix}.{key}")
+            };
+            let segments: Vec<&str> = path.split('.').collect();
+            sections
+                .entry(if prefix.is_empty() {
+                    segments[0].to_owned()
+                } else {
+                    prefix.to_owned()
+                })
+                .or_default()
+                .push(segments.last().unwrap().to_string());
+            let got = toml_at(&resolved, &segments);
+            let default = default.trim_matches('`');
+            match default {
+                "required" => assert!(got.is_some(), "{path} is required yet not printed"),
+                "—" => assert!(
+                    got.is_none(),
+                    "README: {path} has no default; check prints {got:?}"
+                ),
+                "{}" => assert!(
+                    got.is_none_or(|v| v.as_table().is_some_and(|t| t.is_empty())),
+                    "README: {path} defaults to {{}}; check prints {got:?}"
+                ),
+                inline if inline.starts_with("{ ") => {
+                    let expected = parse_toml(
+                        &format!("README's default of {path}"),
+                        &format!("v = {inline}"),
+                    )["v"]
+                        .clone();
+                    assert_eq!(got, Some(&expected), "README's default of {path}");
+                }
+                scalar => {
+                    let expected = scalar
+                        .trim_matches('"')
+                        .replace("<stream>", stream)
+                        .replace("<group>", group);
+                    assert_eq!(
+                        got.map(as_written),
+                        Some(expected),
+                        "README's default of {path}"
+                    );
+                }
+            }
+        }
+    }
+    // The other way round: every key check resolves in these tables has a row.
+    for (section, documented) in &sections {
+        let segments: Vec<&str> = section.split('.').collect();
+        let Some(printed) = toml_at(&resolved, &segments).and_then(|v| v.as_table()) else {
+            continue;
+        };
+        for key in printed.keys() {
+            // A handler's options have tables of their own, per handler.
+            if section == "groups.g1" && key == "options" {
+                continue;
+            }
+            assert!(
+                documented.contains(key),
+                "check prints {section}.{key}, which README's defaults table does not list"
+            );
+        }
+    }
+    assert!(
+        sections.len() >= 5,
+        "README's defaults tables were not found: {sections:?}"
     );
 }

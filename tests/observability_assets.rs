@@ -5,9 +5,9 @@
 //! Every metric they query must be one the daemon exports (DESIGN §5); group gauges, which
 //! describe Redis and may come from any replica, must be read through
 //! `max by (stream, group)`; counters and histogram series through `rate`/`increase`.
-//! When `promtool` is on PATH the rules, the dashboard's queries and a set of alert scenarios
-//! also go through it; without it the schema checks stand in (set
-//! `STREAMWORKER_REQUIRE_PROMTOOL=1` to make a missing promtool a failure).
+//! The rules, the dashboard's queries and a set of alert scenarios also go through
+//! `promtool`, which must be on PATH (Debian: `apt-get install prometheus`; scripts/test
+//! installs it): without it those tests fail rather than pass unchecked.
 
 use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
@@ -776,27 +776,22 @@ fn alert_rules_query_exported_metrics_aggregated_the_right_way() {
 }
 
 // ------------------------------------------------------------------------------------------
-// promtool, when it is installed (Debian: `apt-get install prometheus`).
+// promtool (Debian: `apt-get install prometheus`); a missing promtool fails these tests.
 // ------------------------------------------------------------------------------------------
 
-/// Whether promtool can run; prints a note, or fails under STREAMWORKER_REQUIRE_PROMTOOL.
-fn promtool_available(check: &str) -> bool {
+/// Fails the test unless promtool runs. A skipped check would pass silently on a machine
+/// without it, and that green would say nothing about the rules.
+fn require_promtool(check: &str) {
     let found = Command::new("promtool")
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
-    if !found {
-        let required =
-            std::env::var_os("STREAMWORKER_REQUIRE_PROMTOOL").is_some_and(|v| !v.is_empty());
-        assert!(
-            !required,
-            "promtool is not on PATH and STREAMWORKER_REQUIRE_PROMTOOL is set"
-        );
-        eprintln!(
-            "note: promtool is not on PATH; skipping `{check}` (the schema checks stand in for it)"
-        );
-    }
-    found
+    assert!(
+        found,
+        "`{check}` needs promtool, which is not on PATH: install it with \
+         `apt-get install prometheus` (Debian; scripts/test does this) or put the `promtool` \
+         of a Prometheus release (https://prometheus.io/download/) on PATH"
+    );
 }
 
 fn promtool(args: &[&str]) {
@@ -817,17 +812,13 @@ fn promtool(args: &[&str]) {
 
 #[test]
 fn promtool_checks_the_alert_rules() {
-    if !promtool_available("promtool check rules") {
-        return;
-    }
+    require_promtool("promtool check rules");
     promtool(&["check", "rules", repo_path(ALERTS).to_str().unwrap()]);
 }
 
 #[test]
 fn promtool_parses_every_dashboard_query() {
-    if !promtool_available("promtool check rules (dashboard queries)") {
-        return;
-    }
+    require_promtool("promtool check rules (dashboard queries)");
     // Each query becomes a recording rule, with Grafana's variables replaced by values.
     let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
     for panel in panels(&dashboard()) {
@@ -1062,9 +1053,7 @@ tests:
 
 #[test]
 fn promtool_alert_scenarios_fire_as_expected() {
-    if !promtool_available("promtool test rules") {
-        return;
-    }
+    require_promtool("promtool test rules");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("alerts-test.yml");
     let rules = repo_path(ALERTS);

@@ -501,11 +501,15 @@ when = { level = "error" }
 window = "1m"
 threshold = 10
 "#;
-    let mut a = Daemon::start(&config(
-        &proxy.url(),
-        "a",
-        &alerts_group("app_logs", "block = \"8s\"", options),
-    ));
+    // a logs at debug the acknowledgement that arrives too late.
+    let a = Daemon::start_with_env(
+        &config(
+            &proxy.url(),
+            "a",
+            &alerts_group("app_logs", "block = \"8s\"", options),
+        ),
+        &[("RUST_LOG", "info,streamworker=debug")],
+    );
     let mut con = redis.connection();
     wait_until(Duration::from_secs(20), "a's read to block", || {
         let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut con).unwrap();
@@ -532,9 +536,8 @@ threshold = 10
     wait_until(Duration::from_secs(5), "the entries delivered to a", || {
         pending_of(&mut con, "app_logs", "alerts", "a") == 9
     });
-    // a handles them; its acknowledgement (and the counts with it) stays in the proxy.
-    std::thread::sleep(Duration::from_millis(500));
-    a.kill();
+    // a handles them; its acknowledgement (and the counts with it) stays in the proxy
+    // while b takes the entries over and counts them.
 
     let _b = Daemon::start(&config(
         &redis.url(),
@@ -549,6 +552,24 @@ threshold = 10
         Duration::from_secs(15),
         "b to handle every entry again",
         || group_info(&mut con, "app_logs", "alerts") == Some((0, Some(0))),
+    );
+    assert_eq!(bucket_total(&mut con, "app_logs", "m:burst"), 9);
+    // Now a's acknowledgement, with the counts of the same nine entries, reaches Redis:
+    // late, after b's. It must change nothing.
+    proxy.hold_requests(false);
+    wait_until(
+        Duration::from_secs(20),
+        "a's late acknowledgement to arrive",
+        || {
+            a.logs()
+                .contains("already acknowledged by another consumer")
+                || bucket_total(&mut con, "app_logs", "m:burst") != 9
+        },
+    );
+    assert_eq!(
+        bucket_total(&mut con, "app_logs", "m:burst"),
+        9,
+        "a late acknowledgement counts nothing again"
     );
     // A few evaluations with 9 of 10 in the window: nothing fires.
     std::thread::sleep(Duration::from_millis(2500));

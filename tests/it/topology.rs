@@ -49,8 +49,8 @@ fn a_cluster_spreads_groups_over_nodes_and_dead_letters_in_one_slot() {
     // The last stream carries a hash tag of its own: its dead letters, lease and circuit
     // keys must take that tag (`{orders}:…`), or the scripts would cross slots.
     let streams = ["orders", "user_logs", "events.raw", "{orders}:audit"];
-    // The streams are served by three different nodes.
-    let owners: HashSet<i64> = {
+    // The port of the node serving each stream.
+    let owner_of: Vec<i64> = {
         let mut con = cluster.connection();
         let ranges: Vec<(i64, i64, (String, i64))> = {
             let raw: Vec<redis::Value> =
@@ -87,7 +87,9 @@ fn a_cluster_spreads_groups_over_nodes_and_dead_letters_in_one_slot() {
             })
             .collect()
     };
-    assert_eq!(owners.len(), 3, "groups spread over the three nodes");
+    // The test's premise: the streams live on all three nodes.
+    let owners: HashSet<i64> = owner_of.iter().copied().collect();
+    assert_eq!(owners.len(), 3, "the streams hash to all three nodes");
     let groups: String = streams
         .iter()
         .enumerate()
@@ -162,12 +164,42 @@ fn a_cluster_spreads_groups_over_nodes_and_dead_letters_in_one_slot() {
             }
         }
     }
-    let by_replica: HashSet<String> = replicas
-        .iter()
-        .map(|d| d.logs())
-        .filter(|l| l.contains("streamworker started"))
-        .collect();
-    assert_eq!(by_replica.len(), 3);
+    // Each group reads on the node that owns its stream, from every replica, and nowhere
+    // else: the groups spread over the cluster.
+    for (i, stream) in streams.iter().enumerate() {
+        for node in &cluster.nodes {
+            let list: String = redis::cmd("CLIENT")
+                .arg("LIST")
+                .query(&mut node.connection())
+                .unwrap();
+            let readers: HashSet<&str> = ["r1", "r2", "r3"]
+                .into_iter()
+                .filter(|r| {
+                    list.lines().any(|l| {
+                        l.contains(&format!(" name=streamworker:g{i}:{r} "))
+                            && l.contains(" cmd=xreadgroup ")
+                    })
+                })
+                .collect();
+            if i64::from(node.port) == owner_of[i] {
+                assert_eq!(
+                    readers.len(),
+                    3,
+                    "every replica reads {stream} on its node {}:\n{list}",
+                    node.port
+                );
+            } else {
+                assert!(
+                    readers.is_empty(),
+                    "{readers:?} read {stream} on node {}, which does not own it:\n{list}",
+                    node.port
+                );
+            }
+        }
+    }
+    for mut replica in replicas {
+        assert!(replica.is_running(), "{}", replica.logs());
+    }
 
     // check refuses a dead-letter stream in another slot under Cluster.
     let bad = groups.replace(

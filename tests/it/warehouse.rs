@@ -3,11 +3,15 @@
 //!
 //! The PostgreSQL tests start a throwaway cluster (`initdb` + `pg_ctl` on a free port in a
 //! temporary directory; scripts/test installs PostgreSQL), or use `DATABASE_URL` when set
-//! (each test then works in a table of its own and drops it).
+//! (each test then works in a table of its own and drops it; the outage test makes that
+//! server unreachable behind a TCP gate instead of stopping it).
 
 use std::collections::{HashMap, HashSet};
+use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use crate::support::*;
@@ -213,12 +217,16 @@ impl Postgres {
         serde_json::from_str::<Vec<serde_json::Value>>(&text).expect("json rows")
     }
 
-    /// Rows in the test's table; 0 while the table does not exist yet.
+    /// Rows in the test's table; 0 while the table does not exist yet. Any other error
+    /// fails the test: it must not read as "no rows".
     fn count(&self) -> u64 {
-        self.psql(&format!("SELECT count(*) FROM {}", self.table))
-            .ok()
-            .and_then(|t| t.parse().ok())
-            .unwrap_or(0)
+        match self.psql(&format!("SELECT count(*) FROM {}", self.table)) {
+            Ok(text) => text
+                .parse()
+                .unwrap_or_else(|e| panic!("count of {}: {text:?}: {e}", self.table)),
+            Err(e) if e.contains("does not exist") => 0,
+            Err(e) => panic!("counting the rows of {}: {e}", self.table),
+        }
     }
 
     fn stop(&self) {
@@ -321,14 +329,15 @@ fn lines_in(dirs: &[&Path]) -> Vec<String> {
 }
 
 fn jsonl_files(dir: &Path) -> Vec<PathBuf> {
+    // A missing directory is an error, not "no lines": the handler creates it at start.
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
-                .collect()
+        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+        .map(|e| {
+            e.unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+                .path()
         })
-        .unwrap_or_default();
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .collect();
     files.sort();
     files
 }
@@ -464,15 +473,97 @@ fn postgres_rows_are_the_llm_events_and_a_second_delivery_adds_none() {
     assert_eq!(stored, expected);
 }
 
+/// A TCP forwarder in front of a PostgreSQL server the test cannot stop (`DATABASE_URL`):
+/// while down it cuts every open connection and closes new ones at once, as a server that
+/// went away would.
+struct Gate {
+    url: String,
+    down: Arc<AtomicBool>,
+    open: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Gate {
+    /// Forwards to the server of `url` (`postgres://…@host:port/…`); `url` is the same URL
+    /// pointing at the gate.
+    fn start(url: &str) -> Self {
+        let (scheme, rest) = url.split_once("://").unwrap_or_else(|| {
+            panic!(
+                "DATABASE_URL must be a postgres://user@host:port/db URL for this test, not {url:?}"
+            )
+        });
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(authority_end);
+        let (userinfo, host_port) = match authority.rsplit_once('@') {
+            Some((u, h)) => (format!("{u}@"), h),
+            None => (String::new(), authority),
+        };
+        let upstream = if host_port.contains(':') {
+            host_port.to_owned()
+        } else {
+            format!("{host_port}:5432")
+        };
+        let upstream = upstream
+            .to_socket_addrs()
+            .unwrap_or_else(|e| panic!("DATABASE_URL's server {upstream}: {e}"))
+            .next()
+            .unwrap_or_else(|| panic!("DATABASE_URL's server {upstream} has no address"));
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let down = Arc::new(AtomicBool::new(false));
+        let open = Arc::new(Mutex::new(Vec::new()));
+        let (gate_down, gate_open) = (down.clone(), open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                if gate_down.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(upstream) else {
+                    continue;
+                };
+                let mut open = gate_open.lock().unwrap();
+                open.push(client.try_clone().unwrap());
+                open.push(server.try_clone().unwrap());
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Self {
+            url: format!("{scheme}://{userinfo}{addr}{tail}"),
+            down,
+            open,
+        }
+    }
+
+    fn go_down(&self) {
+        self.down.store(true, Ordering::SeqCst);
+        for c in self.open.lock().unwrap().drain(..) {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn come_back(&self) {
+        self.down.store(false, Ordering::SeqCst);
+    }
+}
+
 #[test]
 fn postgres_outage_retries_the_batch_and_reconnects() {
     let redis = RedisServer::start();
     let pg = Postgres::start();
-    if pg.cluster.is_none() {
-        eprintln!("skipped: needs a private cluster to stop (DATABASE_URL is set)");
-        return;
-    }
-    let groups = pg_group(&pg.url, &pg.table, "");
+    // A private cluster is stopped for real; a server of DATABASE_URL, which the test must
+    // not stop, becomes unreachable behind a gate instead.
+    let gate = pg.cluster.is_none().then(|| Gate::start(&pg.url));
+    let url = gate.as_ref().map_or(pg.url.clone(), |g| g.url.clone());
+    let groups = pg_group(&url, &pg.table, "");
     let _daemon = Daemon::start(&config(&redis.url(), "r1", &groups));
     let mut con = redis.connection();
     let docs: Vec<Vec<(&str, String)>> = (0..10)
@@ -483,7 +574,10 @@ fn postgres_outage_retries_the_batch_and_reconnects() {
         pg.count() == 10
     });
 
-    pg.stop();
+    match &gate {
+        Some(gate) => gate.go_down(),
+        None => pg.stop(),
+    }
     let later: Vec<Vec<(&str, String)>> = (10..20)
         .map(|i| vec![("event", llm_event(i).to_string())])
         .collect();
@@ -497,7 +591,10 @@ fn postgres_outage_retries_the_batch_and_reconnects() {
                 .any(|&n| n >= 2)
         },
     );
-    pg.restart();
+    match &gate {
+        Some(gate) => gate.come_back(),
+        None => pg.restart(),
+    }
     wait_until(
         Duration::from_secs(15),
         "every row after the outage",
@@ -647,53 +744,74 @@ fn files_rotate_by_size_and_hold_every_line_once() {
 #[test]
 fn files_delivered_twice_hold_each_line_once() {
     let redis = RedisServer::start();
-    let proxy = Proxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap());
+    let mut con = redis.connection();
+    // a may do everything but acknowledge: it writes and marks each line, and Redis refuses
+    // its XACK, as if a crashed right after marking. Its entries stay pending.
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("noack")
+        .arg("on")
+        .arg(">noack-password")
+        .arg("~*")
+        .arg("&*")
+        .arg("+@all")
+        .arg("-xack")
+        .query(&mut con)
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
     let mut a = Daemon::start(&config(
-        &proxy.url(),
+        &format!("redis://noack:noack-password@127.0.0.1:{}/0", redis.port),
         "a",
         &file_group("warehouse", "ml_events", &a_dir, "json:event", ""),
     ));
-    let mut con = redis.connection();
-    let first: Vec<String> = (0..5).map(|i| llm_event(i).to_string()).collect();
-    wait_for_blocked_read(&mut con, "warehouse", "a");
-    let mut ids = produce_atomically(&mut con, "ml_events", &first);
-    wait_until(Duration::from_secs(10), "a handles the first five", || {
-        idle(&mut con, "ml_events", "warehouse")
-    });
-    let before = lines_in(&[&a_dir]);
-    assert_eq!(before.len(), 5);
-
-    // a is served ten entries; nothing it sends to Redis from now on arrives.
-    let more: Vec<String> = (5..15).map(|i| llm_event(i).to_string()).collect();
-    wait_for_blocked_read(&mut con, "warehouse", "a");
-    proxy.hold_requests(true);
-    ids.extend(produce_atomically(&mut con, "ml_events", &more));
-    wait_until(Duration::from_secs(5), "the entries delivered to a", || {
-        pending_of(&mut con, "ml_events", "warehouse", "a") == 10
-    });
-    std::thread::sleep(Duration::from_millis(1500));
+    let docs: Vec<Vec<(&str, String)>> = (0..10)
+        .map(|i| vec![("event", llm_event(i).to_string())])
+        .collect();
+    let ids = produce(&mut con, "ml_events", &docs);
+    wait_until(
+        Duration::from_secs(15),
+        "a to write and mark every line",
+        || {
+            ids.iter().all(|id| {
+                redis::cmd("EXISTS")
+                    .arg(format!("{{ml_events}}:warehouse:warehouse:seen:{id}"))
+                    .query::<bool>(&mut con)
+                    .unwrap()
+            })
+        },
+    );
     a.kill();
+    let written = lines_in(&[&a_dir]);
+    assert_eq!(ids_of_lines(&written), ids, "a wrote each line once");
+    assert_eq!(
+        pending_of(&mut con, "ml_events", "warehouse", "a"),
+        10,
+        "a acknowledged nothing: every entry is delivered again"
+    );
 
-    let _b = Daemon::start(&config(
+    // b reclaims all ten after claim_idle: a second delivery of entries whose lines exist.
+    let (b_config, http) = config_with_http(
         &redis.url(),
         "b",
         &file_group("warehouse", "ml_events", &b_dir, "json:event", ""),
-    ));
-    wait_until(Duration::from_secs(15), "b to handle them again", || {
-        idle(&mut con, "ml_events", "warehouse")
-    });
-    let lines = lines_in(&[&a_dir, &b_dir]);
-    let mut stored = ids_of_lines(&lines);
-    stored.sort();
-    let mut expected = ids.clone();
-    expected.sort();
-    assert_eq!(
-        stored, expected,
-        "each entry exactly once across both replicas"
     );
-    assert_eq!(&lines[..5], &before[..], "the first lines are unchanged");
+    let _b = Daemon::start(&b_config);
+    wait_until(
+        Duration::from_secs(20),
+        "b to drop all ten as already stored",
+        || dropped(&http, "warehouse") == 10.0 && idle(&mut con, "ml_events", "warehouse"),
+    );
+    assert_eq!(dead_letters(&mut con), 0, "nothing dead-lettered");
+    assert!(lines_in(&[&b_dir]).is_empty(), "b wrote nothing again");
+    assert_eq!(lines_in(&[&a_dir]), written, "a's files are unchanged");
+}
+
+fn dead_letters(con: &mut redis::Connection) -> u64 {
+    redis::cmd("XLEN")
+        .arg("{ml_events}:dlq:warehouse")
+        .query(con)
+        .unwrap()
 }
 
 #[test]

@@ -372,29 +372,39 @@ pub fn produce(
     ids
 }
 
-/// The pending count and lag of a group, from XINFO GROUPS.
+/// The pending count and lag of a group, from XINFO GROUPS; `None` when the stream or the
+/// group does not exist (yet). Any other failure (Redis unreachable, a wrong type, a reply
+/// without `pending`) fails the test: it must not read as an answer.
 pub fn group_info(
     con: &mut redis::Connection,
     stream: &str,
     group: &str,
 ) -> Option<(u64, Option<u64>)> {
-    let groups: Vec<redis::Value> = redis::cmd("XINFO")
-        .arg("GROUPS")
-        .arg(stream)
-        .query(con)
-        .ok()?;
+    let groups: Vec<redis::Value> = match redis::cmd("XINFO").arg("GROUPS").arg(stream).query(con) {
+        Ok(groups) => groups,
+        Err(e) if e.to_string().contains("no such key") => return None,
+        Err(e) => panic!("XINFO GROUPS {stream}: {e}"),
+    };
     for g in groups {
         let map = value_map(g);
         if map.get("name").map(|v| v.as_str()) == Some(group) {
-            let pending = map.get("pending").and_then(|v| v.parse().ok()).unwrap_or(0);
-            let lag = map.get("lag").and_then(|v| v.parse().ok());
+            let pending = map
+                .get("pending")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("XINFO GROUPS {stream}: no pending count in {map:?}"));
+            // `lag` is nil when Redis cannot tell: that is an answer (None), not an error.
+            let lag = map.get("lag").filter(|v| !v.is_empty()).map(|v| {
+                v.parse()
+                    .unwrap_or_else(|e| panic!("XINFO GROUPS {stream}: lag {v:?}: {e}"))
+            });
             return Some((pending, lag));
         }
     }
     None
 }
 
-/// Pending entries per consumer (XPENDING summary).
+/// Pending entries of one consumer (extended XPENDING). A missing group or any other error
+/// fails the test instead of reading as "nothing pending".
 pub fn pending_of(con: &mut redis::Connection, stream: &str, group: &str, consumer: &str) -> u64 {
     let rows: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
         .arg(stream)
@@ -404,7 +414,7 @@ pub fn pending_of(con: &mut redis::Connection, stream: &str, group: &str, consum
         .arg(100_000)
         .arg(consumer)
         .query(con)
-        .unwrap_or_default();
+        .unwrap_or_else(|e| panic!("XPENDING {stream} {group} - + 100000 {consumer}: {e}"));
     rows.len() as u64
 }
 
@@ -483,12 +493,29 @@ pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
-/// `streamworker_entries_total{labels…}` from the daemon's `/metrics` at `http`; 0 while
-/// the daemon does not answer or has no such sample yet.
+/// `streamworker_entries_total{labels…}` from the daemon's `/metrics` at `http`. The
+/// daemon's listener may not be up yet and a group's samples appear when the group starts,
+/// so this waits up to 30 s for the sample; then it fails the test (a daemon that died or a
+/// label that does not exist must not read as 0).
 pub fn entries_total(http: &str, labels: &[(&str, &str)]) -> f64 {
-    http_get(http, "/metrics")
-        .and_then(|(_, text)| metric(&text, "streamworker_entries_total", labels))
-        .unwrap_or(0.0)
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = String::from("no answer");
+    loop {
+        match http_get(http, "/metrics") {
+            Some((200, text)) => {
+                if let Some(v) = metric(&text, "streamworker_entries_total", labels) {
+                    return v;
+                }
+                last = format!("no such sample in:\n{text}");
+            }
+            Some((status, body)) => last = format!("status {status}: {body}"),
+            None => {}
+        }
+        if Instant::now() >= deadline {
+            panic!("streamworker_entries_total{labels:?} from http://{http}/metrics: {last}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// The value of the sample `name{labels…}` in exposition text, matching every given label.
@@ -521,7 +548,7 @@ pub fn delivery_counts(
         .arg("+")
         .arg(100_000)
         .query(con)
-        .unwrap_or_default();
+        .unwrap_or_else(|e| panic!("XPENDING {stream} {group} - + 100000: {e}"));
     rows.into_iter()
         .map(|(id, _, _, count)| (id, count))
         .collect()
@@ -530,14 +557,15 @@ pub fn delivery_counts(
 /// Fields of an entry, bytes as stored, in order.
 pub type Fields = Vec<(Vec<u8>, Vec<u8>)>;
 
-/// All entries of a stream as (id, fields).
+/// All entries of a stream as (id, fields); none when the key does not exist, and a
+/// failure (a wrong type, Redis unreachable) fails the test.
 pub fn entries(con: &mut redis::Connection, key: &str) -> Vec<(String, Fields)> {
     redis::cmd("XRANGE")
         .arg(key)
         .arg("-")
         .arg("+")
         .query(con)
-        .unwrap_or_default()
+        .unwrap_or_else(|e| panic!("XRANGE {key} - +: {e}"))
 }
 
 /// A configuration whose HTTP listener is on a free port; returns it with the address.
