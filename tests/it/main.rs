@@ -14,6 +14,7 @@ mod forward;
 mod learning;
 mod observability;
 mod operate;
+mod ops_guards;
 mod scenarios;
 mod topology;
 mod warehouse;
