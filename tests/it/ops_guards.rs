@@ -106,3 +106,134 @@ timeout = "1s"
         );
     }
 }
+
+/// Retention's script runs inside Redis, where nothing else runs meanwhile: it must find
+/// the groups' bound before reading anything, and read a bounded number of entries per
+/// call. A stream far over its length is then trimmed in many short calls, not one long
+/// one (which stalls every client for as long as it takes to copy the entries).
+#[test]
+fn retention_reads_a_bounded_number_of_entries_per_script_call() {
+    // Every command slower than 150 ms is logged; a bounded retention call takes a few ms.
+    const SLOW_US: u64 = 150_000;
+    let redis = RedisServer::start_with(&[
+        "--slowlog-log-slower-than",
+        &SLOW_US.to_string(),
+        "--slowlog-max-len",
+        "1000",
+    ]);
+    let mut con = redis.connection();
+    let retention_sha = redis::Script::new(include_str!("../../src/client/retention.lua"))
+        .get_hash()
+        .to_owned();
+    // A group streamworker does not run, that has read nothing yet: retention may not
+    // trim anything, and has no reason to look at any entry.
+    redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg("events")
+        .arg("outsider")
+        .arg("0")
+        .arg("MKSTREAM")
+        .query::<()>(&mut con)
+        .unwrap();
+    const N: usize = 120_000;
+    let pad = "x".repeat(1000);
+    for chunk in (0..N).collect::<Vec<_>>().chunks(10_000) {
+        produce(
+            &mut con,
+            "events",
+            &chunk
+                .iter()
+                .map(|i| vec![("n", i.to_string()), ("pad", pad.clone())])
+                .collect::<Vec<_>>(),
+        );
+    }
+    let hook = WebhookServer::start();
+    let groups = format!(
+        r#"
+[streams.events]
+retention = {{ max_len = 10 }}
+
+[groups.other]
+stream = "other"
+handler = "webhook"
+block = "500ms"
+[groups.other.options]
+url = "{}"
+"#,
+        hook.url("other")
+    );
+    let (cfg, http) = config_with_http(&redis.url(), "r1", &groups);
+    let _daemon = Daemon::start(&cfg);
+    let blocked = || {
+        http_get(&http, "/metrics").and_then(|(_, text)| {
+            metric(
+                &text,
+                "streamworker_retention_blocked",
+                &[("group", "outsider")],
+            )
+        })
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "a retention pass held back by outsider",
+        || blocked() == Some(1.0),
+    );
+    let xlen = |con: &mut redis::Connection| {
+        redis::cmd("XLEN")
+            .arg("events")
+            .query::<usize>(con)
+            .unwrap()
+    };
+    assert_eq!(
+        xlen(&mut con),
+        N,
+        "outsider has read nothing: nothing may go"
+    );
+
+    // outsider has now handled everything: all but 10 entries go, in bounded steps.
+    redis::cmd("XGROUP")
+        .arg("SETID")
+        .arg("events")
+        .arg("outsider")
+        .arg("$")
+        .query::<()>(&mut con)
+        .unwrap();
+    wait_until(
+        Duration::from_secs(60),
+        "the stream trimmed to max_len",
+        || xlen(&mut con) == 10,
+    );
+    assert_eq!(blocked(), Some(0.0));
+
+    // SLOWLOG GET: [id, time, duration µs, [command, args…], …]
+    let slow: Vec<(u64, u64, u64, Vec<String>)> = redis::cmd("SLOWLOG")
+        .arg("GET")
+        .arg(1000)
+        .query::<Vec<redis::Value>>(&mut con)
+        .unwrap()
+        .into_iter()
+        .filter_map(|v| {
+            let redis::Value::Array(parts) = v else {
+                return None;
+            };
+            let num = |v: &redis::Value| text(v).parse::<u64>().unwrap_or(0);
+            let args = match parts.get(3) {
+                Some(redis::Value::Array(a)) => a.iter().map(text).collect(),
+                _ => Vec::new(),
+            };
+            Some((num(&parts[0]), num(&parts[1]), num(&parts[2]), args))
+        })
+        .collect();
+    let retention_calls: Vec<_> = slow
+        .iter()
+        .filter(|(_, _, _, args)| args.iter().any(|a| a.eq_ignore_ascii_case(&retention_sha)))
+        .collect();
+    assert!(
+        retention_calls.is_empty(),
+        "retention calls slower than {SLOW_US} µs: {:?}",
+        retention_calls
+            .iter()
+            .map(|(_, _, us, _)| us)
+            .collect::<Vec<_>>()
+    );
+}
