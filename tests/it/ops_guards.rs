@@ -237,3 +237,148 @@ url = "{}"
             .collect::<Vec<_>>()
     );
 }
+
+/// Credentials in a webhook URL (userinfo, a `token` query parameter) appear nowhere the
+/// daemon writes: not in its logs, not in a dead letter's `dlq_error`, not in `check`.
+#[test]
+fn webhook_credentials_reach_no_log_and_no_dead_letter() {
+    const PASSWORD: &str = "s3cr3t-pw";
+    const TOKEN: &str = "t0k3n-value";
+    let redis = RedisServer::start();
+    // Refused for good: the error names the URL and the reply.
+    let hook = WebhookServer::start_with(|_| (400, Duration::ZERO));
+    let with_credentials = |url: &str| {
+        format!(
+            "{}?token={TOKEN}",
+            url.replacen("http://", &format!("http://ops:{PASSWORD}@"), 1)
+        )
+    };
+    let refusing = with_credentials(&hook.url("refusing"));
+    // Nobody listens there: the HTTP client's own error names the URL.
+    let unreachable = with_credentials(&format!("http://127.0.0.1:{}/x", free_port()));
+    let group = |name: &str, url: &str| {
+        format!(
+            r#"
+[groups.{name}]
+stream = "{name}"
+handler = "webhook"
+block = "500ms"
+handler_timeout = "2s"
+claim_idle = "4s"
+max_deliveries = 1
+retry_backoff = {{ initial = "100ms", max = "1s" }}
+[groups.{name}.options]
+url = "{url}"
+timeout = "1s"
+"#
+        )
+    };
+    let cfg = config(
+        &redis.url(),
+        "r1",
+        &format!(
+            "{}{}",
+            group("refusing", &refusing),
+            group("unreachable", &unreachable)
+        ),
+    );
+    let daemon = Daemon::start(&cfg);
+    let mut con = redis.connection();
+    for stream in ["refusing", "unreachable"] {
+        produce(&mut con, stream, &[vec![("n", "1".to_owned())]]);
+    }
+    let mut errors = Vec::new();
+    for stream in ["refusing", "unreachable"] {
+        let dlq = format!("{{{stream}}}:dlq:{stream}");
+        wait_until(Duration::from_secs(30), "a dead letter", || {
+            !entries(&mut con, &dlq).is_empty()
+        });
+        let (_, fields) = entries(&mut con, &dlq).remove(0);
+        let error = fields
+            .iter()
+            .find(|(k, _)| k == b"dlq_error")
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+            .expect("dlq_error");
+        errors.push(error);
+    }
+    // The errors still say which endpoint failed, and how.
+    assert!(
+        errors[0].contains("http://ops:<redacted>@127.0.0.1") && errors[0].contains("400"),
+        "{}",
+        errors[0]
+    );
+    assert!(
+        errors[1].contains("http://ops:<redacted>@127.0.0.1") && errors[1].contains("unreachable"),
+        "{}",
+        errors[1]
+    );
+    let (code, checked, err) = run_cli(&["check", "-c", daemon.config_path.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{err}");
+    let logs = daemon.logs();
+    for (what, text) in [
+        ("refusing dlq_error", &errors[0]),
+        ("unreachable dlq_error", &errors[1]),
+        ("logs", &logs),
+        ("check", &checked),
+    ] {
+        for secret in [PASSWORD, TOKEN] {
+            assert!(!text.contains(secret), "{secret} in {what}: {text}");
+        }
+    }
+}
+
+/// A Redis password in the URL, right or wrong, appears in no log line and no command's
+/// output: connection errors name the server, never the credentials.
+#[test]
+fn redis_passwords_reach_no_log_and_no_command_output() {
+    const WRONG: &str = "wr0ng-pw";
+    let redis = RedisServer::start_with(&["--requirepass", "r1ght-pw"]);
+    let url = redis.url().replace("r1ght-pw", WRONG);
+    let mut daemon = Daemon::start(&config(
+        &url,
+        "r1",
+        "[groups.g]\nstream = \"s\"\nhandler = \"noop\"\nblock = \"500ms\"\n",
+    ));
+    // A refused password is not an outage: the daemon stops and says where it failed.
+    assert!(
+        daemon.wait(Duration::from_secs(30)).is_some(),
+        "stops on a refused password: {}",
+        daemon.logs()
+    );
+    assert!(
+        daemon.logs().contains("redis://:<redacted>@127.0.0.1"),
+        "{}",
+        daemon.logs()
+    );
+    let path = daemon.config_path.to_str().unwrap().to_owned();
+    let mut outputs = vec![("daemon logs".to_owned(), daemon.logs())];
+    for args in [
+        &["status", "-c", &path][..],
+        &["check", "-c", &path][..],
+        &["dlq", "list", "-c", &path, "--group", "g"][..],
+    ] {
+        let (_, out, err) = run_cli(args, &[]);
+        outputs.push((format!("{args:?}"), format!("{out}{err}")));
+    }
+    // And the right password, once a command gets through, is no more visible.
+    let (code, out, err) = run_cli(&["status", "-c", &path], &[]);
+    assert_ne!(code, 0, "the wrong password is refused: {out}{err}");
+    std::fs::write(
+        &daemon.config_path,
+        std::fs::read_to_string(&daemon.config_path)
+            .unwrap()
+            .replace(WRONG, "r1ght-pw"),
+    )
+    .unwrap();
+    let (code, out, err) = run_cli(&["status", "-c", &path], &[]);
+    assert_eq!(code, 0, "{err}");
+    outputs.push((
+        "status with the right password".into(),
+        format!("{out}{err}"),
+    ));
+    for (what, text) in &outputs {
+        for secret in [WRONG, "r1ght-pw"] {
+            assert!(!text.contains(secret), "{secret} in {what}: {text}");
+        }
+    }
+}
