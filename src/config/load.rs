@@ -128,7 +128,8 @@ pub fn load_with_env(path: &Path, env: HashMap<String, String>) -> Result<Config
     for key in top_keys.keys() {
         if !["redis", "worker", "http", "telemetry", "streams", "groups"].contains(&key.as_str()) {
             report.push(
-                key,
+                // A problem without a key reads as one about the whole file.
+                if key.is_empty() { "\"\"" } else { key },
                 "unknown section; expected one of: redis, worker, http, telemetry, streams, groups"
                     .into(),
             );

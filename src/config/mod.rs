@@ -6,6 +6,8 @@
 //! when the file is loaded rather than when the group first runs.
 
 mod load;
+#[cfg(test)]
+mod proptests;
 mod validate;
 
 use std::collections::BTreeMap;

@@ -382,3 +382,41 @@ fn redis_passwords_reach_no_log_and_no_command_output() {
         }
     }
 }
+
+/// Absurd values make `check` and `run` exit 2 naming the key, never panic (exit 101).
+#[test]
+fn absurd_configuration_values_exit_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("streamworker.toml");
+    let path = path.to_str().unwrap();
+    for (extra, key) in [
+        (
+            "retry_backoff = { jitter = nan }",
+            "groups.g.retry_backoff.jitter",
+        ),
+        (
+            "retry_backoff = { jitter = inf }",
+            "groups.g.retry_backoff.jitter",
+        ),
+        (
+            "claim_idle = \"500000000y\"\nconsumer_ttl = \"500000001y\"\nhandler_timeout = \"400000000y\"",
+            "groups.g.claim_idle",
+        ),
+        ("stream = \"\"", "groups.g.stream"),
+    ] {
+        std::fs::write(
+            path,
+            format!(
+                "[redis]\nurl = \"redis://127.0.0.1:1/0\"\n[groups.g]\nhandler = \"noop\"\nstream = \"s\"\n{extra}\n"
+            )
+            .replacen("stream = \"s\"\nstream = \"\"", "stream = \"\"", 1),
+        )
+        .unwrap();
+        for command in ["check", "run"] {
+            let (code, out, err) = run_cli(&[command, "-c", path], &[]);
+            assert_eq!(code, 2, "{command} with {extra}: {out}{err}");
+            assert!(err.contains(key), "{command} with {extra}: {err}");
+            assert!(!err.contains("panicked"), "{command} with {extra}: {err}");
+        }
+    }
+}
