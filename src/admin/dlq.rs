@@ -135,8 +135,8 @@ pub async fn show(
     Ok(Some(out))
 }
 
-/// The dead letters `selection` names after `after`, up to `last` (the stream's last id
-/// when the walk began), one page at a time, oldest first.
+/// The dead letters `selection` names after `after`, up to `last` (no earlier than any
+/// dead letter there was when the walk began), one page at a time, oldest first.
 async fn select(
     client: &Client,
     dlq: &str,
@@ -184,7 +184,7 @@ async fn select(
 struct Cursor<'a> {
     selection: &'a Selection,
     after: Option<String>,
-    /// The dead-letter stream's last id when the walk began; `None` until then.
+    /// The highest id a dead letter there when the walk began can have; `None` until then.
     last: Option<EntryId>,
     done: bool,
 }
@@ -210,15 +210,12 @@ impl<'a> Cursor<'a> {
         let last = match self.last {
             Some(last) => last,
             None => {
-                let newest = client.range(dlq, "-", "+", 1, true).await?;
-                let Some(last) = newest
-                    .first()
-                    .and_then(|(id, _)| id.parse::<EntryId>().ok())
-                else {
-                    // Empty (or gone): nothing to walk.
-                    self.done = true;
-                    return Ok(Vec::new());
-                };
+                // Dead letters are added with `*` ids, taken from the server's clock: every
+                // one added after this millisecond has a later id, and every one there is has
+                // an id no later (unless the server's clock went back). TIME is in the
+                // documented ACL; XREVRANGE (the stream's last id) is not.
+                let now = client.time_ms().await?;
+                let last = EntryId::new(now, u64::MAX);
                 self.last = Some(last);
                 last
             }
