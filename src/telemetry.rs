@@ -108,8 +108,8 @@ pub fn init_with_default(
                 builder = builder.with_endpoint(endpoint.clone());
             }
             let exporter = builder.build().map_err(|e| TelemetryError {
-                endpoint: endpoint.clone(),
-                reason: e.to_string(),
+                endpoint: crate::config::redact_url(&endpoint),
+                reason: streamworker_handlers::redact::redact_text(&e.to_string()),
             })?;
             let mut resource = opentelemetry_sdk::Resource::builder();
             if std::env::var("OTEL_SERVICE_NAME").is_err() {
@@ -156,6 +156,8 @@ pub fn init_with_default(
                 .location()
                 .map(|l| format!("{}:{}", l.file(), l.line()))
                 .unwrap_or_default();
+            // A panic message may quote anything, a connection URL included.
+            let message = streamworker_handlers::redact::redact_text(&message);
             tracing::error!(panic = %message, location = %location, "a task panicked");
         }));
     }
@@ -232,6 +234,9 @@ pub fn finish_span(span: &tracing::Span, outcome: &str, error: Option<&str>) {
     span.record("streamworker.outcome", outcome);
     if let Some(error) = error {
         span.record("otel.status_code", "ERROR");
-        span.record("otel.status_message", error);
+        // Handler errors are redacted where they are made; errors made elsewhere (timeouts,
+        // panics, Redis) pass here too, so the span export gets the same guarantee.
+        let error = streamworker_handlers::redact::redact_text(error);
+        span.record("otel.status_message", error.as_str());
     }
 }

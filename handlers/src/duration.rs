@@ -8,11 +8,24 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serializer};
 
+/// The longest duration accepted anywhere: 100 years. Anything longer means "never" and
+/// is better said otherwise; below it, every sum, product and deadline streamworker
+/// derives from durations (backoff × (1 + jitter), now + claim_idle, milliseconds for
+/// Redis) stays far from overflowing.
+pub const MAX: Duration = Duration::from_secs(100 * 365 * 86_400);
+
 /// Parses a human duration, explaining failures.
 pub fn parse(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim()).map_err(|e| {
+    let d = humantime::parse_duration(text.trim()).map_err(|e| {
         format!("`{text}` is not a duration ({e}); write durations like \"250ms\", \"30s\", \"5m\" or \"7d\"")
-    })
+    })?;
+    if d > MAX {
+        return Err(format!(
+            "`{text}` is longer than {} (100 years), the longest duration accepted; write a shorter one",
+            format(MAX)
+        ));
+    }
+    Ok(d)
 }
 
 /// Formats a duration the way `parse` reads it back, in the units people write:
@@ -87,6 +100,9 @@ mod tests {
         let e = parse("2 parsecs").unwrap_err();
         assert!(e.contains("`2 parsecs` is not a duration"), "{e}");
         assert!(e.contains("parsecs"), "{e}");
+        let e = parse("500000000y").unwrap_err();
+        assert!(e.contains("longer than 36500d"), "{e}");
+        assert_eq!(parse("36500d"), Ok(MAX));
         assert_eq!(format(Duration::from_millis(1500)), "1s 500ms");
         for (d, text) in [
             (Duration::from_secs(7 * 86_400), "7d"),

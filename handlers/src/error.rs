@@ -23,14 +23,15 @@ pub enum HandlerError {
 }
 
 impl HandlerError {
+    // A reason ends up in logs, spans and dead letters: URLs in it lose their credentials.
     pub fn retry(reason: impl fmt::Display) -> Self {
-        Self::Retry(one_line(reason))
+        Self::Retry(crate::redact::redact_text(&one_line(reason)))
     }
     pub fn permanent(reason: impl fmt::Display) -> Self {
-        Self::Permanent(one_line(reason))
+        Self::Permanent(crate::redact::redact_text(&one_line(reason)))
     }
     pub fn drop_entry(reason: impl fmt::Display) -> Self {
-        Self::Drop(one_line(reason))
+        Self::Drop(crate::redact::redact_text(&one_line(reason)))
     }
     /// The human explanation, one line.
     pub fn reason(&self) -> &str {

@@ -15,6 +15,7 @@ mod error;
 pub mod forward;
 pub mod learning;
 pub mod noop;
+pub mod redact;
 mod slot;
 mod spec;
 mod store;

@@ -15,6 +15,7 @@ use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
 use sha2::Sha256;
 
+use crate::redact::{REDACTED, redact_text, redact_url};
 use crate::{Effects, Entry, Handler, HandlerError, Limits, OptionProblem, ResultExt};
 
 /// A 2xx reply carrying this header drops the entry (acknowledged and counted as
@@ -43,8 +44,6 @@ pub struct WebhookOptions {
 fn default_timeout() -> Duration {
     Duration::from_secs(10)
 }
-
-const REDACTED: &str = "<redacted>";
 
 impl WebhookOptions {
     pub(crate) fn validate(&self, limits: &Limits) -> Vec<OptionProblem> {
@@ -126,22 +125,14 @@ impl WebhookOptions {
     }
 }
 
-/// Hides the password of a `scheme://user:password@host` URL.
-pub fn redact_url(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some(REDACTED));
-            u.to_string()
-        }
-        _ => url.to_owned(),
-    }
-}
-
 /// The webhook handler for one group: a pooled HTTP client and the request template.
 #[derive(Debug)]
 pub struct Webhook {
     client: reqwest::Client,
     url: reqwest::Url,
+    /// `url` for messages: its password and secret query parameters hidden (every error
+    /// reaches logs, spans and dead letters).
+    display_url: String,
     timeout: Duration,
     secret: Option<Vec<u8>>,
 }
@@ -165,7 +156,7 @@ impl Webhook {
     pub fn new(options: &WebhookOptions, concurrency: usize) -> Result<Self, WebhookBuildError> {
         install_tls_provider();
         let url = reqwest::Url::parse(&options.url)
-            .map_err(|e| WebhookBuildError(format!("url: {e}")))?;
+            .map_err(|e| WebhookBuildError(format!("url {}: {e}", redact_url(&options.url))))?;
         let mut headers = HeaderMap::new();
         for (name, value) in &options.headers {
             let name = HeaderName::from_bytes(name.as_bytes())
@@ -189,6 +180,7 @@ impl Webhook {
             .map_err(|e| WebhookBuildError(format!("cannot build the HTTP client: {e}")))?;
         Ok(Self {
             client,
+            display_url: redact_url(url.as_str()),
             url,
             timeout: options.timeout,
             secret: options.secret.as_ref().map(|s| s.as_bytes().to_vec()),
@@ -288,15 +280,16 @@ impl Handler for Webhook {
             Err(e) if e.is_timeout() => {
                 return Err(HandlerError::retry(format!(
                     "webhook {} timed out after {}",
-                    self.url,
+                    self.display_url,
                     crate::duration::format(self.timeout)
                 )));
             }
             Err(e) => {
                 return Err(HandlerError::retry(format!(
                     "webhook {} unreachable: {}",
-                    self.url,
-                    error_chain(&e)
+                    self.display_url,
+                    // reqwest's errors name the URL they failed on, credentials included.
+                    redact_text(&error_chain(&e))
                 )));
             }
         };
@@ -322,7 +315,7 @@ impl Handler for Webhook {
             .collect();
         let message = format!(
             "webhook {} answered {status}{}{}",
-            self.url,
+            self.display_url,
             if snippet.trim().is_empty() { "" } else { ": " },
             snippet.trim()
         );

@@ -1,11 +1,12 @@
 //! `streamworker dlq list|show|replay|purge -c FILE --group NAME`: inspect dead letters,
 //! replay them to their origin stream (DESIGN §3), purge them. Replay and purge work one
-//! dead letter at a time, each step atomic, so both are safe to interrupt and to repeat.
+//! dead letter at a time, each step atomic, so both are safe to interrupt and to repeat;
+//! both stop at the dead-letter stream's last id as of their start.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use streamworker_handlers::one_line;
+use streamworker_handlers::{EntryId, one_line};
 
 use crate::client::{Client, ClientError, StreamEntry};
 use crate::config::GroupConfig;
@@ -134,28 +135,38 @@ pub async fn show(
     Ok(Some(out))
 }
 
-/// The dead letters `selection` names, one page at a time, oldest first.
+/// The dead letters `selection` names after `after`, up to `last` (no earlier than any
+/// dead letter there was when the walk began), one page at a time, oldest first.
 async fn select(
     client: &Client,
     dlq: &str,
     selection: &Selection,
     after: Option<&str>,
+    last: &EntryId,
 ) -> Result<Vec<String>, ClientError> {
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_millis() as u64;
     let start = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
+    // Inclusive: the last dead letter there was is still selected.
+    let snapshot = last.to_string();
     let (start, end) = match selection {
-        Selection::All => (start, "+".to_owned()),
+        Selection::All => (start, snapshot),
         Selection::Since(d) => {
             let from = format!("{}-0", now_ms.saturating_sub(d.as_millis() as u64));
-            (if after.is_some() { start } else { from }, "+".to_owned())
+            (if after.is_some() { start } else { from }, snapshot)
         }
-        Selection::Before(d) => (
-            start,
-            format!("({}-0", now_ms.saturating_sub(d.as_millis() as u64)),
-        ),
+        Selection::Before(d) => {
+            let before = EntryId::new(now_ms.saturating_sub(d.as_millis() as u64), 0);
+            // Whichever comes first: the age bound (exclusive) or the snapshot.
+            let end = if before <= *last {
+                format!("({before}")
+            } else {
+                snapshot
+            };
+            (start, end)
+        }
         Selection::Ids(_) => unreachable!("ids are not paged"),
     };
     Ok(client
@@ -166,10 +177,15 @@ async fn select(
         .collect())
 }
 
-/// Walks the selected dead letters a page at a time, oldest first.
+/// Walks the selected dead letters a page at a time, oldest first, and only those there
+/// were when the walk began: a replay that fails again is dead-lettered again while the
+/// walk is still going, and must not be picked up (a replay would chase its own output
+/// for as long as the handler keeps failing).
 struct Cursor<'a> {
     selection: &'a Selection,
     after: Option<String>,
+    /// The highest id a dead letter there when the walk began can have; `None` until then.
+    last: Option<EntryId>,
     done: bool,
 }
 
@@ -178,6 +194,7 @@ impl<'a> Cursor<'a> {
         Self {
             selection,
             after: None,
+            last: None,
             done: false,
         }
     }
@@ -190,9 +207,22 @@ impl<'a> Cursor<'a> {
             self.done = true;
             return Ok(ids.clone());
         }
-        let page = select(client, dlq, self.selection, self.after.as_deref()).await?;
+        let last = match self.last {
+            Some(last) => last,
+            None => {
+                // Dead letters are added with `*` ids, taken from the server's clock: every
+                // one added after this millisecond has a later id, and every one there is has
+                // an id no later (unless the server's clock went back). TIME is in the
+                // documented ACL; XREVRANGE (the stream's last id) is not.
+                let now = client.time_ms().await?;
+                let last = EntryId::new(now, u64::MAX);
+                self.last = Some(last);
+                last
+            }
+        };
+        let page = select(client, dlq, self.selection, self.after.as_deref(), &last).await?;
         match page.last() {
-            Some(last) => self.after = Some(last.clone()),
+            Some(id) => self.after = Some(id.clone()),
             None => self.done = true,
         }
         Ok(page)

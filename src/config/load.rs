@@ -113,7 +113,11 @@ pub fn load_with_env(path: &Path, env: HashMap<String, String>) -> Result<Config
             report.problems.push(Problem {
                 source: report.file.clone(),
                 key: String::new(),
-                message: format!("is not valid TOML: {e}"),
+                // The parser quotes the offending line, which may hold a credential.
+                message: format!(
+                    "is not valid TOML: {}",
+                    streamworker_handlers::redact::redact_text(&e.to_string())
+                ),
             });
             return Err(report.into_error(path));
         }
@@ -124,7 +128,8 @@ pub fn load_with_env(path: &Path, env: HashMap<String, String>) -> Result<Config
     for key in top_keys.keys() {
         if !["redis", "worker", "http", "telemetry", "streams", "groups"].contains(&key.as_str()) {
             report.push(
-                key,
+                // A problem without a key reads as one about the whole file.
+                if key.is_empty() { "\"\"" } else { key },
                 "unknown section; expected one of: redis, worker, http, telemetry, streams, groups"
                     .into(),
             );
@@ -299,8 +304,17 @@ impl Report {
                         full.push('.');
                         full.push_str(seg);
                     }
+                    // A value is echoed only when its key is a known one not named like a
+                    // secret: an unknown key may be a misspelt `password`, and serde's own
+                    // message quotes the value it could not take.
+                    let unknown = message.starts_with("unknown key");
                     let message = match lookup(&table, &path) {
+                        Some(v) if unknown => format!("({}) {message}", type_of(v)),
+                        Some(v) if is_secret_key(&full) => {
+                            format!("({}) {}", type_of(v), elide_quoted(&message))
+                        }
                         Some(v) => format!("= {}: {message}", show(v)),
+                        None if is_secret_key(&full) => elide_quoted(&message),
                         None => message,
                     };
                     self.push(&full, message);
@@ -422,6 +436,47 @@ fn show(value: &Value) -> String {
     }
 }
 
+/// Whether a dotted key holds a secret: any part named like one (`redis.password_file`,
+/// `options.secret`), or an HTTP header (`options.headers.X-Api-Key`, often credentials).
+fn is_secret_key(key: &str) -> bool {
+    key.split('.')
+        .any(|part| part == "headers" || streamworker_handlers::redact::is_secret_name(part))
+}
+
+/// What kind of value a key holds, for messages that must not show the value.
+fn type_of(value: &Value) -> &'static str {
+    match &value.kind {
+        ValueKind::Nil => "no value",
+        ValueKind::Boolean(_) => "a boolean",
+        ValueKind::I64(_) | ValueKind::I128(_) | ValueKind::U64(_) | ValueKind::U128(_) => {
+            "an integer"
+        }
+        ValueKind::Float(_) => "a float",
+        ValueKind::String(_) => "a string",
+        ValueKind::Table(_) => "a table",
+        ValueKind::Array(_) => "an array",
+    }
+}
+
+/// `invalid type: integer `5`, expected a string` → `invalid type: integer …, expected a
+/// string`: serde quotes the value it could not take, in backticks or double quotes.
+fn elide_quoted(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut open: Option<char> = None;
+    for c in message.chars() {
+        match open {
+            Some(q) if c == q => open = None,
+            Some(_) => {}
+            None if c == '`' || c == '"' => {
+                open = Some(c);
+                out.push('…');
+            }
+            None => out.push(c),
+        }
+    }
+    out
+}
+
 /// serde's messages say "field"; ours say "key", and drop config's " for key …" suffix
 /// since the key is already named.
 fn clean_serde_message(message: &str) -> String {
@@ -530,5 +585,137 @@ threshold = 3
             .find(|p| p.key == "groups.alerts.options.rules.1.window")
             .unwrap();
         assert!(window.message.contains("\"soon\""), "{window:?}");
+    }
+
+    /// A value under a key named like a secret, or under a key that does not exist (a
+    /// misspelt `pasword`), is never echoed: the key and the value's type are.
+    #[test]
+    fn problems_never_echo_secret_or_unknown_values() {
+        let result = load_text(
+            r#"
+[redis]
+password = "hunter2-file"
+[telemetry]
+otlp_endpoint = "grpc://collector:s3cret-otlp@host:4317"
+[groups.hook]
+stream = "events"
+handler = "webhook"
+colour = "green-secret"
+[groups.hook.options]
+url = "http://127.0.0.1:9/x"
+secret = ["12345678987"]
+headers = { Authorization = ["Bearer abc"] }
+"#,
+            &[("STREAMWORKER__WORKER__AUTH_TOKEN", "env-t0ken")],
+        );
+        let text = result.as_ref().unwrap_err().to_string();
+        for secret in [
+            "hunter2",
+            "s3cret-otlp",
+            "green-secret",
+            "12345678987",
+            "Bearer abc",
+            "env-t0ken",
+        ] {
+            assert!(!text.contains(secret), "{secret} echoed:\n{text}");
+        }
+        let problems = problems(result);
+        let find = |key: &str| {
+            problems
+                .iter()
+                .find(|p| p.key == key)
+                .unwrap_or_else(|| panic!("{key} missing from {problems:#?}"))
+        };
+        assert!(
+            find("redis.password").message.contains("a string"),
+            "{problems:#?}"
+        );
+        assert!(
+            find("groups.hook.colour").message.contains("a string"),
+            "{problems:#?}"
+        );
+        assert!(
+            find("groups.hook.options.secret")
+                .message
+                .contains("an array"),
+            "{problems:#?}"
+        );
+        assert!(
+            find("worker.auth_token").message.contains("a string"),
+            "{problems:#?}"
+        );
+        assert!(
+            find("telemetry.otlp_endpoint")
+                .message
+                .contains("grpc://collector:<redacted>@host:4317"),
+            "{problems:#?}"
+        );
+    }
+
+    #[test]
+    fn quoted_values_are_elided() {
+        assert_eq!(
+            elide_quoted("invalid type: integer `5`, expected a string"),
+            "invalid type: integer …, expected a string"
+        );
+        assert_eq!(
+            elide_quoted(r#"invalid value: string "pw", expected x"#),
+            "invalid value: string …, expected x"
+        );
+    }
+
+    fn keys_of(result: Result<Config, ConfigError>) -> Vec<String> {
+        problems(result).into_iter().map(|p| p.key).collect()
+    }
+
+    /// Values that used to panic `check`: NaN and infinite floats, durations so long that
+    /// sums and products of them overflow.
+    #[test]
+    fn absurd_numbers_are_problems_not_panics() {
+        let group =
+            |extra: &str| format!("[groups.g]\nstream = \"s\"\nhandler = \"noop\"\n{extra}\n");
+        for (extra, key) in [
+            (
+                "retry_backoff = { jitter = nan }",
+                "groups.g.retry_backoff.jitter",
+            ),
+            (
+                "retry_backoff = { jitter = -inf }",
+                "groups.g.retry_backoff.jitter",
+            ),
+            (
+                "retry_backoff = { multiplier = nan }",
+                "groups.g.retry_backoff.multiplier",
+            ),
+            (
+                "claim_idle = \"500000000y\"\nconsumer_ttl = \"500000001y\"\nhandler_timeout = \"400000000y\"",
+                "groups.g.claim_idle",
+            ),
+            (
+                "circuit_breaker = { threshold = 1, pause = \"500000000y\" }",
+                "groups.g.circuit_breaker.pause",
+            ),
+        ] {
+            let keys = keys_of(load_text(&group(extra), &[]));
+            assert!(keys.iter().any(|k| k == key), "{extra}: {keys:?}");
+        }
+        let keys = keys_of(load_text(
+            "[worker]\nclaim_interval = \"500000000y\"\n[streams.s]\nretention = { max_age = \"500000000y\" }\n[groups.g]\nstream = \"s\"\nhandler = \"noop\"\n",
+            &[],
+        ));
+        for key in ["worker.claim_interval", "streams.s.retention.max_age"] {
+            assert!(keys.iter().any(|k| k == key), "{key}: {keys:?}");
+        }
+    }
+
+    /// Names Redis would take but nobody means: an empty group or stream name.
+    #[test]
+    fn empty_names_are_problems() {
+        let keys = keys_of(load_text(
+            "[streams.\"\"]\nretention = { max_len = 5 }\n[groups.\"\"]\nstream = \"s\"\nhandler = \"noop\"\n",
+            &[],
+        ));
+        assert!(keys.iter().any(|k| k == "groups."), "{keys:?}");
+        assert!(keys.iter().any(|k| k == "streams."), "{keys:?}");
     }
 }

@@ -6,6 +6,8 @@
 //! when the file is loaded rather than when the group first runs.
 
 mod load;
+#[cfg(test)]
+mod proptests;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -395,8 +397,6 @@ impl std::ops::Deref for GroupConfig {
     }
 }
 
-const REDACTED: &str = "<redacted>";
-
 /// `redis.url` when nothing else is said.
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
 
@@ -446,33 +446,9 @@ impl Config {
     }
 }
 
-/// Hides the password in a `redis://user:password@host` URL.
-pub fn redact_url(url: &str) -> String {
-    // `scheme://[user[:password]@]host…`: replace what lies between the first ':' after
-    // the userinfo start and the last '@' of the authority.
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
-    };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    let Some(at) = authority.rfind('@') else {
-        return url.to_owned();
-    };
-    let userinfo = &authority[..at];
-    let redacted_userinfo = match userinfo.find(':') {
-        Some(colon) => format!("{}:{REDACTED}", &userinfo[..colon]),
-        // `redis://secret@host`: redis-rs treats a lone userinfo as the password.
-        None if !userinfo.is_empty() => REDACTED.to_owned(),
-        None => String::new(),
-    };
-    format!(
-        "{}{}@{}",
-        &url[..scheme_end + 3],
-        redacted_userinfo,
-        &rest[at + 1..]
-    )
-}
+/// Hides the password in a `redis://user:password@host` URL (and query parameters named
+/// like secrets): the one redaction every crate uses.
+pub use streamworker_handlers::redact::redact_url;
 
 impl fmt::Display for LogFormat {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -115,11 +115,18 @@ pub(super) fn validate(config: &Config) -> Vec<(String, String)> {
         problem(
             "telemetry.otlp_endpoint".into(),
             format!(
-                "= {otlp:?}: must be an http(s) URL of an OTLP/HTTP receiver, e.g. \"http://otel-collector:4318\""
+                "= {:?}: must be an http(s) URL of an OTLP/HTTP receiver, e.g. \"http://otel-collector:4318\"",
+                redact_url(otlp)
             ),
         );
     }
     for (name, stream) in &config.streams {
+        if name.trim().is_empty() {
+            problem(
+                format!("streams.{name}"),
+                "has an empty name: write the stream's name, e.g. [streams.user_logs]".into(),
+            );
+        }
         if let Some(r) = &stream.retention {
             let key = format!("streams.{name}.retention");
             if r.max_len.is_none() && r.max_age.is_none() {
@@ -134,7 +141,13 @@ pub(super) fn validate(config: &Config) -> Vec<(String, String)> {
 
     for (name, g) in &config.groups {
         let key = |k: &str| format!("groups.{name}.{k}");
-        if g.stream.is_empty() {
+        if name.trim().is_empty() {
+            problem(
+                format!("groups.{name}"),
+                "has an empty name: the table's name is the consumer group's, e.g. [groups.billing]".into(),
+            );
+        }
+        if g.stream.trim().is_empty() {
             problem(
                 key("stream"),
                 "is missing: set the stream this group reads, e.g. stream = \"user_logs\"".into(),
@@ -219,7 +232,14 @@ pub(super) fn validate(config: &Config) -> Vec<(String, String)> {
                 ),
             );
         }
-        let longest_backoff = b.max.mul_f64(1.0 + b.jitter.clamp(0.0, 1.0));
+        // A jitter out of range (NaN included, which `clamp` passes through and `mul_f64`
+        // panics on) is reported above; judge the backoff with the largest valid one.
+        let jitter = if (0.0..=1.0).contains(&b.jitter) {
+            b.jitter
+        } else {
+            1.0
+        };
+        let longest_backoff = b.max.mul_f64(1.0 + jitter);
         if longest_backoff >= g.claim_idle {
             problem(
                 key("retry_backoff.max"),

@@ -15,6 +15,7 @@ mod forward;
 mod learning;
 mod observability;
 mod operate;
+mod ops_guards;
 mod scenarios;
 mod topology;
 mod warehouse;
