@@ -345,6 +345,19 @@ impl Deployment {
         }
     }
 
+    /// A connection of its own to the server that owns `stream`, for a MULTI the cluster
+    /// connection would not route.
+    pub(crate) async fn connection_for(
+        &self,
+        stream: &str,
+        commands: &Commands,
+    ) -> RedisResult<MultiplexedConnection> {
+        self.server_for(stream, commands)
+            .await?
+            .get_multiplexed_async_connection()
+            .await
+    }
+
     pub(crate) async fn reader(
         &self,
         stream: &str,

@@ -11,6 +11,7 @@ mod delivery;
 mod demo;
 mod failures;
 mod forward;
+mod huge;
 mod learning;
 mod observability;
 mod operate;

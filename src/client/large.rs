@@ -1,0 +1,247 @@
+//! Settlements too large for one script.
+//!
+//! The scripts (`dead_letter.lua`, `ack_effects.lua`, `replay.lua`) make an XADD and an
+//! XACK (or XDEL) one atomic step. But a script passes a command's arguments on Lua's C
+//! stack, which holds ~8,000 values (LUAI_MAXCSTACK): an entry with more fields than that
+//! cannot be written from Lua at all. Such an XADD goes out as a plain command inside a
+//! MULTI, followed in the same MULTI by a small script (`settle_large.lua`,
+//! `replay_large.lua`) that makes the decision the whole script used to make: acknowledge
+//! the entry when it is still pending, or take the XADD back. EXEC runs them back to
+//! back, so the guarantees are those of the scripts:
+//! - a dead letter exists iff its entry was acknowledged, only while it was pending for
+//!   this consumer; effects exist iff the acknowledgement took;
+//! - a refused XADD leaves nothing acknowledged: WRONGTYPE is seen by the script (the key
+//!   is not a stream), OOM refuses the whole MULTI before any of it runs.
+//!
+//! Why not WATCH: XCLAIM, XAUTOCLAIM and XACK by another consumer do not invalidate a
+//! WATCH on the stream (checked on Redis 7.0), while every producer's XADD does; it would
+//! guard nothing that matters and fail under load.
+//!
+//! Ordinary entries keep the one-script path; only an XADD with more than
+//! [`MAX_SCRIPT_ARGS`] arguments comes here.
+
+use std::sync::LazyLock;
+
+use redis::{Pipeline, Script, Value};
+use streamworker_handlers::{Effect, EntryId};
+
+use super::{Client, ClientError, Result, protocol};
+
+/// The most arguments a script passes to one command: Lua's C stack holds 8,000 values
+/// (LUAI_MAXCSTACK), minus what the script itself keeps there.
+pub const MAX_SCRIPT_ARGS: usize = 7_000;
+
+const SETTLE: &str = include_str!("settle_large.lua");
+const REPLAY: &str = include_str!("replay_large.lua");
+static RANGE_IDS: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("range_ids.lua")));
+
+/// How many arguments `effect`'s command takes, without building them (a forwarded
+/// entry's values may be megabytes).
+fn argument_count(effect: &Effect) -> usize {
+    match effect {
+        Effect::StreamAdd {
+            fields, max_len, ..
+        } => 2 + 2 * fields.len() + if max_len.is_some() { 3 } else { 0 },
+        // Key, field and value at most.
+        _ => 3,
+    }
+}
+
+/// Whether an entry's effects can go through `ack_effects.lua`.
+pub fn fits_a_script(effects: &[Effect]) -> bool {
+    effects.iter().all(|e| argument_count(e) <= MAX_SCRIPT_ARGS)
+}
+
+fn xadd(key: &str, fields: &[(&[u8], &[u8])]) -> redis::Cmd {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(key).arg("*");
+    for (k, v) in fields {
+        cmd.arg(*k).arg(*v);
+    }
+    cmd
+}
+
+/// The script's reply (the last of the transaction), as a result.
+fn last_reply(mut replies: Vec<Value>, command: &'static str) -> Result<(Value, Vec<Value>)> {
+    match replies.pop() {
+        Some(Value::ServerError(e)) => Err(ClientError::from(redis::RedisError::from(e))),
+        Some(v) => Ok((v, replies)),
+        None => Err(protocol(command, "EXEC answered nothing")),
+    }
+}
+
+impl Client {
+    /// The ids XRANGE `start` `end` COUNT `count` would list, without their fields.
+    pub async fn range_ids(
+        &self,
+        key: &str,
+        start: &str,
+        end: &str,
+        count: usize,
+    ) -> Result<Vec<String>> {
+        Ok(RANGE_IDS
+            .key(key)
+            .arg(start)
+            .arg(end)
+            .arg(count)
+            .invoke_async(&mut self.commands())
+            .await?)
+    }
+
+    /// Runs `pipe` as MULTI … EXEC on a connection that serves `stream`'s slot, keeping
+    /// each command's error in the reply instead of failing the lot.
+    async fn transaction(&self, stream: &str, mut pipe: Pipeline) -> Result<Vec<Value>> {
+        pipe.atomic().ignore_errors();
+        if self.commands.supports_transactions() {
+            Ok(pipe.query_async(&mut self.commands()).await?)
+        } else {
+            // Cluster: the cluster connection does not route MULTI, so the transaction
+            // goes straight to the node that owns the slot (every key shares it).
+            let mut conn = self
+                .deployment
+                .connection_for(stream, &self.commands)
+                .await?;
+            Ok(pipe.query_async(&mut conn).await?)
+        }
+    }
+
+    /// [`Client::dead_letter`] for an entry with too many fields for `dead_letter.lua`.
+    pub(super) async fn dead_letter_large(
+        &self,
+        stream: &str,
+        dead_letter_stream: &str,
+        group: &str,
+        consumer: &str,
+        id: EntryId,
+        fields: &[(&[u8], &[u8])],
+    ) -> Result<Option<String>> {
+        let mut pipe = redis::pipe();
+        pipe.add_command(xadd(dead_letter_stream, fields));
+        pipe.cmd("EVAL")
+            .arg(SETTLE)
+            .arg(2)
+            .arg(stream)
+            .arg(dead_letter_stream)
+            .arg(group)
+            .arg(id.to_string())
+            .arg(consumer);
+        let replies = self.transaction(stream, pipe).await?;
+        let (decision, mut rest) = last_reply(replies, "dead letter")?;
+        match (decision, rest.pop()) {
+            (Value::Int(1), Some(Value::BulkString(dead))) => {
+                Ok(Some(String::from_utf8_lossy(&dead).into_owned()))
+            }
+            (Value::Int(0), _) => Ok(None),
+            (decision, xadd) => Err(protocol(
+                "dead letter",
+                format!("the transaction answered {xadd:?}, {decision:?}"),
+            )),
+        }
+    }
+
+    /// Acknowledges one entry with effects too large for `ack_effects.lua`: the large
+    /// XADDs as plain commands, its other effects and the XACK in `settle_large.lua`.
+    /// Returns false when the entry was no longer pending (nothing applied).
+    pub(super) async fn ack_large(
+        &self,
+        stream: &str,
+        group: &str,
+        id: EntryId,
+        effects: &[Effect],
+    ) -> Result<bool> {
+        let mut pipe = redis::pipe();
+        let mut written = Vec::new();
+        let mut others = Vec::new();
+        for effect in effects {
+            let (name, args) = effect.command();
+            if matches!(effect, Effect::StreamAdd { .. }) {
+                let mut cmd = redis::cmd(name);
+                for a in &args {
+                    cmd.arg(a);
+                }
+                pipe.add_command(cmd);
+                written.push(effect.key().to_owned());
+            } else {
+                others.push((name, args));
+            }
+        }
+        let mut gate = redis::cmd("EVAL");
+        gate.arg(SETTLE).arg(1 + written.len()).arg(stream);
+        for key in &written {
+            gate.arg(key);
+        }
+        gate.arg(group).arg(id.to_string()).arg("");
+        for (name, args) in &others {
+            gate.arg(*name).arg(args.len());
+            for a in args {
+                gate.arg(a);
+            }
+        }
+        pipe.add_command(gate);
+        let replies = self.transaction(stream, pipe).await?;
+        match last_reply(replies, "effects")?.0 {
+            Value::Int(1) => Ok(true),
+            Value::Int(0) => Ok(false),
+            other => Err(protocol(
+                "effects",
+                format!("the script answered {other:?}"),
+            )),
+        }
+    }
+
+    /// [`Client::replay`] for a dead letter with too many fields for `replay.lua`.
+    pub(super) async fn replay_large(
+        &self,
+        dead_letter_stream: &str,
+        stream: &str,
+        id: &str,
+        group: &str,
+    ) -> Result<Option<String>> {
+        let Some((_, fields)) = self
+            .range(dead_letter_stream, id, id, 1, false)
+            .await?
+            .into_iter()
+            .next()
+        else {
+            return Ok(None);
+        };
+        // What replay.lua does: the original fields, then where the replay comes from.
+        let field = |name: &str| {
+            fields
+                .iter()
+                .find(|(k, _)| k == name.as_bytes())
+                .map(|(_, v)| v.as_slice())
+        };
+        let replay_of = field("dlq_replay_of")
+            .or_else(|| field("dlq_origin_id"))
+            .unwrap_or(id.as_bytes())
+            .to_vec();
+        let mut out: Vec<(&[u8], &[u8])> = fields
+            .iter()
+            .filter(|(k, _)| !k.starts_with(b"dlq_"))
+            .map(|(k, v)| (k.as_slice(), v.as_slice()))
+            .collect();
+        out.push((b"dlq_replay_of", &replay_of));
+        out.push((b"dlq_replay_group", group.as_bytes()));
+        let mut pipe = redis::pipe();
+        pipe.add_command(xadd(stream, &out));
+        pipe.cmd("EVAL")
+            .arg(REPLAY)
+            .arg(2)
+            .arg(dead_letter_stream)
+            .arg(stream)
+            .arg(id);
+        let replies = self.transaction(stream, pipe).await?;
+        let (decision, mut rest) = last_reply(replies, "dlq replay")?;
+        match (decision, rest.pop()) {
+            (Value::Int(1), Some(Value::BulkString(new_id))) => {
+                Ok(Some(String::from_utf8_lossy(&new_id).into_owned()))
+            }
+            (Value::Int(0), _) => Ok(None),
+            (decision, xadd) => Err(protocol(
+                "dlq replay",
+                format!("the transaction answered {xadd:?}, {decision:?}"),
+            )),
+        }
+    }
+}
