@@ -245,3 +245,256 @@ impl Client {
         }
     }
 }
+
+/// The guarantees of the large path, against a real `redis-server`: what a race or a
+/// refusal leaves behind.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RedisConfig;
+    use crate::local_redis::LocalRedis;
+    use redis::AsyncCommands;
+
+    const STREAM: &str = "{s}.in";
+    const DLQ: &str = "{s}.dlq";
+    const OUT: &str = "{s}.out";
+
+    /// More fields than a script can pass.
+    fn many() -> Vec<(Vec<u8>, Vec<u8>)> {
+        (0..MAX_SCRIPT_ARGS)
+            .map(|i| {
+                (
+                    format!("f{i}").into_bytes(),
+                    vec![0xff, b'\r', b'\n', i as u8],
+                )
+            })
+            .collect()
+    }
+
+    fn borrowed(fields: &[(Vec<u8>, Vec<u8>)]) -> Vec<(&[u8], &[u8])> {
+        fields
+            .iter()
+            .map(|(k, v)| (k.as_slice(), v.as_slice()))
+            .collect()
+    }
+
+    struct Setup {
+        _server: LocalRedis,
+        client: Client,
+        con: redis::aio::MultiplexedConnection,
+        fields: Vec<(Vec<u8>, Vec<u8>)>,
+        id: EntryId,
+    }
+
+    /// A server with one large entry in `STREAM`, delivered to `consumer` of group `g`.
+    async fn setup(consumer: &str) -> Setup {
+        let server = LocalRedis::start("redis-server").expect("redis-server starts");
+        let config = RedisConfig {
+            url: server.url(),
+            ..RedisConfig::default()
+        };
+        let client = Client::connect(&config).await.expect("connects");
+        let mut con = redis::Client::open(server.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let fields = many();
+        let mut add = redis::cmd("XADD");
+        add.arg(STREAM).arg("*");
+        for (k, v) in &fields {
+            add.arg(k).arg(v);
+        }
+        let id: String = add.query_async(&mut con).await.unwrap();
+        let _: () = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(STREAM)
+            .arg("g")
+            .arg("0")
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        let _: redis::Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("g")
+            .arg(consumer)
+            .arg("STREAMS")
+            .arg(STREAM)
+            .arg(">")
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        Setup {
+            _server: server,
+            client,
+            con,
+            fields,
+            id: EntryId::parse(id.as_bytes()).unwrap(),
+        }
+    }
+
+    /// Who holds the entry pending, if anyone.
+    async fn owner(s: &mut Setup) -> Option<String> {
+        let rows: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+            .arg(STREAM)
+            .arg("g")
+            .arg("-")
+            .arg("+")
+            .arg(10)
+            .query_async(&mut s.con)
+            .await
+            .unwrap();
+        rows.into_iter().next().map(|(_, owner, _, _)| owner)
+    }
+
+    async fn len(s: &mut Setup, key: &str) -> u64 {
+        s.con.xlen(key).await.unwrap()
+    }
+
+    async fn dead_letter(s: &Setup) -> Result<Option<String>> {
+        s.client
+            .dead_letter(STREAM, DLQ, "g", "me", s.id, &borrowed(&s.fields))
+            .await
+    }
+
+    fn forward(s: &Setup) -> Vec<Effect> {
+        vec![
+            Effect::StreamAdd {
+                key: OUT.into(),
+                fields: s.fields.clone(),
+                max_len: None,
+            },
+            Effect::HashIncr {
+                key: "{s}.count".into(),
+                field: "n".into(),
+                by: 1,
+            },
+        ]
+    }
+
+    #[tokio::test]
+    async fn a_large_dead_letter_is_written_whole_and_the_entry_acknowledged() {
+        let mut s = setup("me").await;
+        let dead = dead_letter(&s).await.unwrap().expect("ours");
+        let letters = s.client.range(DLQ, "-", "+", 10, false).await.unwrap();
+        assert_eq!(letters.len(), 1);
+        assert_eq!(letters[0].0, dead);
+        assert_eq!(letters[0].1, s.fields);
+        assert_eq!(owner(&mut s).await, None, "acknowledged");
+    }
+
+    #[tokio::test]
+    async fn a_large_dead_letter_of_an_entry_another_consumer_holds_is_taken_back() {
+        let mut s = setup("other").await;
+        assert_eq!(dead_letter(&s).await.unwrap(), None);
+        assert_eq!(
+            len(&mut s, DLQ).await,
+            0,
+            "nothing left in the dead-letter stream"
+        );
+        assert_eq!(owner(&mut s).await.as_deref(), Some("other"));
+    }
+
+    #[tokio::test]
+    async fn a_refused_large_dead_letter_acknowledges_nothing() {
+        let mut s = setup("me").await;
+        let _: () = s.con.set(DLQ, "not a stream").await.unwrap();
+        let err = dead_letter(&s).await.unwrap_err();
+        assert!(matches!(err, ClientError::Command(_)), "{err:?}");
+        assert!(err.to_string().contains(DLQ), "names the key: {err}");
+        assert_eq!(owner(&mut s).await.as_deref(), Some("me"), "still pending");
+        let kept: String = s.con.get(DLQ).await.unwrap();
+        assert_eq!(kept, "not a stream");
+
+        // Out of memory (maxmemory, noeviction): the whole MULTI is refused.
+        let _: () = s.con.del(DLQ).await.unwrap();
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg("1")
+            .query_async(&mut s.con)
+            .await
+            .unwrap();
+        let err = dead_letter(&s).await.unwrap_err();
+        assert!(err.to_string().contains("OOM"), "{err}");
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg("0")
+            .query_async(&mut s.con)
+            .await
+            .unwrap();
+        assert_eq!(owner(&mut s).await.as_deref(), Some("me"), "still pending");
+        assert_eq!(len(&mut s, DLQ).await, 0);
+    }
+
+    #[tokio::test]
+    async fn large_effects_are_applied_with_the_acknowledgement_once() {
+        let mut s = setup("me").await;
+        let effects = forward(&s);
+        // With an ordinary entry in the same batch, which takes the script.
+        let small = EntryId::new(1, 1);
+        let skipped = s
+            .client
+            .ack_with_effects(STREAM, "g", &[(small, &[][..]), (s.id, &effects[..])])
+            .await
+            .unwrap();
+        assert_eq!(skipped, vec![small], "never delivered: not pending");
+        let out = s.client.range(OUT, "-", "+", 10, false).await.unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].1, s.fields);
+        let n: i64 = s.con.hget("{s}.count", "n").await.unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(owner(&mut s).await, None, "acknowledged");
+
+        // Settled again (a redelivery another consumer settled first): nothing twice.
+        let skipped = s
+            .client
+            .ack_with_effects(STREAM, "g", &[(s.id, &effects[..])])
+            .await
+            .unwrap();
+        assert_eq!(skipped, vec![s.id]);
+        assert_eq!(len(&mut s, OUT).await, 1, "the copy taken back");
+        let n: i64 = s.con.hget("{s}.count", "n").await.unwrap();
+        assert_eq!(n, 1);
+    }
+
+    #[tokio::test]
+    async fn refused_large_effects_acknowledge_nothing() {
+        let mut s = setup("me").await;
+        let _: () = s.con.set(OUT, "not a stream").await.unwrap();
+        let effects = forward(&s);
+        let err = s
+            .client
+            .ack_with_effects(STREAM, "g", &[(s.id, &effects[..])])
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains(OUT), "names the key: {err}");
+        assert_eq!(owner(&mut s).await.as_deref(), Some("me"), "still pending");
+        let count: Option<i64> = s.con.hget("{s}.count", "n").await.unwrap();
+        assert_eq!(count, None, "no effect applied");
+    }
+
+    #[tokio::test]
+    async fn a_large_replay_happens_once_and_never_into_the_wrong_type() {
+        let mut s = setup("me").await;
+        let dead = dead_letter(&s).await.unwrap().unwrap();
+        let _: () = s.con.set("{s}.elsewhere", "x").await.unwrap();
+        let err = s
+            .client
+            .replay(DLQ, "{s}.elsewhere", &dead, "g")
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("{s}.elsewhere"), "{err}");
+        assert_eq!(len(&mut s, DLQ).await, 1, "the dead letter is kept");
+
+        let before = len(&mut s, STREAM).await;
+        let replayed = s.client.replay(DLQ, STREAM, &dead, "g").await.unwrap();
+        assert!(replayed.is_some());
+        assert_eq!(len(&mut s, DLQ).await, 0);
+        assert_eq!(len(&mut s, STREAM).await, before + 1);
+        let again = s.client.replay(DLQ, STREAM, &dead, "g").await.unwrap();
+        assert_eq!(again, None);
+        assert_eq!(len(&mut s, STREAM).await, before + 1, "replayed once");
+    }
+}
