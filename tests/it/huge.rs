@@ -221,3 +221,55 @@ handler = "noop"
             && entries_total(&http, &[("group", "copy"), ("outcome", "forwarded")]) == 2.0
     });
 }
+
+#[test]
+fn huge_entries_left_pending_by_a_dead_replica_are_reclaimed_and_acknowledged() {
+    let redis = RedisServer::start();
+    let mut con = redis.connection();
+    let originals = huge_entries();
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(STREAM)
+        .arg("count")
+        .arg("0")
+        .arg("MKSTREAM")
+        .query(&mut con)
+        .unwrap();
+    for fields in &originals {
+        add(&mut con, STREAM, fields);
+    }
+    // A replica that read them and died.
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("count")
+        .arg("gone")
+        .arg("STREAMS")
+        .arg(STREAM)
+        .arg(">")
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(pending_of(&mut con, STREAM, "count", "gone"), 2);
+    let groups = format!(
+        r#"
+[groups.count]
+stream = "{STREAM}"
+handler = "noop"
+block = "500ms"
+handler_timeout = "1s"
+claim_idle = "3s"
+consumer_ttl = "1m"
+retry_backoff = {{ initial = "100ms", max = "1s" }}
+"#
+    );
+    let (cfg, http) = config_with_http(&redis.url(), "r1", &groups);
+    let daemon = Daemon::start(&cfg);
+    wait_until(
+        Duration::from_secs(60),
+        "both reclaimed and acknowledged",
+        || group_info(&mut con, STREAM, "count") == Some((0, Some(0))),
+    );
+    wait_until(Duration::from_secs(10), "the counter", || {
+        entries_total(&http, &[("group", "count"), ("outcome", "acked")]) == 2.0
+    });
+    assert!(!daemon.logs().contains("reconnecting"), "{}", daemon.logs());
+}
