@@ -273,3 +273,85 @@ retry_backoff = {{ initial = "100ms", max = "1s" }}
     });
     assert!(!daemon.logs().contains("reconnecting"), "{}", daemon.logs());
 }
+
+/// Under Cluster the MULTI goes to the node that owns the stream's slot (the cluster
+/// connection does not route transactions).
+#[test]
+fn huge_entries_are_dead_lettered_and_forwarded_on_a_cluster() {
+    let cluster = crate::support::topology::Cluster::start();
+    let groups = format!(
+        r#"
+[groups.bury]
+stream = "{STREAM}"
+handler = "noop"
+payload = "json:payload"
+dead_letter_stream = "{DLQ}"
+{FAST}
+
+[groups.copy]
+stream = "{STREAM}"
+handler = "forward"
+{FAST}
+[groups.copy.options]
+to = "{FORWARDED}"
+"#
+    );
+    let text = config("unused", "r1", &groups);
+    let (start, end) = (
+        text.find("[redis]").unwrap(),
+        text.find("[worker]").unwrap(),
+    );
+    let text = format!(
+        "{}[redis]\ncluster = {:?}\ncommand_timeout = \"2s\"\nconnect_timeout = \"1s\"\n\n{}",
+        &text[..start],
+        cluster.urls(),
+        &text[end..]
+    );
+    let _daemon = Daemon::start(&text);
+    let mut con = cluster.connection();
+    let pending = |con: &mut redis::cluster::ClusterConnection, group: &str| -> Option<i64> {
+        let summary: redis::Value = redis::cmd("XPENDING")
+            .arg(STREAM)
+            .arg(group)
+            .query(con)
+            .ok()?;
+        match summary {
+            redis::Value::Array(v) => match v.first() {
+                Some(redis::Value::Int(n)) => Some(*n),
+                _ => None,
+            },
+            _ => None,
+        }
+    };
+    wait_until(Duration::from_secs(30), "the groups", || {
+        pending(&mut con, "bury").is_some() && pending(&mut con, "copy").is_some()
+    });
+    let [many, _] = huge_entries();
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(STREAM).arg("*");
+    for (k, v) in &many {
+        cmd.arg(&k[..]).arg(&v[..]);
+    }
+    let id: String = cmd.query(&mut con).unwrap();
+    let len = |con: &mut redis::cluster::ClusterConnection, key: &str| -> u64 {
+        redis::cmd("XLEN").arg(key).query(con).unwrap_or(0)
+    };
+    wait_until(
+        Duration::from_secs(60),
+        "dead-lettered and forwarded",
+        || {
+            len(&mut con, DLQ) == 1
+                && len(&mut con, FORWARDED) == 1
+                && pending(&mut con, "bury") == Some(0)
+                && pending(&mut con, "copy") == Some(0)
+        },
+    );
+    let dead: Vec<(String, Fields)> = redis::cmd("XRANGE")
+        .arg(DLQ)
+        .arg("-")
+        .arg("+")
+        .query(&mut con)
+        .unwrap();
+    after_original(&dead[0].1, &many, "the dead letter on a cluster");
+    assert_eq!(value(&dead[0].1, "dlq_origin_id"), Some(id.as_bytes()));
+}
