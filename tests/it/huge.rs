@@ -82,6 +82,13 @@ fn names(rest: &[(Vec<u8>, Vec<u8>)]) -> Vec<String> {
         .collect()
 }
 
+/// The support configuration with a command timeout that a 50 MB command meets even in a
+/// debug build on a loaded machine: these tests are about size, not about timeouts.
+fn roomy(config: String) -> String {
+    assert!(config.contains("command_timeout = \"2s\""));
+    config.replace("command_timeout = \"2s\"", "command_timeout = \"30s\"")
+}
+
 const FAST: &str = r#"block = "500ms"
 handler_timeout = "5s"
 claim_idle = "20s"
@@ -103,7 +110,7 @@ dead_letter_stream = "{DLQ}"
 {FAST}
 "#
     );
-    let daemon = Daemon::start(&config(&redis.url(), "r1", &groups));
+    let daemon = Daemon::start(&roomy(config(&redis.url(), "r1", &groups)));
     wait_until(Duration::from_secs(20), "the group", || {
         group_info(&mut con, STREAM, "bury").is_some()
     });
@@ -137,7 +144,7 @@ dead_letter_stream = "{DLQ}"
     }
     drop(daemon);
 
-    let cfg = config(&redis.url(), "r1", &groups);
+    let cfg = roomy(config(&redis.url(), "r1", &groups));
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("streamworker.toml");
     std::fs::write(&path, cfg).unwrap();
@@ -194,7 +201,7 @@ handler = "noop"
 "#
     );
     let (cfg, http) = config_with_http(&redis.url(), "r1", &groups);
-    let _daemon = Daemon::start(&cfg);
+    let _daemon = Daemon::start(&roomy(cfg));
     wait_until(Duration::from_secs(20), "the groups", || {
         group_info(&mut con, STREAM, "copy").is_some()
             && group_info(&mut con, STREAM, "count").is_some()
@@ -262,7 +269,7 @@ retry_backoff = {{ initial = "100ms", max = "1s" }}
 "#
     );
     let (cfg, http) = config_with_http(&redis.url(), "r1", &groups);
-    let daemon = Daemon::start(&cfg);
+    let daemon = Daemon::start(&roomy(cfg));
     wait_until(
         Duration::from_secs(60),
         "both reclaimed and acknowledged",
@@ -302,7 +309,7 @@ to = "{FORWARDED}"
         text.find("[worker]").unwrap(),
     );
     let text = format!(
-        "{}[redis]\ncluster = {:?}\ncommand_timeout = \"2s\"\nconnect_timeout = \"1s\"\n\n{}",
+        "{}[redis]\ncluster = {:?}\ncommand_timeout = \"30s\"\nconnect_timeout = \"1s\"\n\n{}",
         &text[..start],
         cluster.urls(),
         &text[end..]
