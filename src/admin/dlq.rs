@@ -169,12 +169,8 @@ async fn select(
         }
         Selection::Ids(_) => unreachable!("ids are not paged"),
     };
-    Ok(client
-        .range(dlq, &start, &end, PAGE, false)
-        .await?
-        .into_iter()
-        .map(|(id, _)| id)
-        .collect())
+    // Ids only: a page of dead letters may hold megabytes of fields.
+    client.range_ids(dlq, &start, &end, PAGE).await
 }
 
 /// Walks the selected dead letters a page at a time, oldest first, and only those there

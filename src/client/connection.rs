@@ -89,6 +89,12 @@ impl Secrets {
         }
         let tcp = info.tcp_settings().clone().set_nodelay(true);
         info = info.set_tcp_settings(tcp);
+        // No CLIENT SETINFO on connect: Redis 7.0 has no such command (so the README's
+        // least-privilege ACL line cannot grant it), and from 7.2 on a user without it
+        // would fill the ACL log with refusals. (redis-rs's cluster and sentinel clients
+        // cannot skip it; there the refusal is harmless and ignored.)
+        let settings = info.redis_settings().clone().set_skip_set_lib_name();
+        info = info.set_redis_settings(settings);
         match &self.certs {
             Some(certs) if matches!(info.addr(), ConnectionAddr::TcpTls { .. }) => {
                 redis::Client::build_with_tls(info, certs.clone())
@@ -343,6 +349,19 @@ impl Deployment {
                 secrets.client(template.clone().set_addr(addr))
             }
         }
+    }
+
+    /// A connection of its own to the server that owns `stream`, for a MULTI the cluster
+    /// connection would not route.
+    pub(crate) async fn connection_for(
+        &self,
+        stream: &str,
+        commands: &Commands,
+    ) -> RedisResult<MultiplexedConnection> {
+        self.server_for(stream, commands)
+            .await?
+            .get_multiplexed_async_connection()
+            .await
     }
 
     pub(crate) async fn reader(

@@ -22,6 +22,7 @@ use redis::{RedisError, RedisResult, Script, Value};
 use streamworker_handlers::{Effect, EntryId};
 
 mod connection;
+mod large;
 mod wire;
 
 pub use connection::Reader;
@@ -386,6 +387,18 @@ impl Client {
         id: EntryId,
         fields: &[(&[u8], &[u8])],
     ) -> Result<Option<String>> {
+        if 2 + 2 * fields.len() > large::MAX_SCRIPT_ARGS {
+            // Boxed: rare, and it keeps the consumer loop's future type shallow.
+            return Box::pin(self.dead_letter_large(
+                stream,
+                dead_letter_stream,
+                group,
+                consumer,
+                id,
+                fields,
+            ))
+            .await;
+        }
         let mut inv = self.scripts.dead_letter.key(stream);
         inv.key(dead_letter_stream)
             .arg(group)
@@ -459,7 +472,8 @@ impl Client {
 }
 
 impl Client {
-    /// Acknowledges entries and applies their effects atomically; see `ack_effects.lua`.
+    /// Acknowledges entries and applies their effects atomically; see `ack_effects.lua`
+    /// (and `large.rs` for an entry whose effects are too large for a script).
     /// Returns the ids that were no longer pending (their effects were not applied) and
     /// those whose effects Redis refused (not applied, not acknowledged).
     pub async fn ack_with_effects(
@@ -467,6 +481,32 @@ impl Client {
         stream: &str,
         group: &str,
         entries: &[(EntryId, &[Effect])],
+    ) -> Result<Applied> {
+        let (small, large): (Vec<_>, Vec<_>) = entries
+            .iter()
+            .partition(|(_, effects)| large::fits_a_script(effects));
+        let mut applied = if small.is_empty() {
+            Applied::default()
+        } else {
+            self.ack_effects_script(stream, group, &small).await?
+        };
+        for (id, effects) in large {
+            match Box::pin(self.ack_large(stream, group, *id, effects)).await {
+                Ok(true) => {}
+                Ok(false) => applied.skipped.push(*id),
+                // A refusal concerns this entry alone; outages and a lost group concern all.
+                Err(ClientError::Command(e)) => applied.refused.push((*id, e.to_string())),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(applied)
+    }
+
+    async fn ack_effects_script(
+        &self,
+        stream: &str,
+        group: &str,
+        entries: &[&(EntryId, &[Effect])],
     ) -> Result<Applied> {
         let mut inv = self.scripts.ack_effects.key(stream);
         inv.arg(group);
@@ -636,15 +676,28 @@ impl Client {
         id: &str,
         group: &str,
     ) -> Result<Option<String>> {
-        Ok(self
+        let reply: Value = self
             .scripts
             .replay
             .key(dead_letter_stream)
             .key(stream)
             .arg(id)
             .arg(group)
+            .arg(large::MAX_SCRIPT_ARGS - 2)
             .invoke_async(&mut self.commands())
-            .await?)
+            .await?;
+        match reply {
+            Value::Nil => Ok(None),
+            Value::BulkString(new_id) => Ok(Some(String::from_utf8_lossy(&new_id).into_owned())),
+            // Too many fields for one script.
+            Value::Int(_) => {
+                Box::pin(self.replay_large(dead_letter_stream, stream, id, group)).await
+            }
+            other => Err(protocol(
+                "dlq replay",
+                format!("unexpected reply {other:?}"),
+            )),
+        }
     }
 
     /// Records (`Some(state)`) or clears (`None`) this consumer's circuit state.

@@ -77,7 +77,7 @@ pub async fn connect<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mut buf = Vec::with_capacity(256 * 1024);
+    let mut buf = Vec::with_capacity(BUFFER);
     let simple =
         async |stream: &mut S, buf: &mut Vec<u8>, args: &[&[u8]]| -> Result<Simple, ClientError> {
             stream.write_all(&encode(args)).await.map_err(io_error)?;
@@ -148,6 +148,9 @@ impl WireReader {
     }
 }
 
+/// The read buffer's usual size; a huge reply grows it, and it shrinks back afterwards.
+const BUFFER: usize = 256 * 1024;
+
 /// Owns the socket: writes requests in order, answers them in order.
 async fn drive<S>(stream: S, mut buf: Vec<u8>, mut requests: mpsc::UnboundedReceiver<Request>)
 where
@@ -155,31 +158,49 @@ where
 {
     let (mut read, mut write) = tokio::io::split(stream);
     let mut waiting: VecDeque<oneshot::Sender<Reply>> = VecDeque::new();
+    // Where the reply at the front of `buf` has been scanned to, so that each socket read
+    // costs only its own bytes (re-parsing from the start made a big reply quadratic).
+    let mut scan = Scan::default();
     let failure = 'connection: loop {
         // Answer every reply already complete in the buffer.
         while !waiting.is_empty() {
-            match parse_read(&buf) {
-                Ok(Some((entries, used))) => {
-                    buf.drain(..used);
-                    let _ = waiting.pop_front().expect("waiting").send(Ok(entries));
-                }
+            // The usual reply arrives in one read: parse it straight away. Only one that
+            // is still incomplete is scanned, so the extra pass costs a big reply, not
+            // every reply.
+            if scan.is_fresh()
+                && let Ok(Some((entries, used))) = parse_read(&buf)
+            {
+                buf.drain(..used);
+                let _ = waiting.pop_front().expect("waiting").send(Ok(entries));
+                shrink(&mut buf);
+                continue;
+            }
+            let end = match scan.advance(&buf) {
+                Ok(Some(end)) => end,
                 Ok(None) => break,
                 Err(e) => {
-                    // An error reply is one complete line: answer it and go on. A reply we
-                    // cannot parse leaves the stream unusable.
-                    let line_end = line(&buf, 0).map(|(_, next)| next);
-                    let is_error_reply = buf.first() == Some(&b'-');
                     if let Some(tx) = waiting.pop_front() {
                         let _ = tx.send(Err(e));
                     }
-                    match line_end {
-                        Some(next) if is_error_reply => {
-                            buf.drain(..next);
-                        }
-                        _ => break 'connection "an unreadable reply".to_owned(),
-                    }
+                    break 'connection "an unreadable reply".to_owned();
                 }
-            }
+            };
+            // The reply is whole: parse it once. An error reply (`-NOGROUP …`) answers
+            // its request; the connection goes on either way, since we know where the
+            // next reply starts.
+            let parsed = match parse_read(&buf[..end]) {
+                Ok(Some((entries, used))) if used == end => Ok(entries),
+                Ok(_) => Err(protocol("a reply that is not an XREADGROUP reply")),
+                Err(e) => Err(e),
+            };
+            buf.drain(..end);
+            let _ = waiting.pop_front().expect("waiting").send(parsed);
+            shrink(&mut buf);
+        }
+        // A bulk string of known length is on its way: make room for it at once rather
+        // than doubling the buffer as it arrives.
+        if scan.needs > buf.capacity() {
+            buf.reserve(scan.needs - buf.len());
         }
 
         tokio::select! {
@@ -202,6 +223,93 @@ where
     };
     for tx in waiting.drain(..) {
         let _ = tx.send(Err(io_error(&failure)));
+    }
+}
+
+/// Gives memory back after a huge reply: a buffer grown far past its usual size shrinks
+/// once it holds little.
+fn shrink(buf: &mut Vec<u8>) {
+    if buf.capacity() > 4 * BUFFER && buf.len() <= BUFFER {
+        buf.shrink_to(BUFFER);
+    }
+}
+
+/// Finds where the reply at the front of the buffer ends, without building anything, and
+/// resumes where it stopped when more bytes arrive: each byte is looked at about once.
+#[derive(Debug, Default)]
+struct Scan {
+    /// Where the next element (its header line) starts.
+    at: usize,
+    /// Elements still to come in each open array, innermost last.
+    open: Vec<i64>,
+    /// How long the buffer must be before scanning can go on (a bulk string in progress).
+    needs: usize,
+}
+
+impl Scan {
+    /// Nothing of the reply at the front of the buffer is known yet.
+    fn is_fresh(&self) -> bool {
+        self.at == 0 && self.open.is_empty()
+    }
+
+    /// The length of the complete reply at the front of `buf`, or `None` until it has
+    /// arrived. After `Some`, the scan starts over for the next reply.
+    fn advance(&mut self, buf: &[u8]) -> Result<Option<usize>, ClientError> {
+        if buf.len() < self.needs {
+            return Ok(None);
+        }
+        loop {
+            let Some((text, next)) = line(buf, self.at) else {
+                return Ok(None);
+            };
+            match text.first() {
+                Some(b'*') => {
+                    let n = int(&text[1..])?;
+                    self.at = next;
+                    if n > 0 {
+                        self.open.push(n);
+                        continue;
+                    }
+                }
+                Some(b'$') => {
+                    let n = int(&text[1..])?;
+                    if n >= 0 {
+                        let end = next + n as usize + 2;
+                        if buf.len() < end {
+                            self.needs = end;
+                            return Ok(None);
+                        }
+                        self.at = end;
+                    } else {
+                        self.at = next;
+                    }
+                }
+                Some(b'+' | b'-' | b':') => self.at = next,
+                _ => {
+                    return Err(protocol(format!(
+                        "unexpected reply line {:?}",
+                        String::from_utf8_lossy(text)
+                    )));
+                }
+            }
+            // One element is complete; so is every array it completes.
+            loop {
+                match self.open.last_mut() {
+                    None => {
+                        let end = self.at;
+                        *self = Self::default();
+                        return Ok(Some(end));
+                    }
+                    Some(left) => {
+                        *left -= 1;
+                        if *left > 0 {
+                            break;
+                        }
+                        self.open.pop();
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -474,11 +582,380 @@ mod tests {
         assert!(matches!(err, ClientError::Protocol { .. }));
     }
 
+    /// Feeds `data` to a scan the way the socket does: a prefix, then more.
+    fn scan_in_pieces(data: &[u8], cuts: &[usize]) -> Option<usize> {
+        let mut scan = Scan::default();
+        for &cut in cuts {
+            if let Some(end) = scan.advance(&data[..cut]).unwrap() {
+                return Some(end);
+            }
+        }
+        scan.advance(data).unwrap()
+    }
+
+    #[test]
+    fn a_scan_resumes_and_finds_where_each_reply_ends() {
+        let first = reply(&[("1-0", &[("a", "x\r\ny"), ("b", "")])]);
+        let mut data = first.clone();
+        data.extend_from_slice(b"-NOGROUP gone\r\n*-1\r\n");
+        for cut in 0..first.len() {
+            let mut scan = Scan::default();
+            assert_eq!(
+                scan.advance(&data[..cut]).unwrap(),
+                None,
+                "incomplete at {cut}"
+            );
+            assert_eq!(
+                scan.advance(&data).unwrap(),
+                Some(first.len()),
+                "resumed at {cut}"
+            );
+        }
+        let rest = &data[first.len()..];
+        assert_eq!(scan_in_pieces(rest, &[]), Some(15));
+        assert_eq!(scan_in_pieces(&rest[15..], &[1, 3]), Some(5));
+        assert!(Scan::default().advance(b"?what\r\n").is_err());
+    }
+
+    #[test]
+    fn a_scan_asks_for_a_big_bulk_at_once() {
+        let data = reply(&[("1-0", &[("k", &"v".repeat(10_000))])]);
+        let mut scan = Scan::default();
+        assert_eq!(scan.advance(&data[..100]).unwrap(), None);
+        assert_eq!(scan.needs, data.len(), "the whole value, then its CRLF");
+    }
+
+    #[test]
+    fn the_buffer_shrinks_after_a_huge_reply() {
+        let mut buf = Vec::with_capacity(BUFFER);
+        buf.resize(50 << 20, b'x');
+        buf.drain(..(50 << 20) - 10);
+        shrink(&mut buf);
+        assert!(buf.capacity() < 2 * BUFFER, "{}", buf.capacity());
+        assert_eq!(buf, vec![b'x'; 10]);
+        // An ordinary buffer is left alone.
+        let mut small = Vec::with_capacity(BUFFER);
+        small.extend_from_slice(b"*-1\r\n");
+        shrink(&mut small);
+        assert_eq!(small.capacity(), BUFFER);
+    }
+
     #[test]
     fn commands_encode_as_bulk_arrays() {
         assert_eq!(
             encode(&[b"XREADGROUP", b"GROUP"]),
             b"*2\r\n$10\r\nXREADGROUP\r\n$5\r\nGROUP\r\n"
+        );
+    }
+}
+
+/// How long the reader takes for big replies arriving 64 KiB at a time, as over a socket:
+/// `cargo test --lib wire::timing -- --ignored --nocapture`.
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use std::time::Instant;
+    use tokio::io::AsyncWriteExt;
+
+    fn reply(entries: usize, fields: usize, value_len: usize) -> Vec<u8> {
+        let value = vec![b'v'; value_len];
+        let mut out = format!("*1\r\n*2\r\n$1\r\ns\r\n*{entries}\r\n").into_bytes();
+        for e in 0..entries {
+            let id = format!("{}-0", e + 1);
+            out.extend_from_slice(
+                format!("*2\r\n${}\r\n{id}\r\n*{}\r\n", id.len(), fields * 2).as_bytes(),
+            );
+            for f in 0..fields {
+                let name = format!("f{f}");
+                out.extend_from_slice(
+                    format!("${}\r\n{name}\r\n${value_len}\r\n", name.len()).as_bytes(),
+                );
+                out.extend_from_slice(&value);
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        out
+    }
+
+    fn peak_rss_mb() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            / 1024
+    }
+
+    async fn time(name: &str, data: Vec<u8>) {
+        let (client, mut server) = tokio::io::duplex(64 * 1024);
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(drive(client, Vec::with_capacity(256 * 1024), rx));
+        let (reply_tx, reply_rx) = oneshot::channel();
+        tx.send(Request {
+            command: encode(&[b"XREADGROUP"]),
+            reply: reply_tx,
+        })
+        .unwrap();
+        let started = Instant::now();
+        let writer = tokio::spawn(async move {
+            for chunk in data.chunks(64 * 1024) {
+                server.write_all(chunk).await.unwrap();
+            }
+            server
+        });
+        let entries = reply_rx.await.unwrap().unwrap();
+        let elapsed = started.elapsed();
+        let _server = writer.await.unwrap();
+        println!(
+            "{name}: {} entries in {elapsed:?}, peak RSS so far {} MB",
+            entries.len(),
+            peak_rss_mb()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a measurement, not a check"]
+    async fn timing() {
+        time("one entry, one 50 MB field", reply(1, 1, 50 * 1024 * 1024)).await;
+        time("one entry, 100,000 fields", reply(1, 100_000, 10)).await;
+        time("10,000 entries of 5 KB (50 MB)", reply(10_000, 1, 5 * 1024)).await;
+    }
+}
+
+/// The lean parser against redis-rs's own (`redis::parse_redis_value`, then the same
+/// reply-to-entries step the redis-rs read path uses) on generated XREADGROUP replies,
+/// fed in pieces the way a socket delivers them.
+#[cfg(test)]
+mod oracle {
+    use super::*;
+    use proptest::prelude::*;
+
+    type Fields = Vec<(Vec<u8>, Vec<u8>)>;
+
+    /// An XREADGROUP reply: nil, or one stream with entries (nil fields for deleted ones).
+    #[derive(Debug, Clone)]
+    enum Shape {
+        Nil,
+        ServerError(String),
+        Stream(Vec<u8>, Vec<(u64, u64, Option<Fields>)>),
+    }
+
+    fn bulk(out: &mut Vec<u8>, b: &[u8]) {
+        out.extend_from_slice(format!("${}\r\n", b.len()).as_bytes());
+        out.extend_from_slice(b);
+        out.extend_from_slice(b"\r\n");
+    }
+
+    fn encode_reply(shape: &Shape) -> Vec<u8> {
+        let mut out = Vec::new();
+        match shape {
+            Shape::Nil => out.extend_from_slice(b"*-1\r\n"),
+            Shape::ServerError(e) => out.extend_from_slice(format!("-{e}\r\n").as_bytes()),
+            Shape::Stream(name, entries) => {
+                out.extend_from_slice(b"*1\r\n*2\r\n");
+                bulk(&mut out, name);
+                out.extend_from_slice(format!("*{}\r\n", entries.len()).as_bytes());
+                for (ms, seq, fields) in entries {
+                    out.extend_from_slice(b"*2\r\n");
+                    bulk(&mut out, format!("{ms}-{seq}").as_bytes());
+                    match fields {
+                        None => out.extend_from_slice(b"*-1\r\n"),
+                        Some(fields) => {
+                            out.extend_from_slice(format!("*{}\r\n", fields.len() * 2).as_bytes());
+                            for (k, v) in fields {
+                                bulk(&mut out, k);
+                                bulk(&mut out, v);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Bytes of every kind: empty, CRLF inside, `$` and `*`, not UTF-8.
+    fn bytes() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            Just(Vec::new()),
+            Just(b"\r\n".to_vec()),
+            proptest::collection::vec(any::<u8>(), 0..12),
+            proptest::collection::vec(
+                prop_oneof![Just(b'\r'), Just(b'\n'), Just(b'$'), Just(b'*'), Just(0xff)],
+                1..6
+            ),
+            "[a-z_]{1,8}".prop_map(String::into_bytes),
+        ]
+    }
+
+    fn shape(max_entries: usize, max_fields: usize) -> impl Strategy<Value = Shape> {
+        let fields = proptest::collection::vec((bytes(), bytes()), 0..max_fields);
+        let entry = (
+            any::<u64>(),
+            any::<u64>(),
+            proptest::option::weighted(0.9, fields),
+        );
+        prop_oneof![
+            1 => Just(Shape::Nil),
+            1 => "(NOGROUP|ERR|WRONGTYPE) [a-z ]{0,12}".prop_map(Shape::ServerError),
+            8 => (bytes(), proptest::collection::vec(entry, 0..max_entries))
+                .prop_map(|(name, entries)| Shape::Stream(name, entries)),
+        ]
+    }
+
+    /// What the redis-rs path makes of the same bytes.
+    fn oracle(data: &[u8]) -> Result<Vec<RawEntry>, String> {
+        match redis::parse_redis_value(data) {
+            Ok(redis::Value::ServerError(e)) => Err(format!("{e:?}")),
+            Ok(value) => super::super::parse_read(value).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Scans `data` fed in `pieces`, then parses the reply it found.
+    fn lean(data: &[u8], cuts: &[usize]) -> Result<Vec<RawEntry>, String> {
+        let mut scan = Scan::default();
+        let mut end = None;
+        for &cut in cuts.iter().chain([&data.len()]) {
+            end = scan.advance(&data[..cut]).map_err(|e| e.to_string())?;
+            if end.is_some() {
+                assert_eq!(cut, data.len(), "complete before all of it arrived");
+            }
+        }
+        let end = end.expect("complete once all of it arrived");
+        assert_eq!(end, data.len(), "the reply's end");
+        match parse_read(&data[..end]).map_err(|e| e.to_string())? {
+            Some((entries, used)) => {
+                assert_eq!(used, end);
+                Ok(entries)
+            }
+            None => panic!("scanned complete, parsed incomplete"),
+        }
+    }
+
+    fn same(data: &[u8], cuts: &[usize]) {
+        same_as(&oracle(data), data, cuts);
+    }
+
+    fn same_as(expected: &Result<Vec<RawEntry>, String>, data: &[u8], cuts: &[usize]) {
+        let got = lean(data, cuts);
+        match (expected, &got) {
+            (Ok(a), Ok(b)) => assert_eq!(a, b),
+            (Err(_), Err(_)) => {}
+            _ => panic!("redis-rs: {expected:?}\nlean: {got:?}"),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// Every split point: the reply is incomplete before, whole after, and the same
+        /// as redis-rs makes of it.
+        #[test]
+        fn split_at_every_byte(shape in shape(4, 5)) {
+            let data = encode_reply(&shape);
+            let expected = oracle(&data);
+            for cut in 0..=data.len() {
+                same_as(&expected, &data, &[cut]);
+            }
+            // And byte by byte, the scan resuming each time.
+            let every: Vec<usize> = (0..data.len()).collect();
+            same_as(&expected, &data, &every);
+        }
+
+        /// Many entries and fields, and big values, in random pieces.
+        #[test]
+        fn large_replies_in_random_pieces(
+            shape in shape(50, 40),
+            big in proptest::option::of((0usize..3, 0usize..300_000)),
+            cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..40),
+        ) {
+            let mut shape = shape;
+            if let (Shape::Stream(_, entries), Some((at, len))) = (&mut shape, big)
+                && let Some((_, _, Some(fields))) = entries.get_mut(at)
+            {
+                fields.push((b"big".to_vec(), vec![b'\r'; len]));
+            }
+            let data = encode_reply(&shape);
+            let mut cuts: Vec<usize> = cuts.iter().map(|i| i.index(data.len())).collect();
+            cuts.sort_unstable();
+            same(&data, &cuts);
+        }
+    }
+
+    /// The connection task itself: pipelined replies (entries, an error, nil, a big one)
+    /// arriving in pieces of every size are answered in order, as redis-rs reads them.
+    #[tokio::test]
+    async fn the_connection_answers_pipelined_replies_in_order_whatever_the_pieces() {
+        use tokio::io::AsyncWriteExt;
+        let fields = |n: usize, len: usize| -> Option<Fields> {
+            Some(
+                (0..n)
+                    .map(|i| (format!("f{i}").into_bytes(), vec![b'\r'; len]))
+                    .collect(),
+            )
+        };
+        let replies = [
+            Shape::Stream(b"s".to_vec(), vec![(1, 0, fields(3, 2)), (2, 0, None)]),
+            Shape::ServerError("NOGROUP No such key".into()),
+            Shape::Nil,
+            Shape::Stream(
+                b"s".to_vec(),
+                vec![(3, 0, fields(20_000, 3)), (4, 1, fields(1, 300_000))],
+            ),
+            Shape::Stream(b"s".to_vec(), vec![(5, 0, fields(1, 0))]),
+        ];
+        let data: Vec<u8> = replies.iter().flat_map(encode_reply).collect();
+        for piece in [1, 7, 4096, 1 << 20] {
+            let (client, mut server) = tokio::io::duplex(64 * 1024);
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(drive(client, Vec::with_capacity(BUFFER), rx));
+            let answers: Vec<_> = replies
+                .iter()
+                .map(|_| {
+                    let (reply, answer) = oneshot::channel();
+                    tx.send(Request {
+                        command: encode(&[b"XREADGROUP"]),
+                        reply,
+                    })
+                    .unwrap();
+                    answer
+                })
+                .collect();
+            let data = data.clone();
+            let writer = tokio::spawn(async move {
+                for chunk in data.chunks(piece) {
+                    server.write_all(chunk).await.unwrap();
+                }
+                server
+            });
+            for (shape, answer) in replies.iter().zip(answers) {
+                let got = answer.await.unwrap().map_err(|e| e.to_string());
+                match (oracle(&encode_reply(shape)), got) {
+                    (Ok(a), Ok(b)) => assert_eq!(a, b, "pieces of {piece}"),
+                    (Err(_), Err(e)) => assert!(e.contains("NOGROUP"), "{e}"),
+                    (a, b) => panic!("pieces of {piece}: {a:?} vs {b:?}"),
+                }
+            }
+            let _server = writer.await.unwrap();
+        }
+    }
+
+    #[test]
+    fn two_replies_in_one_buffer_come_apart() {
+        let first = encode_reply(&Shape::Stream(
+            b"s".to_vec(),
+            vec![(1, 0, Some(vec![(b"k".to_vec(), b"v".to_vec())]))],
+        ));
+        let second = encode_reply(&Shape::Nil);
+        let mut data = first.clone();
+        data.extend_from_slice(&second);
+        let mut scan = Scan::default();
+        assert_eq!(scan.advance(&data).unwrap(), Some(first.len()));
+        assert_eq!(
+            scan.advance(&data[first.len()..]).unwrap(),
+            Some(second.len())
         );
     }
 }

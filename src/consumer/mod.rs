@@ -92,7 +92,7 @@ pub async fn run<H: Handler>(g: &Group<H>) -> Result<GroupExit, GroupError> {
     };
     g.heartbeat.set_running(true);
     let stop = tokio_util::sync::CancellationToken::new();
-    let (result, ()) = tokio::join!(
+    let (mut result, tick_cut) = tokio::join!(
         async {
             let result = Loop::new(g).run(&lease).await;
             stop.cancel();
@@ -100,6 +100,13 @@ pub async fn run<H: Handler>(g: &Group<H>) -> Result<GroupExit, GroupError> {
         },
         tick(g, &stop),
     );
+    if tick_cut && let Ok(GroupExit::Drained) = result {
+        // The deadline cut the periodic work off: that is work cut off (exit 3).
+        result = Ok(GroupExit::CutOff {
+            abandoned: 1,
+            unsettled: 0,
+        });
+    }
     g.heartbeat.set_running(false);
     if tokio::time::timeout(LAST_WORDS, lease.release())
         .await
@@ -111,11 +118,13 @@ pub async fn run<H: Handler>(g: &Group<H>) -> Result<GroupExit, GroupError> {
 }
 
 /// Runs the handler's periodic `tick`, on one replica at a time: each turn, the replica
-/// that holds (or takes) the group's tick lease runs it.
-async fn tick<H: Handler>(g: &Group<H>, stop: &tokio_util::sync::CancellationToken) {
+/// that holds (or takes) the group's tick lease runs it. Returns whether the shutdown
+/// deadline cut a tick off.
+async fn tick<H: Handler>(g: &Group<H>, stop: &tokio_util::sync::CancellationToken) -> bool {
     let Some(every) = g.handler.tick_every() else {
-        return;
+        return false;
     };
+    let mut cut = false;
     let cfg = &g.config;
     let key = format!(
         "streamworker:tick:{}:{}",
@@ -156,6 +165,7 @@ async fn tick<H: Handler>(g: &Group<H>, stop: &tokio_util::sync::CancellationTok
                     outcome = ticking => outcome,
                     _ = &mut past_deadline => {
                         tracing::warn!(stream = %cfg.stream, group = %cfg.name, "the handler's periodic work was cut off at the shutdown deadline");
+                        cut = true;
                         break;
                     }
                 };
@@ -180,6 +190,7 @@ async fn tick<H: Handler>(g: &Group<H>, stop: &tokio_util::sync::CancellationTok
     }
     // Bounded: with Redis down the lease simply expires.
     let _ = tokio::time::timeout(LAST_WORDS, g.client.release_lease(&key, &g.lease_token)).await;
+    cut
 }
 
 /// How long the last calls of a stopping group (lease releases, the final settlement

@@ -12,6 +12,7 @@ mod demo;
 mod failures;
 mod faults;
 mod forward;
+mod huge;
 mod learning;
 mod observability;
 mod operate;
