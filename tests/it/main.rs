@@ -15,5 +15,6 @@ mod learning;
 mod observability;
 mod operate;
 mod scenarios;
+mod shutdown;
 mod topology;
 mod warehouse;
