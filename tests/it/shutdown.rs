@@ -404,6 +404,52 @@ fn shutdown_with_redis_down_is_bounded() {
     );
 }
 
+/// Redis goes down while a call runs: its acknowledgement cannot be sent. The drain waits
+/// for Redis until the deadline, makes one last bounded attempt, and exits 3: the entry
+/// stays pending (for this consumer) and is handled again after recovery.
+#[test]
+fn an_acknowledgement_unsent_because_redis_is_down_is_cut_off_at_the_deadline() {
+    let mut redis = RedisServer::start();
+    let started = Arc::new(AtomicUsize::new(0));
+    let seen = started.clone();
+    let hook = WebhookServer::start_with(move |_| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        (200, Duration::from_secs(2))
+    });
+    let group = webhook_group("billing", &hook.url("a"), 4, "5s", "10s");
+    let (cfg, http) = config_with_http(&redis.url(), "a", &group);
+    let mut daemon = Daemon::start(&with_shutdown_timeout(&cfg, "3s"));
+    let mut con = redis.connection();
+    produce(&mut con, "orders", &numbered(1));
+    wait_until(Duration::from_secs(20), "the call in flight", || {
+        started.load(Ordering::SeqCst) == 1
+    });
+    drop(con);
+    redis.kill();
+    // The call's result is in; its acknowledgement waits for Redis.
+    wait_until(
+        Duration::from_secs(20),
+        "the call settled in the process",
+        || {
+            hook.handled().len() == 1
+                && http_get(&http, "/metrics").is_some_and(|(_, text)| {
+                    metric(&text, "streamworker_inflight", &[("group", "billing")]) == Some(0.0)
+                })
+        },
+    );
+    assert_eq!(hook.handled().len(), 1, "the call succeeded");
+    let (status, _) = signal_and_wait(
+        &mut daemon,
+        libc::SIGTERM,
+        shutdown_bound(Duration::from_secs(3)),
+    );
+    let logs = daemon.logs();
+    assert_eq!(status.code(), Some(3), "{logs}");
+    assert!(logs.contains("shutdown deadline reached"), "{logs}");
+    assert!(logs.contains("\"unsettled\":1"), "{logs}");
+    assert!(!logs.contains("shut down cleanly"), "{logs}");
+}
+
 #[test]
 fn a_second_signal_exits_at_once_with_130_leaving_the_entry_pending() {
     let redis = RedisServer::start();
