@@ -532,11 +532,11 @@ handler = "noop"
         !logs.contains("wrong-password"),
         "the password is redacted: {logs}"
     );
+    let port = redis.port;
     assert!(
-        logs.to_lowercase().contains("password")
-            || logs.contains("WRONGPASS")
-            || logs.contains("auth"),
-        "the message says what is wrong: {logs}"
+        logs.contains("Password authentication failed")
+            && logs.contains(&format!("redis://:<redacted>@127.0.0.1:{port}/0")),
+        "the message says what is wrong and with which server: {logs}"
     );
 }
 
