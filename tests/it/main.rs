@@ -18,5 +18,6 @@ mod observability;
 mod operate;
 mod ops_guards;
 mod scenarios;
+mod shutdown;
 mod topology;
 mod warehouse;
