@@ -87,12 +87,25 @@ pub fn case(name: &str, s: &Scale) -> Case {
                 erases: false,
             }];
         }
-        // Redis killed and restarted empty while retries are parked: what was produced
-        // before is gone (counted as erased); what is produced after must all be handled.
+        // Redis killed and restarted empty while retries are parked and failing calls
+        // are running (5 % of entries fail after 700 ms, so some finish while Redis is
+        // down): what was produced before is gone (counted as erased); what is produced
+        // after must all be handled or dead-lettered.
         "redis_restart_no_persistence" => {
+            c.entry = Box::new(|n| {
+                let kind = if n % 20 == 7 {
+                    Kind::RetryableLate
+                } else {
+                    Kind::Healthy
+                };
+                (
+                    kind,
+                    vec![(b"payload".to_vec(), format!("order {n}").into_bytes())],
+                )
+            });
             c.faults = vec![Fault::RestartRedis {
-                at: at(0.4),
-                down: Duration::from_secs(1),
+                at: at(0.3),
+                down: Duration::from_secs(2),
                 erases: true,
             }];
         }

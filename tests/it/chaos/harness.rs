@@ -54,6 +54,9 @@ pub const LOAD_SLACK: Duration = Duration::from_secs(3);
 /// How long a slow webhook reply takes: well past `handler_timeout`.
 const SLOW_REPLY: Duration = Duration::from_secs(3);
 
+/// How long a late failure takes: shorter than the webhook's timeout.
+const LATE_FAILURE: Duration = Duration::from_millis(700);
+
 /// How long a hung webhook holds a request (the daemon gives up long before).
 const HUNG_REPLY: Duration = Duration::from_secs(30);
 
@@ -64,6 +67,9 @@ pub enum Kind {
     Healthy,
     /// Answered 500 every time: retryable poison.
     Retryable,
+    /// Answered 500 every time, after [`LATE_FAILURE`]: retryable poison whose calls are
+    /// still running when something else happens (Redis goes down).
+    RetryableLate,
     /// Answered 422 (a 4xx the webhook handler treats as permanent).
     Permanent,
     /// The first request for it takes [`SLOW_REPLY`]; later ones are answered at once.
@@ -77,6 +83,7 @@ impl Kind {
         match self {
             Kind::Healthy => "ok",
             Kind::Retryable => "p500",
+            Kind::RetryableLate => "p500late",
             Kind::Permanent => "p422",
             Kind::SlowOnce => "slow1",
             Kind::SlowAlways => "slowall",
@@ -86,6 +93,7 @@ impl Kind {
     fn from_tag(tag: &str) -> Kind {
         match tag {
             "p500" => Kind::Retryable,
+            "p500late" => Kind::RetryableLate,
             "p422" => Kind::Permanent,
             "slow1" => Kind::SlowOnce,
             "slowall" => Kind::SlowAlways,
@@ -95,13 +103,16 @@ impl Kind {
 
     /// Entries a webhook group must dead-letter.
     pub fn is_poison(self) -> bool {
-        matches!(self, Kind::Retryable | Kind::Permanent | Kind::SlowAlways)
+        matches!(
+            self,
+            Kind::Retryable | Kind::RetryableLate | Kind::Permanent | Kind::SlowAlways
+        )
     }
 
     /// What `dlq_error` of such an entry must say.
     fn dlq_error(self) -> &'static str {
         match self {
-            Kind::Retryable => "answered 500",
+            Kind::Retryable | Kind::RetryableLate => "answered 500",
             Kind::Permanent => "answered 422",
             Kind::SlowAlways => "timed out",
             Kind::Healthy | Kind::SlowOnce => "",
@@ -821,6 +832,7 @@ fn receiver(
         let kind = Kind::from_tag(hit.body["fields"]["chaos"].as_str().unwrap_or("ok"));
         let (status, delay) = match kind {
             Kind::Retryable => (500, Duration::ZERO),
+            Kind::RetryableLate => (500, LATE_FAILURE),
             Kind::Permanent => (422, Duration::ZERO),
             Kind::SlowAlways => (503, SLOW_REPLY),
             // Slow the first time the receiver sees it, whatever its delivery count says
@@ -952,14 +964,43 @@ impl Case {
                                     .map(|(p, _)| p as usize)
                                     .unwrap_or(0);
                             }
+                            // The oldest entry: still there after the restart unless
+                            // Redis lost its data.
+                            let first = |probe: &mut Probe| {
+                                probe.with(|c| {
+                                    redis::cmd("XRANGE")
+                                        .arg(case.stream)
+                                        .arg("-")
+                                        .arg("+")
+                                        .arg("COUNT")
+                                        .arg(1)
+                                        .query::<Vec<(String, Fields)>>(c)
+                                })
+                            };
+                            let oldest = first(&mut probe)
+                                .and_then(|e| e.into_iter().next())
+                                .map(|(id, _)| id)
+                                .expect("the stream has entries before the restart");
+                            // Whatever is confirmed from now on, the restarted server holds.
+                            let killed_at = Instant::now();
                             redis.kill();
                             std::thread::sleep(*down);
                             redis.restart();
                             report.redis_restarts += 1;
-                            let kept = probe
-                                .with(|c| redis::cmd("EXISTS").arg(case.stream).query::<u64>(c))
-                                .unwrap_or(0)
-                                > 0;
+                            // The probe's first command after the restart may meet the
+                            // connection the kill broke.
+                            let mut after = None;
+                            for _ in 0..20 {
+                                after = first(&mut probe);
+                                if after.is_some() {
+                                    break;
+                                }
+                                std::thread::sleep(Duration::from_millis(50));
+                            }
+                            let kept = after
+                                .expect("XRANGE after the restart")
+                                .first()
+                                .is_some_and(|(id, _)| *id == oldest);
                             assert_eq!(
                                 kept,
                                 !*erases,
@@ -967,7 +1008,7 @@ impl Case {
                                 if *erases { "erase" } else { "keep" }
                             );
                             if *erases {
-                                scope_from = Some(Instant::now());
+                                scope_from = Some(killed_at);
                             }
                         }
                     }
