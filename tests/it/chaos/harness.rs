@@ -32,13 +32,17 @@ use std::time::{Duration, Instant};
 use crate::support::*;
 
 /// The shortened timings every case uses (consistent with the defaults left alone:
-/// `claim_idle` > `handler_timeout`, `max × (1 + jitter)` < `claim_idle`).
-pub const TIMINGS: &str = r#"handler_timeout = "1s"
-claim_idle = "5s"
-retry_backoff = { initial = "200ms", max = "2s" }"#;
+/// `claim_idle` > `handler_timeout`, `max × (1 + jitter)` < `claim_idle`), given the
+/// case's `handler_timeout` (which the webhook's own `timeout` equals: at most
+/// `handler_timeout`, as `check` demands).
+fn timings(handler_timeout: &str) -> String {
+    format!(
+        "handler_timeout = \"{handler_timeout}\"\nclaim_idle = \"5s\"\nretry_backoff = {{ initial = \"200ms\", max = \"2s\" }}"
+    )
+}
 
-/// The webhook's own `timeout`, at most `handler_timeout` (as `check` demands).
-pub const WEBHOOK_TIMEOUT: &str = "1s";
+/// `handler_timeout` unless a case needs longer.
+pub const HANDLER_TIMEOUT: &str = "1s";
 
 /// Keys a case may change from their defaults (dotted below `groups.<name>`).
 const ALLOWED_OVERRIDES: &[&str] = &[
@@ -197,6 +201,9 @@ pub struct Case {
     pub faults: Vec<Fault>,
     /// Run against the fresh Redis before anything starts.
     pub setup: Option<fn(&mut redis::Connection)>,
+    /// `handler_timeout` (and the webhook's `timeout`): [`HANDLER_TIMEOUT`] unless the
+    /// case's healthy calls need longer.
+    pub handler_timeout: &'static str,
 }
 
 /// Healthy entries, except every 50th (2 %), which is `poison`.
@@ -237,6 +244,8 @@ pub struct GroupReport {
     pub pending_at_end: Option<u64>,
     /// A few of the lost ids, for the failure message.
     pub lost_sample: Vec<String>,
+    /// A few of the duplicated ids.
+    pub duplicate_sample: Vec<String>,
 }
 
 #[derive(Debug, Default)]
@@ -299,8 +308,8 @@ impl Report {
             }
             if g.duplicates > g.in_flight_at_kills {
                 out.push(format!(
-                    "{name}: {} duplicates, more than the {} entries in flight at the kills",
-                    g.duplicates, g.in_flight_at_kills
+                    "{name}: {} duplicates, more than the {} entries in flight at the kills (e.g. {:?})",
+                    g.duplicates, g.in_flight_at_kills, g.duplicate_sample
                 ));
             }
             if g.altered > 0 {
@@ -660,7 +669,7 @@ fn group_toml(case: &Case, g: &Group, hook: Option<&WebhookServer>, timings: boo
                 "url = \"{}\"{}",
                 hook.expect("a webhook group has a receiver").url(g.name),
                 if timings {
-                    format!("\ntimeout = \"{WEBHOOK_TIMEOUT}\"")
+                    format!("\ntimeout = \"{}\"", case.handler_timeout)
                 } else {
                     String::new()
                 }
@@ -672,7 +681,11 @@ fn group_toml(case: &Case, g: &Group, hook: Option<&WebhookServer>, timings: boo
         "[groups.{name}]\nstream = \"{stream}\"\nhandler = \"{handler}\"\n{timings}\n{extra}\n[groups.{name}.options]\n{options}\n",
         name = g.name,
         stream = case.stream,
-        timings = if timings { TIMINGS } else { "" },
+        timings = if timings {
+            self::timings(case.handler_timeout)
+        } else {
+            String::new()
+        },
         extra = if timings { g.extra } else { "" },
     )
 }
@@ -1168,6 +1181,10 @@ impl Case {
                 if handled > 0 {
                     r.handled += 1;
                     r.duplicates += handled - 1;
+                    if handled > 1 && r.duplicate_sample.len() < 5 {
+                        r.duplicate_sample
+                            .push(format!("{} ({}) ×{handled}", p.id, p.kind.tag()));
+                    }
                     if let Some(t) = &targets[gi]
                         && t.seen[&p.id].hash != p.hash
                     {
