@@ -64,6 +64,8 @@ impl WebhookServer {
                 addr_tx.send(listener.local_addr().unwrap()).unwrap();
                 let app = Router::new()
                     .route("/{*path}", post(handle))
+                    // Entries may be huge (the chaos matrix posts a 5 MB field).
+                    .layer(axum::extract::DefaultBodyLimit::disable())
                     .with_state(state);
                 axum::serve(listener, app)
                     .with_graceful_shutdown(async {
