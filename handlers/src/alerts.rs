@@ -270,12 +270,11 @@ impl AlertsOptions {
     }
 
     /// An explicit `webhook_timeout` asks for a `handler_timeout` above it (the rule in
-    /// `validate`): twice it, so an evaluation has time besides the post.
+    /// `validate`).
     pub(crate) fn needs(&self, is_set: &dyn Fn(&str) -> bool) -> Needs {
         let explicit = self.webhook.is_some() && is_set("webhook_timeout");
         Needs {
-            handler_timeout_at_least: explicit
-                .then(|| (self.webhook_timeout.saturating_mul(2), "webhook_timeout")),
+            handler_timeout_above: explicit.then_some((self.webhook_timeout, "webhook_timeout")),
             ..Needs::default()
         }
     }

@@ -64,6 +64,9 @@ impl Derived {
 pub struct Needs {
     /// `handler_timeout` must be at least this; with the option that asks for it.
     pub handler_timeout_at_least: Option<(Duration, &'static str)>,
+    /// `handler_timeout` must be longer than this (a derived one is twice it); with the
+    /// option that asks for it.
+    pub handler_timeout_above: Option<(Duration, &'static str)>,
     /// `claim_idle` must exceed `handler_timeout` plus this (how long a batch handler holds
     /// an entry before it starts), whether the option is set or not.
     pub claim_idle_margin: Duration,

@@ -128,6 +128,16 @@ fn derive_handler_timeout(
         s.handler_timeout = least;
         note("handler_timeout", &format!("options.{option}"));
     }
+    // Twice a timeout it must exceed: an alerts evaluation has time besides its post.
+    let least = least.or(needs
+        .handler_timeout_above
+        .map(|(d, option)| (d.saturating_mul(2), option)));
+    if let Some((above, option)) = needs.handler_timeout_above
+        && s.handler_timeout <= above
+    {
+        s.handler_timeout = above.saturating_mul(2);
+        note("handler_timeout", &format!("options.{option}"));
+    }
     if set("claim_idle") && s.claim_idle <= s.handler_timeout + needs.claim_idle_margin {
         let room = s.claim_idle.saturating_sub(needs.claim_idle_margin);
         let fit = whole_ms(room / 2).max(least.map_or(Duration::ZERO, |(d, _)| d));
@@ -755,10 +765,23 @@ mod tests {
         let c = group(
             "alerts",
             &format!(
+                "options.webhook = \"http://127.0.0.1:9/x\"\noptions.webhook_timeout = \"30s\"\n{alerts}"
+            ),
+        );
+        assert_eq!(c.groups["g"].handler_timeout, S(60));
+        assert_eq!(
+            from(&c, "groups.g.handler_timeout"),
+            Some("options.webhook_timeout")
+        );
+        // 20s is already below the default 30s: nothing changes.
+        let c = group(
+            "alerts",
+            &format!(
                 "options.webhook = \"http://127.0.0.1:9/x\"\noptions.webhook_timeout = \"20s\"\n{alerts}"
             ),
         );
-        assert_eq!(c.groups["g"].handler_timeout, S(40));
+        assert_eq!(c.groups["g"].handler_timeout, S(30));
+        assert!(c.derived.is_empty(), "{:?}", c.derived);
     }
 
     #[test]
