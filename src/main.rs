@@ -86,7 +86,9 @@ enum Command {
         redis_server: String,
         /// Use this Redis instead of starting one (the demo writes to `ml_events`,
         /// `user:feedback`, `alerts` and `ai:adaptations` there and creates its groups).
-        #[arg(long, env = "STREAMWORKER__REDIS__URL")]
+        /// Only this flag: the environment's `STREAMWORKER__REDIS__URL` is production's, and
+        /// the demo never writes there because it happens to be set in the shell.
+        #[arg(long)]
         url: Option<String>,
     },
     /// Write realistic events of a seed scenario to its stream, at a rate.

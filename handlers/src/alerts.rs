@@ -28,7 +28,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::{Effect, Effects, Entry, Handler, HandlerError, Limits, OptionProblem, Store};
+use crate::{
+    Derived, Effect, Effects, Entry, Handler, HandlerError, Limits, Needs, OptionProblem, Store,
+};
 
 /// `[groups.<name>.options]` for `handler = "alerts"`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -265,6 +267,33 @@ impl AlertsOptions {
     /// The shortest window the rules may have.
     pub fn min_window(&self) -> Duration {
         MIN_WINDOW.max(self.evaluate_every * MIN_WINDOW_TICKS)
+    }
+
+    /// An explicit `webhook_timeout` asks for a `handler_timeout` above it (the rule in
+    /// `validate`).
+    pub(crate) fn needs(&self, is_set: &dyn Fn(&str) -> bool) -> Needs {
+        let explicit = self.webhook.is_some() && is_set("webhook_timeout");
+        Needs {
+            handler_timeout_above: explicit.then_some((self.webhook_timeout, "webhook_timeout")),
+            ..Needs::default()
+        }
+    }
+
+    /// A `webhook_timeout` left out stays below a short `handler_timeout` (the rule in
+    /// `validate`): half of it.
+    pub(crate) fn derive(
+        &mut self,
+        limits: &Limits,
+        is_set: &dyn Fn(&str) -> bool,
+    ) -> Vec<Derived> {
+        if self.webhook.is_some()
+            && !is_set("webhook_timeout")
+            && self.webhook_timeout >= limits.handler_timeout
+        {
+            self.webhook_timeout = crate::duration::whole_ms(limits.handler_timeout / 2);
+            return vec![Derived::new("webhook_timeout", "handler_timeout")];
+        }
+        Vec::new()
     }
 
     pub(crate) fn validate(&self, limits: &Limits) -> Vec<OptionProblem> {

@@ -55,6 +55,12 @@ pub fn format(d: Duration) -> String {
     parts.join(" ")
 }
 
+/// `d` cut down to whole milliseconds: derived durations print as people write them
+/// (`"1s 666ms"`, not nanoseconds).
+pub fn whole_ms(d: Duration) -> Duration {
+    Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format(*d))
 }

@@ -107,8 +107,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::{
-    Batching, Effect, Effects, Entry, EntryId, Handler, HandlerError, Limits, OptionProblem,
-    ResultExt, Store,
+    Batching, Derived, Effect, Effects, Entry, EntryId, Handler, HandlerError, Limits, Needs,
+    OptionProblem, ResultExt, Store,
 };
 
 /// `[groups.<name>.options]` for `handler = "learning"`.
@@ -196,9 +196,104 @@ impl Default for LearningOptions {
 
 const MINUTE_MS: u64 = 60_000;
 
+fn minutes_exact(d: Duration) -> bool {
+    d.as_millis().is_multiple_of(u128::from(MINUTE_MS))
+}
+
 const MAX_WINDOW: Duration = Duration::from_secs(24 * 3600);
 
+/// The width of the default rating scale (1 to 5), kept when only one end is set.
+const DEFAULT_SCALE_WIDTH: f64 = 4.0;
+
 impl LearningOptions {
+    /// `max_wait` (set or not) and an explicit `marker_ttl` bound the group's `claim_idle`
+    /// (the rules in `validate`).
+    pub(crate) fn needs(&self, is_set: &dyn Fn(&str) -> bool) -> Needs {
+        Needs {
+            claim_idle_margin: self.max_wait,
+            claim_idle_margin_key: is_set("max_wait").then_some("max_wait"),
+            claim_idle_below: is_set("marker_ttl").then_some((self.marker_ttl, "marker_ttl")),
+            ..Needs::default()
+        }
+    }
+
+    /// Options left out follow the ones set and the group's limits, one derivation per
+    /// rule of `validate`, in the order the rules depend on each other.
+    pub(crate) fn derive(
+        &mut self,
+        limits: &Limits,
+        is_set: &dyn Fn(&str) -> bool,
+    ) -> Vec<Derived> {
+        let mut derived = Vec::new();
+        let mut derive = |key: &str, from: &str| derived.push(Derived::new(key, from));
+        // The scale: one end set past the default other end keeps the default's width.
+        if self.rating_min.is_finite()
+            && self.rating_max.is_finite()
+            && self.rating_min >= self.rating_max
+        {
+            if is_set("rating_min") && !is_set("rating_max") {
+                self.rating_max = self.rating_min + DEFAULT_SCALE_WIDTH;
+                derive("rating_max", "options.rating_min");
+            } else if is_set("rating_max") && !is_set("rating_min") {
+                self.rating_min = self.rating_max - DEFAULT_SCALE_WIDTH;
+                derive("rating_min", "options.rating_max");
+            }
+        }
+        // The threshold: the middle of a scale that does not hold the default.
+        if !is_set("threshold")
+            && self.rating_min < self.rating_max
+            && !(self.rating_min..=self.rating_max).contains(&self.threshold)
+        {
+            self.threshold = (self.rating_min + self.rating_max) / 2.0;
+            let from = if is_set("rating_min") {
+                "options.rating_min"
+            } else {
+                "options.rating_max"
+            };
+            derive("threshold", from);
+        }
+        // The window: whole minutes, within an explicit retention, covering an explicit
+        // check_every.
+        if !is_set("window") {
+            let minute = Duration::from_millis(MINUTE_MS);
+            let minutes = |d: Duration| d.as_millis() / u128::from(MINUTE_MS);
+            if is_set("retention") && self.retention < self.window && self.retention >= minute {
+                self.window = minute * u32::try_from(minutes(self.retention)).unwrap_or(1);
+                derive("window", "options.retention");
+            } else if is_set("check_every")
+                && self.check_every > self.window
+                && self.check_every <= MAX_WINDOW
+            {
+                let whole =
+                    minutes(self.check_every) + u128::from(!minutes_exact(self.check_every));
+                self.window = minute * u32::try_from(whole).unwrap_or(1);
+                derive("window", "options.check_every");
+            }
+        }
+        if !is_set("retention") && self.retention < self.window {
+            self.retention = self.window;
+            derive("retention", "options.window");
+        }
+        if !is_set("check_every") && self.check_every > self.window {
+            self.check_every = self.window;
+            derive("check_every", "options.window");
+        }
+        // Against the group's limits.
+        if !is_set("marker_ttl") && self.marker_ttl <= limits.claim_idle {
+            self.marker_ttl = limits.claim_idle.saturating_mul(2);
+            derive("marker_ttl", "claim_idle");
+        }
+        if !is_set("max_wait")
+            && limits.claim_idle > limits.handler_timeout
+            && limits.claim_idle <= limits.handler_timeout + self.max_wait
+        {
+            self.max_wait =
+                crate::duration::whole_ms((limits.claim_idle - limits.handler_timeout) / 2);
+            derive("max_wait", "claim_idle");
+        }
+        derived
+    }
+
     pub(crate) fn validate(&self, limits: &Limits) -> Vec<OptionProblem> {
         let mut problems = Vec::new();
         let mut problem = |key: &str, message: String| {

@@ -31,7 +31,7 @@ pub use entry::{
 };
 pub use error::{HandlerError, ResultExt, one_line};
 pub use slot::{hash_input, slot_tag, slot_tag_reaches};
-pub use spec::{HandlerSpec, Limits, OptionProblem};
+pub use spec::{Derived, HandlerSpec, Limits, Needs, OptionProblem};
 
 pub use store::{Store, StoreError, StoreFuture};
 

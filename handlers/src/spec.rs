@@ -37,6 +37,45 @@ pub struct Limits {
     pub claim_idle: Duration,
 }
 
+/// An option left out whose default would break a rule against another key, and that
+/// therefore took a value derived from that key instead (`check` prints it marked).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Derived {
+    /// The option's key below `options`, e.g. `timeout`.
+    pub key: String,
+    /// The key it was derived from, as the group names it: `handler_timeout`,
+    /// `claim_idle`, `options.window`.
+    pub from: String,
+}
+
+impl Derived {
+    pub(crate) fn new(key: &str, from: &str) -> Self {
+        Self {
+            key: key.to_owned(),
+            from: from.to_owned(),
+        }
+    }
+}
+
+/// What a handler's options require of the group's limits. The group derives a limit the
+/// user left out from these (e.g. `handler_timeout` from a webhook's explicit `timeout`),
+/// so an explicit option never meets a default limit it cannot live with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Needs {
+    /// `handler_timeout` must be at least this; with the option that asks for it.
+    pub handler_timeout_at_least: Option<(Duration, &'static str)>,
+    /// `handler_timeout` must be longer than this (a derived one is twice it); with the
+    /// option that asks for it.
+    pub handler_timeout_above: Option<(Duration, &'static str)>,
+    /// `claim_idle` must exceed `handler_timeout` plus this (how long a batch handler holds
+    /// an entry before it starts), whether the option is set or not.
+    pub claim_idle_margin: Duration,
+    /// The option behind `claim_idle_margin`, when the user set it.
+    pub claim_idle_margin_key: Option<&'static str>,
+    /// `claim_idle` must stay below this; with the option that asks for it.
+    pub claim_idle_below: Option<(Duration, &'static str)>,
+}
+
 /// A problem with one option, found at load time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OptionProblem {
@@ -102,6 +141,30 @@ impl HandlerSpec {
             Self::Analytics(o) => o.validate(),
             Self::Warehouse(o) => o.validate(limits),
             Self::Alerts(o) => o.validate(limits),
+        }
+    }
+
+    /// What the options the user set (`is_set("timeout")`) require of the group's limits.
+    pub fn needs(&self, is_set: &dyn Fn(&str) -> bool) -> Needs {
+        match self {
+            Self::Webhook(o) => o.needs(is_set),
+            Self::Learning(o) => o.needs(is_set),
+            Self::Warehouse(o) => o.needs(is_set),
+            Self::Alerts(o) => o.needs(is_set),
+            Self::Noop(_) | Self::Forward(_) | Self::Analytics(_) => Needs::default(),
+        }
+    }
+
+    /// Replaces every option the user left out (`!is_set(key)`) whose default would
+    /// break one of `validate`'s rules by a value derived from the key it conflicts with.
+    /// Options the user set are never changed: a conflict between them stays an error.
+    pub fn derive(&mut self, limits: &Limits, is_set: &dyn Fn(&str) -> bool) -> Vec<Derived> {
+        match self {
+            Self::Webhook(o) => o.derive(limits, is_set),
+            Self::Learning(o) => o.derive(limits, is_set),
+            Self::Warehouse(o) => o.derive(limits, is_set),
+            Self::Alerts(o) => o.derive(limits, is_set),
+            Self::Noop(_) | Self::Forward(_) | Self::Analytics(_) => Vec::new(),
         }
     }
 

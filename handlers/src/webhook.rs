@@ -9,14 +9,16 @@ use std::collections::BTreeMap;
 use std::sync::Once;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
 use sha2::Sha256;
 
 use crate::redact::{REDACTED, redact_text, redact_url};
-use crate::{Effects, Entry, Handler, HandlerError, Limits, OptionProblem, ResultExt};
+use crate::{
+    Derived, Effects, Entry, Handler, HandlerError, Limits, Needs, OptionProblem, ResultExt,
+};
 
 /// A 2xx reply carrying this header drops the entry (acknowledged and counted as
 /// `dropped`, no dead letter): the endpoint's way to say "not mine", "duplicate" or "stale".
@@ -46,6 +48,29 @@ fn default_timeout() -> Duration {
 }
 
 impl WebhookOptions {
+    /// An explicit `timeout` asks for a `handler_timeout` at least as long (the rule in
+    /// `validate`).
+    pub(crate) fn needs(&self, is_set: &dyn Fn(&str) -> bool) -> Needs {
+        Needs {
+            handler_timeout_at_least: is_set("timeout").then_some((self.timeout, "timeout")),
+            ..Needs::default()
+        }
+    }
+
+    /// A `timeout` left out follows a shorter `handler_timeout` (the rule in `validate`):
+    /// `handler_timeout = "1s"` alone makes the request's timeout 1s, not an error.
+    pub(crate) fn derive(
+        &mut self,
+        limits: &Limits,
+        is_set: &dyn Fn(&str) -> bool,
+    ) -> Vec<Derived> {
+        if !is_set("timeout") && self.timeout > limits.handler_timeout {
+            self.timeout = limits.handler_timeout;
+            return vec![Derived::new("timeout", "handler_timeout")];
+        }
+        Vec::new()
+    }
+
     pub(crate) fn validate(&self, limits: &Limits) -> Vec<OptionProblem> {
         let handler_timeout = limits.handler_timeout;
         let mut problems = Vec::new();

@@ -6,10 +6,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use config::{Environment, File, FileFormat, Value, ValueKind};
+use config::{File, FileFormat, Source, Value, ValueKind};
 use serde::de::DeserializeOwned;
 use streamworker_handlers::HandlerSpec;
 
+use super::validate::Explicit;
 use super::{
     Config, ENV_PREFIX, ENV_SEPARATOR, GroupConfig, GroupSettings, HttpConfig, RedisConfig,
     StreamConfig, TelemetryConfig, WorkerConfig,
@@ -89,25 +90,23 @@ pub fn load_with_env(path: &Path, env: HashMap<String, String>) -> Result<Config
             reason: format!("{e}; pass the path of a TOML file with -c (examples in config/)"),
         });
     }
-    let overrides: HashMap<String, String> = env
+    let prefix = format!("{ENV_PREFIX}{ENV_SEPARATOR}");
+    // Sorted, so that problems and the order overrides apply in do not depend on the
+    // process's environment order.
+    let overrides: BTreeMap<String, String> = env
         .into_iter()
-        .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}{ENV_SEPARATOR}")))
+        .filter(|(k, _)| k.starts_with(&prefix))
         .collect();
     let mut report = Report {
         file: path.display().to_string(),
-        env: overrides.keys().cloned().collect(),
+        env: Vec::new(),
         problems: Vec::new(),
     };
     let built = config::Config::builder()
         .add_source(File::from(path).format(FileFormat::Toml).required(true))
-        .add_source(
-            Environment::with_prefix(ENV_PREFIX)
-                .prefix_separator(ENV_SEPARATOR)
-                .separator(ENV_SEPARATOR)
-                .source(Some(overrides.into_iter().collect())),
-        )
-        .build();
-    let built = match built {
+        .build()
+        .and_then(|b| b.collect());
+    let mut root = match built {
         Ok(b) => b,
         Err(e) => {
             report.problems.push(Problem {
@@ -123,9 +122,20 @@ pub fn load_with_env(path: &Path, env: HashMap<String, String>) -> Result<Config
         }
     };
 
-    let top_keys: BTreeMap<String, serde::de::IgnoredAny> =
-        built.clone().try_deserialize().unwrap_or_default();
-    for key in top_keys.keys() {
+    for (var, value) in overrides {
+        match apply_override(&mut root, &var[prefix.len()..], &var, value) {
+            Ok(key) => report.env.push((key, var)),
+            Err(message) => report.problems.push(Problem {
+                source: format!("environment variable {var}"),
+                key: String::new(),
+                message,
+            }),
+        }
+    }
+    let mut explicit = Explicit::default();
+    record_keys(&root, "", &mut explicit);
+
+    for key in root.keys() {
         if !["redis", "worker", "http", "telemetry", "streams", "groups"].contains(&key.as_str()) {
             report.push(
                 // A problem without a key reads as one about the whole file.
@@ -135,7 +145,11 @@ pub fn load_with_env(path: &Path, env: HashMap<String, String>) -> Result<Config
             );
         }
     }
-    let section = |name: &str| built.get_table(name).unwrap_or_default();
+    let section = |name: &str| {
+        root.get(name)
+            .and_then(|v| v.clone().into_table().ok())
+            .unwrap_or_default()
+    };
 
     let redis: RedisConfig = report
         .deserialize("redis", section("redis"))
@@ -193,7 +207,7 @@ pub fn load_with_env(path: &Path, env: HashMap<String, String>) -> Result<Config
         }
     }
 
-    let config = Config {
+    let mut config = Config {
         path: path.to_owned(),
         redis,
         worker,
@@ -201,7 +215,11 @@ pub fn load_with_env(path: &Path, env: HashMap<String, String>) -> Result<Config
         telemetry,
         streams,
         groups,
+        derived: BTreeMap::new(),
     };
+    // Defaults that would break a rule against what the user set follow it instead;
+    // what the user set is then checked as written.
+    config.derived = super::validate::derive(&mut config, &explicit);
     for (key, message) in super::validate::validate(&config) {
         report.push(&key, message);
     }
@@ -213,10 +231,131 @@ pub fn load_with_env(path: &Path, env: HashMap<String, String>) -> Result<Config
     }
 }
 
+/// Applies one `STREAMWORKER__…` variable (`rest` is the part after the prefix) to the
+/// file's tree, returning the dotted key it set.
+///
+/// Each level's name is matched against the keys already there ignoring case and taking
+/// `_` for `-`, since variable names are upper case and shells accept no hyphens:
+/// `GROUPS__ORDER_EVENTS__CONCURRENCY` sets `[groups.order-events]`. A name that matches
+/// nothing is taken lower-cased, as a new key. The value stays text (numbers and booleans
+/// are read from text as needed); where a list or a table is expected, `Report` reads it
+/// as one (`expand_text`).
+fn apply_override(
+    root: &mut config::Map<String, Value>,
+    rest: &str,
+    var: &str,
+    value: String,
+) -> Result<String, String> {
+    let segments: Vec<&str> = rest.split(ENV_SEPARATOR).collect();
+    let mut table = root;
+    let mut path: Vec<String> = Vec::new();
+    for (i, segment) in segments.iter().enumerate() {
+        let name = match_key(table, segment).map_err(|candidates| {
+            format!(
+                "`{segment}` matches several keys at {}: {}; rename one of them so that upper case and `_` for `-` tell them apart",
+                if path.is_empty() { "the top level".to_owned() } else { path.join(".") },
+                candidates.join(", ")
+            )
+        })?;
+        path.push(name.clone());
+        if i + 1 == segments.len() {
+            table.insert(
+                name,
+                Value::new(Some(&var.to_owned()), ValueKind::String(value)),
+            );
+            break;
+        }
+        let entry = table
+            .entry(name)
+            .or_insert_with(|| Value::new(None, ValueKind::Table(Default::default())));
+        if !matches!(entry.kind, ValueKind::Table(_)) {
+            // A deeper key replaces a value that was not a table, as a file would
+            // have to.
+            entry.kind = ValueKind::Table(Default::default());
+        }
+        let ValueKind::Table(inner) = &mut entry.kind else {
+            unreachable!("made a table above")
+        };
+        table = inner;
+    }
+    Ok(path.join("."))
+}
+
+/// The key of `table` a variable's `segment` names: an exact match, else the one key equal
+/// to it ignoring case with `-` read as `_`, else the segment lower-cased (a new key).
+/// Several such keys: their names, for the problem.
+fn match_key(table: &config::Map<String, Value>, segment: &str) -> Result<String, Vec<String>> {
+    if table.contains_key(segment) {
+        return Ok(segment.to_owned());
+    }
+    let wanted = segment.to_lowercase().replace('-', "_");
+    let mut matches: Vec<&String> = table
+        .keys()
+        .filter(|k| k.to_lowercase().replace('-', "_") == wanted)
+        .collect();
+    matches.sort();
+    match matches.as_slice() {
+        [] => Ok(segment.to_lowercase()),
+        [one] => Ok((*one).clone()),
+        many => Err(many.iter().map(|k| format!("`{k}`")).collect()),
+    }
+}
+
+/// Every key set (by the file or the environment) below `table`, dotted.
+fn record_keys(table: &config::Map<String, Value>, prefix: &str, explicit: &mut Explicit) {
+    for (key, value) in table {
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        if let ValueKind::Table(inner) = &value.kind {
+            record_keys(inner, &path, explicit);
+        }
+        explicit.insert(path);
+    }
+}
+
+/// An environment value where a list or a table is expected: a TOML array or inline
+/// table when it is written as one (`["a", "b"]`, `{ master = "m" }`), else for a list its
+/// comma-separated items (`redis://a:6379,redis://b:6379`). `None` when it is neither.
+fn expand_text(text: &str, list: bool) -> Option<Value> {
+    let trimmed = text.trim();
+    if trimmed.starts_with('[') || trimmed.starts_with('{') {
+        let parsed: toml::Table = toml::from_str(&format!("v = {trimmed}")).ok()?;
+        return Some(from_toml(parsed.get("v")?.clone()));
+    }
+    list.then(|| {
+        let items = trimmed
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| Value::new(None, ValueKind::String(s.to_owned())))
+            .collect();
+        Value::new(None, ValueKind::Array(items))
+    })
+}
+
+fn from_toml(value: toml::Value) -> Value {
+    let kind = match value {
+        toml::Value::String(s) => ValueKind::String(s),
+        toml::Value::Integer(i) => ValueKind::I64(i),
+        toml::Value::Float(f) => ValueKind::Float(f),
+        toml::Value::Boolean(b) => ValueKind::Boolean(b),
+        toml::Value::Datetime(d) => ValueKind::String(d.to_string()),
+        toml::Value::Array(a) => ValueKind::Array(a.into_iter().map(from_toml).collect()),
+        toml::Value::Table(t) => {
+            ValueKind::Table(t.into_iter().map(|(k, v)| (k, from_toml(v))).collect())
+        }
+    };
+    Value::new(None, kind)
+}
+
 /// Collects problems, naming for each key the source it came from.
 struct Report {
     file: String,
-    env: Vec<String>,
+    /// (the dotted key each variable set, the variable).
+    env: Vec<(String, String)>,
     problems: Vec<Problem>,
 }
 
@@ -228,13 +367,17 @@ impl Report {
         }
     }
 
-    /// The environment variable that sets `key`, or one that sets a table containing it.
+    /// The environment variable that sets `key`, a key below it (for a problem with a
+    /// table) or a table or list containing it.
     fn source_of(&self, key: &str) -> String {
-        let wanted = env_var_for(key);
         self.env
             .iter()
-            .find(|var| **var == wanted || var.starts_with(&format!("{wanted}{ENV_SEPARATOR}")))
-            .map(|var| format!("environment variable {var}"))
+            .find(|(set, _)| {
+                set == key
+                    || set.starts_with(&format!("{key}."))
+                    || key.starts_with(&format!("{set}."))
+            })
+            .map(|(_, var)| format!("environment variable {var}"))
             .unwrap_or_else(|| self.file.clone())
     }
 
@@ -281,7 +424,9 @@ impl Report {
             serde_path_to_error::Deserializer<'_, '_, Value>,
         ) -> Result<T, config::ConfigError>,
     ) -> Option<T> {
-        for _ in 0..=table_size(&table) {
+        let mut budget = table_size(&table) + 1;
+        while budget > 0 {
+            budget -= 1;
             let value = Value::new(None, ValueKind::Table(table.clone()));
             let mut track = serde_path_to_error::Track::new();
             let result = read(serde_path_to_error::Deserializer::new(value, &mut track))
@@ -299,6 +444,21 @@ impl Report {
                         })
                         .collect();
                     let message = clean_serde_message(&e.into_inner().to_string());
+                    // Environment values are text: where a list or a table is expected,
+                    // read the text as one and try again.
+                    let wants_list = message.ends_with("expected a sequence")
+                        || message.ends_with("expected an array");
+                    let wants_table = message.ends_with("expected a map");
+                    if (wants_list || wants_table)
+                        && let Some(found) = lookup(&table, &path)
+                        && self.env.iter().any(|(_, var)| found.origin() == Some(var))
+                        && let ValueKind::String(text) = &found.kind
+                        && let Some(expanded) = expand_text(text, wants_list)
+                    {
+                        budget += value_size(&expanded);
+                        replace(&mut table, &path, expanded);
+                        continue;
+                    }
                     let mut full = prefix.to_owned();
                     for seg in &path {
                         full.push('.');
@@ -390,6 +550,26 @@ fn lookup_in<'a>(value: &'a Value, path: &[String]) -> Option<&'a Value> {
         ValueKind::Array(a) => lookup_in(a.get(first.parse::<usize>().ok()?)?, rest),
         _ => None,
     }
+}
+
+/// Puts `value` at `path` (which `lookup` found).
+fn replace(table: &mut config::Map<String, Value>, path: &[String], value: Value) {
+    let Some((first, rest)) = path.split_first() else {
+        return;
+    };
+    let Some(mut at) = table.get_mut(first) else {
+        return;
+    };
+    for seg in rest {
+        let next = match &mut at.kind {
+            ValueKind::Table(t) => t.get_mut(seg),
+            ValueKind::Array(a) => seg.parse::<usize>().ok().and_then(|i| a.get_mut(i)),
+            _ => None,
+        };
+        let Some(next) = next else { return };
+        at = next;
+    }
+    *at = value;
 }
 
 /// Takes out the value at `path` (or, failing that, the nearest enclosing one) so that
@@ -491,6 +671,7 @@ fn clean_serde_message(message: &str) -> String {
 }
 
 /// `groups.analytics.block` → `STREAMWORKER__GROUPS__ANALYTICS__BLOCK`.
+#[cfg(test)]
 pub fn env_var_for(key: &str) -> String {
     let mut var = format!("{ENV_PREFIX}{ENV_SEPARATOR}");
     var.push_str(&key.replace('.', ENV_SEPARATOR).to_uppercase());

@@ -36,6 +36,10 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     pub streams: BTreeMap<String, StreamConfig>,
     pub groups: BTreeMap<String, GroupConfig>,
+    /// Keys left out whose default would have broken a rule against a key that was set,
+    /// and that took a value derived from it instead: dotted key → the key it follows
+    /// (`groups.g.retry_backoff.max` → `claim_idle`). `check` marks them.
+    pub derived: BTreeMap<String, String>,
 }
 
 /// `[redis]`: where the streams live. One of `url` (a single server), `cluster` (Redis
@@ -442,8 +446,63 @@ impl Config {
             streams: &self.streams,
             groups,
         };
-        toml::to_string_pretty(&view).expect("configuration serializes to TOML")
+        let text = toml::to_string_pretty(&view).expect("configuration serializes to TOML");
+        mark_derived(&text, &self.derived)
     }
+}
+
+/// Appends `# derived from <key>` to the line of each derived key in `check`'s TOML, so
+/// the output stays valid TOML (and loads to the same values) while saying which values
+/// nobody wrote.
+fn mark_derived(text: &str, derived: &BTreeMap<String, String>) -> String {
+    if derived.is_empty() {
+        return text.to_owned();
+    }
+    // Each line is read with the TOML parser itself, so quoted names (`[groups."a.b"]`)
+    // come out as the loader's keys.
+    let parse = |line: &str| toml::from_str::<toml::Table>(line).ok();
+    let mut table: Option<Vec<String>> = Some(Vec::new());
+    let mut out: Vec<String> = Vec::new();
+    for line in text.lines() {
+        let mut line = line.to_owned();
+        if line.starts_with("[[") {
+            // Arrays of tables (alert rules) hold nothing derived.
+            table = None;
+        } else if line.starts_with('[') {
+            table = parse(&line).map(|mut t| {
+                let mut path = Vec::new();
+                while t.len() == 1 {
+                    let (key, value) = t.into_iter().next().expect("one key");
+                    path.push(key);
+                    match value {
+                        toml::Value::Table(inner) => t = inner,
+                        _ => break,
+                    }
+                }
+                path
+            });
+        } else if let Some(path) = &table
+            && let Some(parsed) = parse(&line)
+            && parsed.len() == 1
+            && let Some(key) = parsed.keys().next()
+        {
+            let full = path
+                .iter()
+                .chain([key])
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(".");
+            if let Some(from) = derived.get(&full) {
+                line.push_str(&format!(" # derived from {from}"));
+            }
+        }
+        out.push(line);
+    }
+    let mut marked = out.join("\n");
+    if text.ends_with('\n') {
+        marked.push('\n');
+    }
+    marked
 }
 
 /// Hides the password in a `redis://user:password@host` URL (and query parameters named

@@ -1,13 +1,272 @@
 //! The rules serde cannot express: ranges, and the cross-field rules of DESIGN §2, each
 //! explained so the operator knows what to change.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use redis::IntoConnectionInfo;
 
-use super::{Config, redact_url};
-use streamworker_handlers::duration::format as human;
+use super::{Config, GroupSettings, RetryBackoff, redact_url};
+use streamworker_handlers::duration::{format as human, whole_ms};
+use streamworker_handlers::{Limits, Needs};
+
+/// The keys a configuration sets itself, in its file or the environment, dotted
+/// (`groups.billing.retry_backoff.max`); a table counts as set when any key in it is.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Explicit(BTreeSet<String>);
+
+impl Explicit {
+    pub(super) fn insert(&mut self, key: String) {
+        self.0.insert(key);
+    }
+
+    pub(super) fn has(&self, key: &str) -> bool {
+        self.0.contains(key)
+    }
+}
+
+// ---- Derivations ------------------------------------------------------------------------
+//
+// A rule of `validate` that relates two keys is broken by defaults only when the user set
+// one of them to a value the other's default cannot live with (`claim_idle = "2s"` and the
+// default backoff of 1m). Then the default gives way: the key left out takes a value
+// derived from the one set. Each derivation below serves one rule of `validate` and is
+// written next to nothing else; keys the user set are never changed, so explicit values
+// that conflict are still reported, with the rule's own message.
+
+/// Records a derived key of a group: (key below the group, the key it follows).
+type Note<'a> = &'a mut dyn FnMut(&str, &str);
+
+/// Replaces defaults that would break a rule against explicit values, returning each
+/// derived key (dotted) with the key it was derived from, for `check` to mark.
+pub(super) fn derive(config: &mut Config, explicit: &Explicit) -> BTreeMap<String, String> {
+    let mut derived = BTreeMap::new();
+    derive_shutdown_timeout(config, explicit, &mut derived);
+    let shutdown_timeout = config.worker.shutdown_timeout;
+    for (name, g) in config.groups.iter_mut() {
+        let set = |k: &str| explicit.has(&format!("groups.{name}.{k}"));
+        let option_set = |k: &str| set(&format!("options.{k}"));
+        let mut note = |k: &str, from: &str| {
+            derived.insert(format!("groups.{name}.{k}"), from.to_owned());
+        };
+        let needs = g.handler.needs(&option_set);
+        let s = &mut g.settings;
+        derive_handler_timeout(s, &needs, &set, &mut note);
+        derive_claim_idle(s, &needs, &set, &mut note);
+        derive_consumer_ttl(s, &set, &mut note);
+        derive_backoff(s, &set, &mut note);
+        derive_block(s, shutdown_timeout, &set, &mut note);
+        let limits = Limits {
+            handler_timeout: s.handler_timeout,
+            claim_idle: s.claim_idle,
+        };
+        for d in g.handler.derive(&limits, &option_set) {
+            note(&format!("options.{}", d.key), &d.from);
+        }
+    }
+    derived
+}
+
+/// Rule `block < worker.shutdown_timeout`, from the groups' side: a shutdown timeout left
+/// out outlasts every explicit `block` (twice the longest).
+fn derive_shutdown_timeout(
+    config: &mut Config,
+    explicit: &Explicit,
+    derived: &mut BTreeMap<String, String>,
+) {
+    if explicit.has("worker.shutdown_timeout") {
+        return;
+    }
+    let longest = config
+        .groups
+        .iter()
+        .filter(|(name, _)| explicit.has(&format!("groups.{name}.block")))
+        .max_by_key(|(_, g)| g.block);
+    if let Some((name, g)) = longest
+        && g.block >= config.worker.shutdown_timeout
+    {
+        config.worker.shutdown_timeout = g.block.saturating_mul(2);
+        derived.insert(
+            "worker.shutdown_timeout".into(),
+            format!("groups.{name}.block"),
+        );
+    }
+}
+
+/// Rule `block < worker.shutdown_timeout`: a block left out is half a shorter shutdown
+/// timeout.
+fn derive_block(
+    s: &mut GroupSettings,
+    shutdown_timeout: Duration,
+    set: &dyn Fn(&str) -> bool,
+    note: Note,
+) {
+    if !set("block") && s.block >= shutdown_timeout {
+        s.block = whole_ms(shutdown_timeout / 2).max(Duration::from_millis(1));
+        note("block", "worker.shutdown_timeout");
+    }
+}
+
+/// Rules `claim_idle > handler_timeout (+ a batch handler's max_wait)` and a handler's
+/// timeouts within `handler_timeout`: a handler timeout left out is at least what the
+/// handler's explicit options need, and fits below an explicit `claim_idle` (half the
+/// room, or just what the options need when that is more).
+fn derive_handler_timeout(
+    s: &mut GroupSettings,
+    needs: &Needs,
+    set: &dyn Fn(&str) -> bool,
+    note: Note,
+) {
+    if set("handler_timeout") {
+        return;
+    }
+    let least = needs.handler_timeout_at_least;
+    if let Some((least, option)) = least
+        && s.handler_timeout < least
+    {
+        s.handler_timeout = least;
+        note("handler_timeout", &format!("options.{option}"));
+    }
+    // Twice a timeout it must exceed: an alerts evaluation has time besides its post.
+    let least = least.or(needs
+        .handler_timeout_above
+        .map(|(d, option)| (d.saturating_mul(2), option)));
+    if let Some((above, option)) = needs.handler_timeout_above
+        && s.handler_timeout <= above
+    {
+        s.handler_timeout = above.saturating_mul(2);
+        note("handler_timeout", &format!("options.{option}"));
+    }
+    if set("claim_idle") && s.claim_idle <= s.handler_timeout + needs.claim_idle_margin {
+        let room = s.claim_idle.saturating_sub(needs.claim_idle_margin);
+        let fit = whole_ms(room / 2).max(least.map_or(Duration::ZERO, |(d, _)| d));
+        if !fit.is_zero() && fit < room {
+            s.handler_timeout = fit;
+            note("handler_timeout", "claim_idle");
+        }
+    }
+}
+
+/// Rules `claim_idle > handler_timeout (+ max_wait)`, `retry_backoff.max × (1 + jitter) <
+/// claim_idle`, `consumer_ttl > claim_idle` and a handler's markers outliving it: a claim
+/// idle left out lies between what must stay below it and what must outlive it — twice
+/// the largest lower bound, else half the smallest upper one, else the middle.
+fn derive_claim_idle(s: &mut GroupSettings, needs: &Needs, set: &dyn Fn(&str) -> bool, note: Note) {
+    if set("claim_idle") {
+        return;
+    }
+    let margin_from = match needs.claim_idle_margin_key {
+        Some(option) => format!("handler_timeout + options.{option}"),
+        None => "handler_timeout".into(),
+    };
+    let mut lower = vec![(s.handler_timeout + needs.claim_idle_margin, margin_from)];
+    if set("retry_backoff.max") {
+        lower.push((
+            longest_backoff(&s.retry_backoff),
+            "retry_backoff.max".into(),
+        ));
+    } else if set("retry_backoff.initial") {
+        // The backoff's max will be at least the initial delay.
+        let b = RetryBackoff {
+            max: s.retry_backoff.initial,
+            ..s.retry_backoff
+        };
+        lower.push((longest_backoff(&b), "retry_backoff.initial".into()));
+    }
+    let mut upper = Vec::new();
+    if set("consumer_ttl") {
+        upper.push((s.consumer_ttl, "consumer_ttl".to_owned()));
+    }
+    if let Some((d, option)) = needs.claim_idle_below {
+        upper.push((d, format!("options.{option}")));
+    }
+    let (low, low_from) = lower
+        .into_iter()
+        .max_by_key(|(d, _)| *d)
+        .expect("one bound");
+    let high = upper.into_iter().min_by_key(|(d, _)| *d);
+    let fits = |c: Duration| c > low && high.as_ref().is_none_or(|(h, _)| c < *h);
+    if fits(s.claim_idle) {
+        return;
+    }
+    let mut candidates = vec![(low.saturating_mul(2), low_from.clone())];
+    if let Some((h, h_from)) = &high {
+        candidates.push((*h / 2, h_from.clone()));
+        candidates.push(((low + *h) / 2, format!("{low_from} and {h_from}")));
+    }
+    if let Some((c, from)) = candidates
+        .into_iter()
+        .map(|(c, from)| (whole_ms(c), from))
+        .find(|(c, _)| fits(*c))
+    {
+        s.claim_idle = c;
+        note("claim_idle", &from);
+    }
+}
+
+/// Rule `consumer_ttl > claim_idle`: a consumer TTL left out is twice a longer claim idle.
+fn derive_consumer_ttl(s: &mut GroupSettings, set: &dyn Fn(&str) -> bool, note: Note) {
+    if !set("consumer_ttl") && s.consumer_ttl <= s.claim_idle {
+        s.consumer_ttl = s.claim_idle.saturating_mul(2);
+        note("consumer_ttl", "claim_idle");
+    }
+}
+
+/// Rules `retry_backoff.max ≥ initial` and `max × (1 + jitter) < claim_idle`: a max left
+/// out is at least an explicit initial delay and the longest that fits in claim_idle;
+/// an initial delay left out is at most the max.
+fn derive_backoff(s: &mut GroupSettings, set: &dyn Fn(&str) -> bool, note: Note) {
+    let claim_idle = s.claim_idle;
+    let b = &mut s.retry_backoff;
+    if !set("retry_backoff.max") {
+        if set("retry_backoff.initial") && b.max < b.initial {
+            b.max = b.initial;
+            note("retry_backoff.max", "retry_backoff.initial");
+        }
+        if longest_backoff(b) >= claim_idle {
+            let fit = longest_fitting_backoff(b, claim_idle);
+            let floor = if set("retry_backoff.initial") {
+                b.initial
+            } else {
+                Duration::from_millis(1)
+            };
+            if fit >= floor {
+                b.max = fit;
+                note("retry_backoff.max", "claim_idle");
+            }
+        }
+    }
+    if !set("retry_backoff.initial") && b.initial > b.max && !b.max.is_zero() {
+        b.initial = b.max;
+        note("retry_backoff.initial", "retry_backoff.max");
+    }
+}
+
+/// A jitter out of range (NaN included, which `clamp` passes through and `mul_f64` panics
+/// on) is reported on its own; the backoff is judged with the largest valid one.
+fn valid_jitter(b: &RetryBackoff) -> f64 {
+    if (0.0..=1.0).contains(&b.jitter) {
+        b.jitter
+    } else {
+        1.0
+    }
+}
+
+/// The longest delay a failed entry waits: `max × (1 + jitter)`.
+fn longest_backoff(b: &RetryBackoff) -> Duration {
+    b.max.mul_f64(1.0 + valid_jitter(b))
+}
+
+/// The longest whole-millisecond `max` whose `longest_backoff` is below `claim_idle`.
+fn longest_fitting_backoff(b: &RetryBackoff, claim_idle: Duration) -> Duration {
+    let factor = 1.0 + valid_jitter(b);
+    let mut fit = whole_ms(claim_idle.div_f64(factor));
+    while !fit.is_zero() && fit.mul_f64(factor) >= claim_idle {
+        fit -= Duration::from_millis(1);
+    }
+    fit
+}
 
 /// Every rule broken by `config`, as (key, message).
 pub(super) fn validate(config: &Config) -> Vec<(String, String)> {
@@ -232,14 +491,7 @@ pub(super) fn validate(config: &Config) -> Vec<(String, String)> {
                 ),
             );
         }
-        // A jitter out of range (NaN included, which `clamp` passes through and `mul_f64`
-        // panics on) is reported above; judge the backoff with the largest valid one.
-        let jitter = if (0.0..=1.0).contains(&b.jitter) {
-            b.jitter
-        } else {
-            1.0
-        };
-        let longest_backoff = b.max.mul_f64(1.0 + jitter);
+        let longest_backoff = longest_backoff(b);
         if longest_backoff >= g.claim_idle {
             problem(
                 key("retry_backoff.max"),
@@ -349,6 +601,345 @@ pub fn same_slot(a: &str, b: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::same_slot;
+    use crate::config::{Config, ConfigError, load_with_env};
+    use std::time::Duration;
+    use streamworker_handlers::HandlerSpec;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("streamworker.toml");
+        std::fs::write(&path, text).unwrap();
+        load_with_env(&path, Default::default())
+    }
+
+    /// A group `g` reading `s` with `handler` and the extra lines; must be valid.
+    fn group(handler: &str, extra: &str) -> Config {
+        let text = format!("[groups.g]\nstream = \"s\"\nhandler = \"{handler}\"\n{extra}\n");
+        load(&text).unwrap_or_else(|e| panic!("{text}\n→ {e}"))
+    }
+
+    fn from<'a>(config: &'a Config, key: &str) -> Option<&'a str> {
+        config.derived.get(key).map(String::as_str)
+    }
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+    const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    #[test]
+    fn a_short_claim_idle_shortens_what_was_left_out() {
+        let c = group("noop", "claim_idle = \"2s\"");
+        let g = &c.groups["g"];
+        assert_eq!(g.handler_timeout, S(1));
+        assert_eq!(from(&c, "groups.g.handler_timeout"), Some("claim_idle"));
+        // The longest backoff that fits: 1.666 s × 1.2 < 2 s.
+        assert_eq!(g.retry_backoff.max, MS(1666));
+        assert_eq!(from(&c, "groups.g.retry_backoff.max"), Some("claim_idle"));
+        assert_eq!(g.retry_backoff.initial, S(1), "still within max");
+        assert_eq!(from(&c, "groups.g.retry_backoff.initial"), None);
+        assert_eq!(g.consumer_ttl, S(3600), "1h already outlives 2s");
+    }
+
+    #[test]
+    fn the_backoffs_initial_delay_follows_a_derived_max() {
+        let c = group("noop", "claim_idle = \"1s\"\nhandler_timeout = \"500ms\"");
+        let b = &c.groups["g"].retry_backoff;
+        assert_eq!(b.max, MS(833));
+        assert_eq!(b.initial, MS(833));
+        assert_eq!(
+            from(&c, "groups.g.retry_backoff.initial"),
+            Some("retry_backoff.max")
+        );
+    }
+
+    #[test]
+    fn any_sane_pair_of_claim_idle_and_handler_timeout_is_enough() {
+        for (idle, timeout) in [("2s", "1s"), ("10s", "5s"), ("5m", "1m"), ("3s", "2s")] {
+            for handler in ["noop", "webhook", "warehouse", "learning"] {
+                let extra = format!(
+                    "claim_idle = \"{idle}\"\nhandler_timeout = \"{timeout}\"\noptions = {{ url = \"http://127.0.0.1:9/x\" }}"
+                );
+                let extra = if handler == "webhook" {
+                    extra
+                } else {
+                    extra.replace("options = { url = \"http://127.0.0.1:9/x\" }", "")
+                };
+                group(handler, &extra);
+            }
+        }
+    }
+
+    #[test]
+    fn a_long_handler_timeout_lengthens_claim_idle_and_what_follows_it() {
+        let c = group("noop", "handler_timeout = \"5m\"");
+        assert_eq!(c.groups["g"].claim_idle, S(600));
+        assert_eq!(from(&c, "groups.g.claim_idle"), Some("handler_timeout"));
+        let c = group("noop", "handler_timeout = \"1h\"");
+        assert_eq!(c.groups["g"].claim_idle, S(7200));
+        assert_eq!(c.groups["g"].consumer_ttl, S(14400));
+        assert_eq!(from(&c, "groups.g.consumer_ttl"), Some("claim_idle"));
+    }
+
+    #[test]
+    fn claim_idle_fits_between_handler_timeout_and_an_explicit_consumer_ttl() {
+        let c = group("noop", "consumer_ttl = \"1m\"");
+        let g = &c.groups["g"];
+        assert_eq!(g.claim_idle, S(45));
+        assert_eq!(
+            from(&c, "groups.g.claim_idle"),
+            Some("handler_timeout and consumer_ttl")
+        );
+        assert_eq!(g.retry_backoff.max, MS(37499));
+    }
+
+    #[test]
+    fn an_explicit_initial_delay_raises_the_backoffs_max_and_claim_idle() {
+        let c = group("noop", "retry_backoff = { initial = \"2m\" }");
+        let g = &c.groups["g"];
+        assert_eq!(g.retry_backoff.max, S(120));
+        assert_eq!(
+            from(&c, "groups.g.retry_backoff.max"),
+            Some("retry_backoff.initial")
+        );
+        assert_eq!(g.claim_idle, MS(288_000));
+        assert_eq!(
+            from(&c, "groups.g.claim_idle"),
+            Some("retry_backoff.initial")
+        );
+    }
+
+    #[test]
+    fn block_and_shutdown_timeout_follow_each_other() {
+        let c = group("noop", "").clone();
+        assert!(c.derived.is_empty(), "{:?}", c.derived);
+        let c = load(
+            "[worker]\nshutdown_timeout = \"1s\"\n[groups.g]\nstream = \"s\"\nhandler = \"noop\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.groups["g"].block, MS(500));
+        assert_eq!(from(&c, "groups.g.block"), Some("worker.shutdown_timeout"));
+        let c = group("noop", "block = \"40s\"");
+        assert_eq!(c.worker.shutdown_timeout, S(80));
+        assert_eq!(from(&c, "worker.shutdown_timeout"), Some("groups.g.block"));
+    }
+
+    #[test]
+    fn handler_timeouts_follow_handler_timeout_and_the_reverse() {
+        let c = group(
+            "webhook",
+            "handler_timeout = \"3s\"\noptions = { url = \"http://127.0.0.1:9/x\" }",
+        );
+        let HandlerSpec::Webhook(o) = &c.groups["g"].handler else {
+            panic!()
+        };
+        assert_eq!(o.timeout, S(3));
+        assert_eq!(
+            from(&c, "groups.g.options.timeout"),
+            Some("handler_timeout")
+        );
+
+        let c = group(
+            "webhook",
+            "options = { url = \"http://127.0.0.1:9/x\", timeout = \"1m\" }",
+        );
+        assert_eq!(c.groups["g"].handler_timeout, S(60));
+        assert_eq!(
+            from(&c, "groups.g.handler_timeout"),
+            Some("options.timeout")
+        );
+
+        let alerts = "[[groups.g.options.rules]]\nname = \"n\"\nkind = \"count\"\nwindow = \"1m\"\nthreshold = 5";
+        let c = group(
+            "alerts",
+            &format!(
+                "handler_timeout = \"2s\"\noptions.webhook = \"http://127.0.0.1:9/x\"\n{alerts}"
+            ),
+        );
+        let HandlerSpec::Alerts(o) = &c.groups["g"].handler else {
+            panic!()
+        };
+        assert_eq!(o.webhook_timeout, S(1));
+        assert_eq!(
+            from(&c, "groups.g.options.webhook_timeout"),
+            Some("handler_timeout")
+        );
+        let c = group(
+            "alerts",
+            &format!(
+                "options.webhook = \"http://127.0.0.1:9/x\"\noptions.webhook_timeout = \"30s\"\n{alerts}"
+            ),
+        );
+        assert_eq!(c.groups["g"].handler_timeout, S(60));
+        assert_eq!(
+            from(&c, "groups.g.handler_timeout"),
+            Some("options.webhook_timeout")
+        );
+        // 20s is already below the default 30s: nothing changes.
+        let c = group(
+            "alerts",
+            &format!(
+                "options.webhook = \"http://127.0.0.1:9/x\"\noptions.webhook_timeout = \"20s\"\n{alerts}"
+            ),
+        );
+        assert_eq!(c.groups["g"].handler_timeout, S(30));
+        assert!(c.derived.is_empty(), "{:?}", c.derived);
+    }
+
+    #[test]
+    fn batch_handlers_options_follow_the_groups_limits_and_the_reverse() {
+        let c = group("warehouse", "claim_idle = \"2s\"\nhandler_timeout = \"1s\"");
+        let HandlerSpec::Warehouse(o) = &c.groups["g"].handler else {
+            panic!()
+        };
+        assert_eq!(o.max_wait, MS(500));
+        assert_eq!(from(&c, "groups.g.options.max_wait"), Some("claim_idle"));
+
+        let c = group("warehouse", "claim_idle = \"2d\"");
+        let HandlerSpec::Warehouse(o) = &c.groups["g"].handler else {
+            panic!()
+        };
+        assert_eq!(o.dedupe_window(), S(4 * 86_400));
+        assert_eq!(
+            from(&c, "groups.g.options.dedupe_window"),
+            Some("claim_idle")
+        );
+
+        let c = group("warehouse", "options = { max_wait = \"5m\" }");
+        assert_eq!(c.groups["g"].claim_idle, S(660));
+        assert_eq!(
+            from(&c, "groups.g.claim_idle"),
+            Some("handler_timeout + options.max_wait")
+        );
+        let c = group("warehouse", "options = { dedupe_window = \"1m\" }");
+        assert_eq!(c.groups["g"].claim_idle, MS(45_500));
+
+        let c = group("learning", "claim_idle = \"2d\"");
+        let HandlerSpec::Learning(o) = &c.groups["g"].handler else {
+            panic!()
+        };
+        assert_eq!(o.marker_ttl, S(4 * 86_400));
+        assert_eq!(from(&c, "groups.g.options.marker_ttl"), Some("claim_idle"));
+    }
+
+    #[test]
+    fn learning_options_follow_each_other() {
+        let c = group(
+            "learning",
+            "options = { rating_min = 0.0, rating_max = 1.0 }",
+        );
+        let HandlerSpec::Learning(o) = &c.groups["g"].handler else {
+            panic!()
+        };
+        assert_eq!(o.threshold, 0.5);
+        assert_eq!(
+            from(&c, "groups.g.options.threshold"),
+            Some("options.rating_min")
+        );
+
+        let c = group("learning", "options = { rating_min = 6.0 }");
+        let HandlerSpec::Learning(o) = &c.groups["g"].handler else {
+            panic!()
+        };
+        assert_eq!((o.rating_max, o.threshold), (10.0, 8.0));
+
+        let c = group("learning", "options = { retention = \"30m\" }");
+        let HandlerSpec::Learning(o) = &c.groups["g"].handler else {
+            panic!()
+        };
+        assert_eq!(o.window, S(1800));
+        assert_eq!(
+            from(&c, "groups.g.options.window"),
+            Some("options.retention")
+        );
+
+        let c = group(
+            "learning",
+            "options = { window = \"24h\", retention = \"2d\", check_every = \"90m\" }",
+        );
+        assert!(c.derived.is_empty(), "{:?}", c.derived);
+        let c = group("learning", "options = { check_every = \"90m\" }");
+        let HandlerSpec::Learning(o) = &c.groups["g"].handler else {
+            panic!()
+        };
+        assert_eq!(o.window, S(5400));
+        assert_eq!(
+            from(&c, "groups.g.options.window"),
+            Some("options.check_every")
+        );
+    }
+
+    /// What the user wrote is never changed: explicit values that conflict stay errors,
+    /// with the rule's message.
+    #[test]
+    fn explicit_conflicts_remain_errors() {
+        for (extra, key, says) in [
+            (
+                "claim_idle = \"2s\"\nretry_backoff = { max = \"1m\" }",
+                "groups.g.retry_backoff.max",
+                "must be shorter than claim_idle (2s)",
+            ),
+            (
+                "claim_idle = \"2s\"\nhandler_timeout = \"3s\"",
+                "groups.g.claim_idle",
+                "must be greater than handler_timeout (3s)",
+            ),
+            (
+                "handler_timeout = \"1s\"\noptions = { url = \"http://127.0.0.1:9/x\", timeout = \"2s\" }",
+                "groups.g.options.timeout",
+                "exceeds the group's handler_timeout (1s)",
+            ),
+            (
+                "claim_idle = \"2h\"\nconsumer_ttl = \"1h\"",
+                "groups.g.consumer_ttl",
+                "must be longer than claim_idle (2h)",
+            ),
+        ] {
+            let text = format!(
+                "[worker]\nshutdown_timeout = \"30s\"\n[groups.g]\nstream = \"s\"\nhandler = \"webhook\"\noptions = {{ url = \"http://127.0.0.1:9/x\" }}\n{extra}\n"
+            );
+            let text = if extra.contains("options =") {
+                text.replacen("options = { url = \"http://127.0.0.1:9/x\" }\n", "", 1)
+            } else {
+                text
+            };
+            let err = load(&text).unwrap_err();
+            let p = err
+                .problems()
+                .iter()
+                .find(|p| p.key == key)
+                .unwrap_or_else(|| panic!("{extra}: {err}"));
+            assert!(p.message.contains(says), "{extra}: {p}");
+        }
+        let err = load("[worker]\nshutdown_timeout = \"1s\"\n[groups.g]\nstream = \"s\"\nhandler = \"noop\"\nblock = \"2s\"\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("must be shorter than worker.shutdown_timeout"),
+            "{err}"
+        );
+    }
+
+    /// `check` marks derived values; its output stays TOML and loads to the same values.
+    #[test]
+    fn check_marks_derived_values_and_reads_back() {
+        let c = load("[groups.order-events]\nstream = \"s\"\nhandler = \"webhook\"\nclaim_idle = \"2s\"\nhandler_timeout = \"1s\"\noptions.url = \"http://127.0.0.1:9/x\"\n").unwrap();
+        let text = c.to_redacted_toml();
+        assert!(
+            text.contains("\ntimeout = \"1s\" # derived from handler_timeout\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nmax = \"1s 666ms\" # derived from claim_idle"),
+            "{text}"
+        );
+        assert_eq!(text.matches("# derived").count(), c.derived.len(), "{text}");
+        let again = load(&text).unwrap();
+        let resolved = |c: &Config| {
+            let mut g = c.groups["order-events"].clone();
+            g.settings.dead_letter_stream = Some(g.dead_letter_stream());
+            g
+        };
+        assert_eq!(resolved(&again), resolved(&c));
+        assert!(again.derived.is_empty(), "everything is explicit now");
+    }
 
     #[test]
     fn hash_tags_share_a_slot() {

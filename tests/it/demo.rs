@@ -101,6 +101,7 @@ fn the_demo_explains_a_missing_redis_server() {
 #[test]
 fn the_demo_uses_a_configured_redis_instead_of_starting_one() {
     let redis = RedisServer::start();
+    let url = redis.url();
     let (code, out, err) = run_cli(
         &[
             "demo",
@@ -108,8 +109,10 @@ fn the_demo_uses_a_configured_redis_instead_of_starting_one() {
             "3s",
             "--redis-server",
             "/nonexistent/redis-server",
+            "--url",
+            &url,
         ],
-        &[("STREAMWORKER__REDIS__URL", &redis.url())],
+        &[],
     );
     assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
     assert!(out.contains("the Redis at"), "{out}");

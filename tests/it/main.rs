@@ -7,6 +7,7 @@ mod alerts;
 mod analytics;
 mod chaos;
 mod cli;
+mod defaults;
 mod delivery;
 mod demo;
 mod failures;

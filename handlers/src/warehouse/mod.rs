@@ -30,8 +30,8 @@ use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::{
-    Batching, Effects, Entry, EntryId, Handler, HandlerError, Limits, OptionProblem, Payload,
-    REPLAY_GROUP_FIELD, REPLAY_OF_FIELD, Store,
+    Batching, Derived, Effects, Entry, EntryId, Handler, HandlerError, Limits, Needs,
+    OptionProblem, Payload, REPLAY_GROUP_FIELD, REPLAY_OF_FIELD, Store,
 };
 
 /// Where a warehouse group's batches go.
@@ -191,6 +191,44 @@ impl WarehouseOptions {
             .filter(|(_, set)| *set)
             .map(|(key, _)| (*key, kind))
             .collect()
+    }
+
+    /// `max_wait` (set or not) and an explicit `dedupe_window` bound the group's
+    /// `claim_idle` (the rules in `validate`).
+    pub(crate) fn needs(&self, is_set: &dyn Fn(&str) -> bool) -> Needs {
+        let dedupe = self.sink == SinkKind::File && is_set("dedupe_window");
+        Needs {
+            claim_idle_margin: self.max_wait,
+            claim_idle_margin_key: is_set("max_wait").then_some("max_wait"),
+            claim_idle_below: dedupe.then(|| (self.dedupe_window(), "dedupe_window")),
+            ..Needs::default()
+        }
+    }
+
+    /// `max_wait` and `dedupe_window` left out follow the group's limits (the rules in
+    /// `validate`).
+    pub(crate) fn derive(
+        &mut self,
+        limits: &Limits,
+        is_set: &dyn Fn(&str) -> bool,
+    ) -> Vec<Derived> {
+        let mut derived = Vec::new();
+        if !is_set("max_wait")
+            && limits.claim_idle > limits.handler_timeout
+            && limits.claim_idle <= limits.handler_timeout + self.max_wait
+        {
+            self.max_wait =
+                crate::duration::whole_ms((limits.claim_idle - limits.handler_timeout) / 2);
+            derived.push(Derived::new("max_wait", "claim_idle"));
+        }
+        if self.sink == SinkKind::File
+            && !is_set("dedupe_window")
+            && self.dedupe_window() <= limits.claim_idle
+        {
+            self.dedupe_window = Some(limits.claim_idle.saturating_mul(2));
+            derived.push(Derived::new("dedupe_window", "claim_idle"));
+        }
+        derived
     }
 
     pub(crate) fn validate(&self, limits: &Limits) -> Vec<OptionProblem> {
