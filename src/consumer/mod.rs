@@ -11,7 +11,7 @@
 
 mod settle;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -247,6 +247,8 @@ async fn setup<H: Handler>(g: &Group<H>) -> Result<Option<Lease>, GroupError> {
 /// How often Redis may refuse an entry's settlement before the entry is dead-lettered with
 /// the refusal (issue: a forward target of the wrong type retried without end).
 const MAX_REFUSALS: u32 = 3;
+/// The wait before sending a refused settlement again.
+const REFUSAL_RETRY: Duration = Duration::from_millis(250);
 
 fn reconnect_delays() -> impl Iterator<Item = Duration> {
     use backon::BackoffBuilder;
@@ -413,6 +415,8 @@ struct Loop<'g, H> {
     probe_claims: bool,
     /// How often Redis refused each entry's settlement so far (see `on_flush`).
     refusals: HashMap<EntryId, u32>,
+    /// Entries whose settlement was put back into `pending` after a failed send.
+    requeued: HashSet<EntryId>,
     /// Whether a resync re-delivery counts as a delivery: yes at startup (a crash may have
     /// cut a handler call short), no after a reconnect (this process never started them).
     resync_counts: bool,
@@ -469,6 +473,7 @@ impl<'g, H: Handler> Loop<'g, H> {
             give_backs: GiveBacks::default(),
             probe_claims: false,
             refusals: HashMap::new(),
+            requeued: HashSet::new(),
             resync_counts: true,
             circuit_refresh_at: now,
             buffer: Vec::new(),
@@ -745,6 +750,7 @@ impl<'g, H: Handler> Loop<'g, H> {
         }
         if self.flushing.is_none() && !self.pending.is_empty() && now >= self.flush_at {
             let batch = std::mem::take(&mut self.pending);
+            self.requeued.clear();
             self.flushing = Some(Box::pin(settle::flush(
                 self.g.client.clone(),
                 self.target.clone(),
@@ -1028,11 +1034,21 @@ impl<'g, H: Handler> Loop<'g, H> {
         );
     }
 
+    /// A new decision about `id` replaces one put back after a failed send (the entry was
+    /// reclaimed and handled again meanwhile), so the queue never holds an entry twice.
+    /// Costs a lookup in an empty set unless sends are failing.
+    fn supersede(&mut self, id: EntryId) {
+        if !self.requeued.is_empty() && self.requeued.remove(&id) {
+            self.pending.retain(|queued| queued != id);
+        }
+    }
+
     /// Decodes an entry for a handler, or decides its fate at once: handed back when
     /// shutting down, dead-lettered when its payload cannot be decoded.
     /// Fetched but never started: give the delivery back and make the entry reclaimable
     /// at the next claim_interval of any replica.
     fn hand_back(&mut self, id: EntryId, delivery_count: u64) {
+        self.supersede(id);
         self.pending.hand_backs.push(Release {
             id,
             idle: self.g.config.claim_idle,
@@ -1110,6 +1126,7 @@ impl<'g, H: Handler> Loop<'g, H> {
             elapsed,
             span,
         } = done;
+        self.supersede(entry.id);
         let cfg = Arc::clone(&self.g.config);
         if !elapsed.is_zero() {
             self.g
@@ -1343,6 +1360,7 @@ impl<'g, H: Handler> Loop<'g, H> {
                     ),
                 });
             }
+            self.requeued.extend(batch.ids());
             self.pending.absorb(batch);
         }
         let retry = !flushed.retry.is_empty();
@@ -1352,6 +1370,9 @@ impl<'g, H: Handler> Loop<'g, H> {
                 tracing::warn!(stream = %cfg.stream, group = %cfg.name, error = %error, pending = flushed.retry.len(), "could not settle entries; will send again when Redis is back");
             }
         }
+        if retry {
+            self.requeued.extend(flushed.retry.ids());
+        }
         flushed.requeue_into(&mut self.pending);
         if !refused && self.pending.is_empty() {
             // Nothing refused is waiting any more.
@@ -1360,9 +1381,13 @@ impl<'g, H: Handler> Loop<'g, H> {
         if !retry && !refused {
             self.g.heartbeat.progress();
         }
-        let retry = retry || refused;
         self.flush_at = if retry {
+            // An outage: back off, growing.
             Instant::now() + self.flush_delays.next().unwrap_or(Duration::from_secs(5))
+        } else if refused {
+            // Redis answered: a refusal is cheap to try again, and waiting long would let
+            // claim_idle pass and another replica take the entry.
+            Instant::now() + REFUSAL_RETRY
         } else {
             self.flush_delays = Box::new(reconnect_delays());
             Instant::now()

@@ -82,7 +82,7 @@ impl Settlements {
     }
 
     /// Every entry something is decided for.
-    fn ids(&self) -> HashSet<EntryId> {
+    pub fn ids(&self) -> HashSet<EntryId> {
         let mut ids = HashSet::with_capacity(self.len());
         ids.extend(self.acks.iter().map(|(id, _)| *id));
         ids.extend(self.effectful.iter().map(|(id, _, _)| *id));
@@ -94,7 +94,7 @@ impl Settlements {
     }
 
     /// Keeps only the settlements `keep` says yes to.
-    fn retain(&mut self, mut keep: impl FnMut(EntryId) -> bool) {
+    pub fn retain(&mut self, mut keep: impl FnMut(EntryId) -> bool) {
         self.acks.retain(|(id, _)| keep(*id));
         self.effectful.retain(|(id, _, _)| keep(*id));
         self.parks.retain(|r| keep(r.id));
