@@ -155,10 +155,7 @@ fn redirecting_server(
             let mut buf = Vec::new();
             let mut chunk = [0u8; 4096];
             let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-            loop {
-                let Ok(n) = stream.read(&mut chunk) else {
-                    break;
-                };
+            while let Ok(n) = stream.read(&mut chunk) {
                 if n == 0 {
                     break;
                 }
