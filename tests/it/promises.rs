@@ -731,3 +731,77 @@ fn produce_writes_each_scenario_to_its_stream_at_the_rate_asked() {
     let n = fields_of(&mut con, "memory:events").len() - 25;
     assert!((1..=60).contains(&n), "1s at 50/s wrote {n}");
 }
+
+/// README: "`stats` on a group whose handler keeps no aggregates exits 2 and names the
+/// handlers that do."
+#[test]
+fn stats_on_a_group_without_aggregates_exits_2_naming_the_handlers_that_keep_them() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        &dir,
+        &config(
+            &redis.url(),
+            "r1",
+            &webhook_group("billing", "http://127.0.0.1:9/never"),
+        ),
+    );
+    let (code, stdout, stderr) = run_cli(&["stats", "-c", &path, "--group", "billing"], &[]);
+    assert_eq!(code, 2, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(
+        stderr.contains("analytics") && stderr.contains("learning"),
+        "names the handlers that keep aggregates: {stderr}"
+    );
+    assert!(
+        stderr.contains("billing") || stderr.contains("webhook"),
+        "{stderr}"
+    );
+}
+
+/// README: "**Connections do not use TLS** … `sslmode=require` is refused by `check`" —
+/// rather than a connection that silently goes out in clear text.
+#[test]
+fn check_refuses_sslmode_require_for_the_warehouse() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = |url: &str| {
+        format!(
+            r#"
+[groups.warehouse]
+stream = "ml_events"
+handler = "warehouse"
+[groups.warehouse.options]
+sink = "postgres"
+url = "{url}"
+"#
+        )
+    };
+    let (code, _, stderr) = run_cli(
+        &[
+            "check",
+            "-c",
+            &write(&dir, &text("postgres://u:pw@db:5432/events")),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "without sslmode it is valid: {stderr}");
+    let (code, _, stderr) = run_cli(
+        &[
+            "check",
+            "-c",
+            &write(
+                &dir,
+                &text("postgres://u:pw@db:5432/events?sslmode=require"),
+            ),
+        ],
+        &[],
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("groups.warehouse.options.url") && stderr.contains("TLS"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains(":pw@"),
+        "the password stays redacted: {stderr}"
+    );
+}
