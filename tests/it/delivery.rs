@@ -219,7 +219,7 @@ timeout = "5s"
     });
     // a learns of its entries only after it was told to stop.
     a.terminate();
-    std::thread::sleep(Duration::from_millis(300));
+    a.wait_for_log(Duration::from_secs(10), "shutting down: reading stopped");
     proxy.hold_replies(false);
     let status = a.wait(Duration::from_secs(15)).expect("a exits");
     assert_eq!(status.code(), Some(0), "a exits 0:\n{}", a.logs());
@@ -342,7 +342,15 @@ handler = "noop"
     let cfg = config(&redis.url(), "shared-name", group);
     let mut first = Daemon::start(&cfg);
     first.wait_for_log(Duration::from_secs(20), "created consumer group");
-    std::thread::sleep(Duration::from_millis(300));
+    // The second process must find the first one's lease in Redis, not race it.
+    let mut con = redis.connection();
+    wait_until(Duration::from_secs(20), "the first process's lease", || {
+        redis::cmd("EXISTS")
+            .arg("streamworker:lease:{user_logs}:analytics:shared-name")
+            .query::<u64>(&mut con)
+            .expect("EXISTS")
+            == 1
+    });
 
     let mut second = Daemon::start(&cfg);
     let status = second
@@ -365,7 +373,6 @@ handler = "noop"
         Duration::from_secs(20),
         "waiting to see whether it is still alive",
     );
-    let mut con = redis.connection();
     let ids = produce(&mut con, "user_logs", &events(5));
     wait_until(
         Duration::from_secs(20),

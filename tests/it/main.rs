@@ -18,6 +18,7 @@ mod learning;
 mod observability;
 mod operate;
 mod ops_guards;
+mod promises;
 mod scenarios;
 mod shutdown;
 mod topology;

@@ -26,6 +26,8 @@ pub struct ReceivedSpan {
     pub kind: i32,
     pub attributes: HashMap<String, String>,
     pub service_name: String,
+    /// Every resource attribute (`service.name` included).
+    pub resource: HashMap<String, String>,
 }
 
 pub struct OtlpReceiver {
@@ -57,6 +59,16 @@ async fn receive(
             .and_then(|r| r.attributes.iter().find(|kv| kv.key == "service.name"))
             .map(|kv| text(&kv.value))
             .unwrap_or_default();
+        let attributes: HashMap<String, String> = resource
+            .resource
+            .as_ref()
+            .map(|r| {
+                r.attributes
+                    .iter()
+                    .map(|kv| (kv.key.clone(), text(&kv.value)))
+                    .collect()
+            })
+            .unwrap_or_default();
         for scope in resource.scope_spans {
             for span in scope.spans {
                 out.push(ReceivedSpan {
@@ -71,6 +83,7 @@ async fn receive(
                         .map(|kv| (kv.key.clone(), text(&kv.value)))
                         .collect(),
                     service_name: service_name.clone(),
+                    resource: attributes.clone(),
                 });
             }
         }
