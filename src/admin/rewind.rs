@@ -53,6 +53,10 @@ pub enum RewindError {
         "Redis reports last-delivered id {0:?} for the group, which is not an entry id; nothing was changed"
     )]
     BadPosition(String),
+    #[error(
+        "Redis's ACL does not let this user move a group ({0}); add +xgroup|setid to its rules (README.md, \"Least-privilege ACL user\")"
+    )]
+    NotAllowed(ClientError),
     #[error(transparent)]
     Client(#[from] ClientError),
 }
@@ -143,7 +147,17 @@ pub async fn run(
     let from_text = if apply {
         client
             .rewind(&group.stream, &group.name, to)
-            .await?
+            .await
+            .map_err(|e| match e {
+                // A script's command refused by the ACL.
+                ClientError::Command(ref r)
+                    if r.code() == Some("NOPERM")
+                        || r.to_string().contains("can't run this command") =>
+                {
+                    RewindError::NotAllowed(e)
+                }
+                other => other.into(),
+            })?
             .ok_or_else(no_group)?
     } else {
         client
