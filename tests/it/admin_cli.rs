@@ -311,6 +311,11 @@ timeout = "1s"
             || handled(&hook) == expected,
         );
         assert_eq!(last_delivered(&mut con, "orders", "billing"), at_end);
+        // Redis cannot tell the lag right after the SETID; once the group has read up to
+        // the end it can again (docs/operations.md says so).
+        wait_until(Duration::from_secs(20), "the lag known again", || {
+            group_info(&mut con, "orders", "billing") == Some((0, Some(0)))
+        });
     }
     // Nothing beyond what was counted arrives later.
     std::thread::sleep(Duration::from_secs(1));
@@ -503,4 +508,42 @@ fn pending_and_rewind_work_for_the_documented_acl_user() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("2 entries will be delivered again"), "{out}");
     assert_eq!(last_delivered(&mut con, "orders", "billing"), ids[1]);
+}
+
+/// The alert runbooks send operators to streamworker's commands, not redis-cli, and every
+/// command line they show parses (an option that does not exist would fail as usage).
+#[test]
+fn alert_runbooks_use_streamworker_commands_that_parse() {
+    let alerts = include_str!("../../deploy/prometheus/alerts.yml");
+    assert!(
+        !alerts.contains("XPENDING"),
+        "a runbook still says XPENDING"
+    );
+    assert!(alerts.contains("streamworker pending -c FILE --group {{ $labels.group }}"));
+    // The descriptions are folded (`>-`): one line per alert, as Alertmanager shows them.
+    let text = alerts.split_whitespace().collect::<Vec<_>>().join(" ");
+    let commands: Vec<&str> = text
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|c| c.starts_with("streamworker ") && c.contains("-c FILE"))
+        .collect();
+    assert!(commands.len() >= 5, "{commands:?}");
+    for command in commands {
+        let args: Vec<String> = command
+            .replace("{{ $labels.group }}", "billing")
+            .replace("FILE", "/nonexistent/streamworker.toml")
+            .split_whitespace()
+            .skip(1)
+            .map(str::to_owned)
+            .collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, _, err) = run_cli(&args, &[]);
+        // Parsed: it got as far as reading the (missing) configuration.
+        assert_eq!(code, 2, "{command}: {err}");
+        assert!(
+            err.contains("/nonexistent/streamworker.toml") && !err.contains("Usage:"),
+            "{command}: {err}"
+        );
+    }
 }
