@@ -426,12 +426,42 @@ fn dlq_replay_dry_run_changes_nothing_error_filters_and_rate_paces() {
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("replayed 10 dead letters"), "{err}");
     assert!(
+        !err.contains('\r'),
+        "no progress line off a terminal: {err:?}"
+    );
+    assert!(
         took >= Duration::from_millis(1800),
         "10 at 5/s took {took:?}"
     );
     assert!(took < Duration::from_secs(20), "10 at 5/s took {took:?}");
     assert_eq!(entries(&mut con, "orders").len(), 13);
     assert!(entries(&mut con, dlq).is_empty());
+
+    // On a terminal (util-linux `script` gives the command a pseudo-terminal), a progress
+    // line on stderr, redrawn in place.
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_ok()
+    {
+        dead_letters(&mut con, &["boom"; 3]);
+        let command = format!(
+            "{} dlq replay -c {path} --group billing --all >/dev/null",
+            binary()
+        );
+        let out = std::process::Command::new("script")
+            .args(["-qec", &command, "/dev/null"])
+            .output()
+            .unwrap();
+        let shown = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{shown}");
+        assert!(
+            shown.contains("\r\x1b[2Kreplayed 3 dead letters to orders ("),
+            "{shown:?}"
+        );
+    } else {
+        eprintln!("no `script` to make a terminal: the progress line is not checked");
+    }
 
     let (code, _, err) = replay(&["--rate", "fast"]);
     assert_eq!(code, 2);
