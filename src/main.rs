@@ -45,6 +45,9 @@ enum Command {
         json: bool,
     },
     /// Inspect, replay and purge a group's dead letters.
+    #[command(
+        after_help = "Examples:\n  streamworker dlq list   -c streamworker.toml --group billing\n  streamworker dlq replay -c streamworker.toml --group billing --all --error 503 --rate 50/s"
+    )]
     Dlq {
         #[command(subcommand)]
         action: DlqAction,
@@ -127,6 +130,50 @@ enum Command {
         group: String,
         consumer: String,
     },
+    /// A group's pending entries, oldest first: who holds each, how long it has been idle,
+    /// how often it was delivered and, for a retry waiting out its backoff (held by
+    /// `streamworker:backoff`), when the retry is due.
+    #[command(
+        after_help = "Examples:\n  streamworker pending -c streamworker.toml --group billing\n  streamworker pending -c streamworker.toml --group billing --min-idle 1m --count 50 --json\n  streamworker pending -c streamworker.toml --group billing --consumer streamworker:backoff"
+    )]
+    Pending {
+        #[command(flatten)]
+        target: DlqTarget,
+        /// Only entries held by this consumer, e.g. a pod name, or `streamworker:backoff`
+        /// for the retries waiting out their backoff.
+        #[arg(long)]
+        consumer: Option<String>,
+        /// Only entries idle for at least this long, e.g. `1m`.
+        #[arg(long, value_parser = streamworker_handlers::duration::parse)]
+        min_idle: Option<std::time::Duration>,
+        /// At most this many rows (the oldest ids that match).
+        #[arg(long, default_value_t = 100)]
+        count: usize,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move a group's position (XGROUP SETID) so that the entries after it are delivered to
+    /// the group again; prints how many. Entries already pending stay with their owners.
+    /// Changes nothing without --yes.
+    #[command(
+        after_help = "Examples:\n  streamworker rewind -c streamworker.toml --group billing --to 10m          # what the last 10 minutes added\n  streamworker rewind -c streamworker.toml --group billing --to 2024-05-01T12:00:00Z --yes\n  streamworker rewind -c streamworker.toml --group billing --to 1714564800000-0 --yes   # entries after this id"
+    )]
+    Rewind {
+        #[command(flatten)]
+        target: DlqTarget,
+        /// The new position: an entry id (the entries after it are delivered again), an RFC
+        /// 3339 time in UTC (entries added at or after it) or a duration ago, e.g. `10m`
+        /// (entries added within it, by Redis's clock).
+        #[arg(long, value_parser = streamworker::admin::rewind::parse_target)]
+        to: streamworker::admin::rewind::Target,
+        /// Move the group; without it, print what would happen and exit 2.
+        #[arg(long)]
+        yes: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// What a group's handler has aggregated, read from its aggregates in Redis (analytics:
     /// entries, errors and error rate, event types, sums, latency percentiles, top values
     /// of each dimension).
@@ -150,6 +197,7 @@ enum Command {
 
 #[derive(clap::Args)]
 struct DlqTarget {
+    /// The TOML configuration file.
     #[arg(short, long, env = "STREAMWORKER_CONFIG")]
     config: PathBuf,
     /// The consumer group (a `[groups.<name>]` table of the configuration).
@@ -175,6 +223,25 @@ struct Which {
 }
 
 impl Which {
+    /// The selection as the operator gave it, for a confirmation question.
+    fn describe(&self) -> String {
+        if self.all {
+            "every dead letter".into()
+        } else if let Some(d) = self.since {
+            format!(
+                "the dead letters added within {}",
+                streamworker::admin::human(d)
+            )
+        } else if let Some(d) = self.before {
+            format!(
+                "the dead letters added more than {} ago",
+                streamworker::admin::human(d)
+            )
+        } else {
+            format!("the dead letters {}", self.ids.join(", "))
+        }
+    }
+
     fn selection(self) -> streamworker::admin::dlq::Selection {
         use streamworker::admin::dlq::Selection;
         if self.all {
@@ -192,39 +259,71 @@ impl Which {
 #[derive(Subcommand)]
 enum DlqAction {
     /// The oldest dead letters with their error and attempts.
+    #[command(
+        after_help = "Example:\n  streamworker dlq list -c streamworker.toml --group billing --count 50"
+    )]
     List {
         #[command(flatten)]
         target: DlqTarget,
         /// How many to show.
         #[arg(long, default_value_t = 20)]
         count: usize,
+        /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
     /// One dead letter in full.
+    #[command(
+        after_help = "Example:\n  streamworker dlq show -c streamworker.toml --group billing 1714564800000-0"
+    )]
     Show {
         #[command(flatten)]
         target: DlqTarget,
         /// Its id in the dead-letter stream.
         id: String,
+        /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
     /// Re-add dead letters to their origin stream for this group (the other groups on the
     /// stream skip them); each dead letter is removed in the same step, so a replay can be
-    /// interrupted and run again.
+    /// interrupted and run again. On a terminal, a progress line on stderr.
+    #[command(
+        after_help = "Examples:\n  streamworker dlq replay -c streamworker.toml --group billing --all --dry-run\n  streamworker dlq replay -c streamworker.toml --group billing --since 1h --error \"503\" --rate 20/s"
+    )]
     Replay {
         #[command(flatten)]
         target: DlqTarget,
         #[command(flatten)]
         which: Which,
+        /// List what would be replayed (id, origin id, deliveries, error); change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// At most this many replays a second, e.g. `50/s`, to spare the downstream.
+        #[arg(long, value_parser = parse_rate, value_name = "N/s")]
+        rate: Option<f64>,
+        /// Only dead letters whose `dlq_error` contains this text, e.g. `503`.
+        #[arg(long, value_name = "SUBSTRING")]
+        error: Option<String>,
+        /// Machine-readable output: one JSON document at the end.
+        #[arg(long)]
+        json: bool,
     },
-    /// Delete dead letters.
+    /// Delete dead letters for good. Asks first on a terminal; elsewhere needs --yes.
+    #[command(
+        after_help = "Example:\n  streamworker dlq purge -c streamworker.toml --group billing --before 7d --yes"
+    )]
     Purge {
         #[command(flatten)]
         target: DlqTarget,
         #[command(flatten)]
         which: Which,
+        /// Delete without asking (required when stdin is not a terminal, e.g. in scripts).
+        #[arg(long)]
+        yes: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -250,6 +349,59 @@ fn main() -> ExitCode {
             })
         }),
         Command::Dlq { action } => dlq(action),
+        Command::Pending {
+            target,
+            consumer,
+            min_idle,
+            count,
+            json,
+        } => {
+            let query = streamworker::admin::pending::Query {
+                consumer,
+                min_idle,
+                count,
+                json,
+            };
+            on_group(target, move |client, config, group| {
+                Box::pin(async move {
+                    let text = streamworker::admin::pending::run(
+                        &client,
+                        &group,
+                        config.worker.claim_interval,
+                        &query,
+                    )
+                    .await?;
+                    print!("{text}");
+                    Ok(())
+                })
+            })
+        }
+        Command::Rewind {
+            target,
+            to,
+            yes,
+            json,
+        } => on_group(target, move |client, _, group| {
+            Box::pin(async move {
+                let plan = streamworker::admin::rewind::run(&client, &group, &to, yes).await?;
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&plan).expect("serializes")
+                    );
+                } else {
+                    print!("{}", plan.render());
+                }
+                if !yes {
+                    return Err(Refused(format!(
+                        "nothing changed: moving group {} changes what it reads next; run again with --yes to do it",
+                        group.name
+                    ))
+                    .into());
+                }
+                Ok(())
+            })
+        }),
         Command::Bench {
             entries,
             runs,
@@ -339,6 +491,23 @@ fn main() -> ExitCode {
 
 type AdminFuture = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>>>>;
 
+/// A command that changes something and was not told to go ahead (`--yes`): it exits 2,
+/// bad usage, after saying what it would have done.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Refused(String);
+
+/// `--rate 50/s` (or `50`): replays per second.
+fn parse_rate(text: &str) -> Result<f64, String> {
+    let number = text.trim().strip_suffix("/s").unwrap_or(text.trim());
+    match number.parse::<f64>() {
+        Ok(n) if n.is_finite() && n > 0.0 => Ok(n),
+        _ => Err(format!(
+            "`{text}` is not a rate; write replays per second like `50/s` or `0.5/s`"
+        )),
+    }
+}
+
 /// Runs an operator command: loads the configuration, connects once, runs `body`.
 fn admin(path: &Path, body: impl FnOnce(Client, config::Config) -> AdminFuture) -> ExitCode {
     let config = match load(path) {
@@ -366,6 +535,10 @@ fn admin(path: &Path, body: impl FnOnce(Client, config::Config) -> AdminFuture) 
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<Refused>() => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_BAD_CONFIG)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(EXIT_FAILURE)
@@ -373,11 +546,20 @@ fn admin(path: &Path, body: impl FnOnce(Client, config::Config) -> AdminFuture) 
     }
 }
 
+/// Asks `question` on the terminal; true when the answer is yes.
+fn confirm(question: &str) -> bool {
+    use std::io::Write;
+    eprint!("{question} [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer).is_ok()
+        && matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes")
+}
+
 fn dlq(action: DlqAction) -> ExitCode {
-    let (target, work): (
-        DlqTarget,
-        Box<dyn FnOnce(Client, config::GroupConfig) -> AdminFuture>,
-    ) = match action {
+    use std::io::IsTerminal;
+    type Work = Box<dyn FnOnce(Client, config::GroupConfig) -> AdminFuture>;
+    let (target, work): (DlqTarget, Work) = match action {
         DlqAction::List {
             target,
             count,
@@ -411,39 +593,117 @@ fn dlq(action: DlqAction) -> ExitCode {
                 })
             }),
         ),
-        DlqAction::Replay { target, which } => (
+        DlqAction::Replay {
+            target,
+            which,
+            dry_run,
+            rate,
+            error,
+            json,
+        } => (
             target,
             Box::new(move |client, group| {
                 Box::pin(async move {
                     let selection = which.selection();
+                    let options = streamworker::admin::dlq::ReplayOptions {
+                        dry_run,
+                        rate,
+                        error,
+                        json,
+                        progress: std::io::stderr().is_terminal(),
+                    };
                     let mut out = std::io::stdout();
-                    let n = streamworker::admin::dlq::replay(&client, &group, &selection, &mut out)
-                        .await?;
-                    eprintln!(
-                        "replayed {n} dead letter{} to {}",
+                    let report = streamworker::admin::dlq::replay(
+                        &client, &group, &selection, &options, &mut out,
+                    )
+                    .await?;
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&report).expect("serializes")
+                        );
+                    }
+                    let n = report.replayed;
+                    let mut summary = format!(
+                        "{} {n} dead letter{} to {}",
+                        if dry_run { "would replay" } else { "replayed" },
                         if n == 1 { "" } else { "s" },
                         group.stream
                     );
+                    if options.error.is_some() {
+                        summary
+                            .push_str(&format!("; {} did not match --error", report.not_matching));
+                    }
+                    if dry_run {
+                        summary.push_str(" (dry run: nothing changed)");
+                    }
+                    eprintln!("{summary}");
                     Ok(())
                 })
             }),
         ),
-        DlqAction::Purge { target, which } => (
+        DlqAction::Purge {
             target,
-            Box::new(move |client, group| {
-                Box::pin(async move {
-                    let selection = which.selection();
-                    let n = streamworker::admin::dlq::purge(&client, &group, &selection).await?;
-                    println!(
-                        "purged {n} dead letter{} from {}",
-                        if n == 1 { "" } else { "s" },
-                        group.dead_letter_stream()
+            which,
+            yes,
+            json,
+        } => {
+            // Purged dead letters are gone for good: a person confirms, or a script says so.
+            if !yes {
+                if !std::io::stdin().is_terminal() {
+                    eprintln!(
+                        "error: dlq purge deletes dead letters for good and stdin is not a terminal to confirm on; add --yes to purge without asking"
                     );
-                    Ok(())
-                })
-            }),
-        ),
+                    return ExitCode::from(EXIT_BAD_CONFIG);
+                }
+                let question = format!(
+                    "Delete {} of group {} for good?",
+                    which.describe(),
+                    target.group
+                );
+                if !confirm(&question) {
+                    eprintln!("not confirmed: nothing purged");
+                    return ExitCode::from(EXIT_FAILURE);
+                }
+            }
+            (
+                target,
+                Box::new(move |client, group| {
+                    Box::pin(async move {
+                        let selection = which.selection();
+                        let n =
+                            streamworker::admin::dlq::purge(&client, &group, &selection).await?;
+                        let dlq = group.dead_letter_stream();
+                        if json {
+                            let value = serde_json::json!({
+                                "dead_letter_stream": dlq,
+                                "purged": n,
+                            });
+                            println!(
+                                "{}",
+                                serde_json::to_string_pretty(&value).expect("serializes")
+                            );
+                        } else {
+                            println!(
+                                "purged {n} dead letter{} from {dlq}",
+                                if n == 1 { "" } else { "s" },
+                            );
+                        }
+                        Ok(())
+                    })
+                }),
+            )
+        }
     };
+    on_group(target, move |client, _, group| work(client, group))
+}
+
+/// Runs an operator command on one group of the configuration: a group the file does not
+/// have is bad usage (exit 2), named with the groups it has.
+fn on_group(
+    target: DlqTarget,
+    work: impl FnOnce(Client, config::Config, config::GroupConfig) -> AdminFuture + 'static,
+) -> ExitCode {
     let group_name = target.group.clone();
     let path = target.config.clone();
     let exists = match load(&path) {
@@ -463,7 +723,7 @@ fn dlq(action: DlqAction) -> ExitCode {
     }
     admin(&path, move |client, config| {
         let group = config.groups[&group_name].clone();
-        work(client, group)
+        work(client, config, group)
     })
 }
 

@@ -1,7 +1,9 @@
-//! The commands operators reach for: `status`, `dlq` and `stats`. They read and change
-//! Redis only through `client`, like the daemon.
+//! The commands operators reach for: `status`, `dlq`, `stats`, `pending` and `rewind`.
+//! They read and change Redis only through `client`, like the daemon.
 
 pub mod dlq;
+pub mod pending;
+pub mod rewind;
 pub mod stats;
 pub mod status;
 

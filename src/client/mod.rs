@@ -21,6 +21,7 @@ use redis::{RedisError, RedisResult, Script, Value};
 
 use streamworker_handlers::{Effect, EntryId};
 
+pub mod admin;
 mod connection;
 mod large;
 mod wire;

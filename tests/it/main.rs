@@ -3,6 +3,7 @@
 
 mod support;
 
+mod admin_cli;
 mod alerts;
 mod analytics;
 mod chaos;
