@@ -500,13 +500,9 @@ fn dlq_purge_needs_yes_when_stdin_is_not_a_terminal() {
 /// The least-privilege ACL user of the README can run `pending` and `rewind`.
 #[test]
 fn pending_and_rewind_work_for_the_documented_acl_user() {
-    const PREFIX: &str = "user streamworker on >PASSWORD ";
-    let line = include_str!("../../README.md")
-        .lines()
-        .find(|l| l.starts_with(PREFIX))
-        .expect("README documents the ACL user");
-    let mut args = vec!["--user", "streamworker", "on", ">acl-pw"];
-    args.extend(line[PREFIX.len()..].split_whitespace());
+    let rules = readme_acl_rules();
+    let mut args = vec!["--user", "streamworker", ">acl-pw"];
+    args.extend(rules.split_whitespace());
     let redis = RedisServer::start_with(&args);
     let mut con = redis.connection();
     let ids = produce(

@@ -597,37 +597,6 @@ fn a_destroyed_group_is_recreated_logged_and_counted() {
     assert_eq!(recreated(), 1.0, "recreated once");
 }
 
-/// The ACL rule the README documents (`user streamworker on >PASSWORD …`), read from the
-/// README itself (as `topology::tls_with_client_certificates_and_a_least_privilege_acl_user`
-/// does), so the test exercises exactly what users are told to configure.
-fn readme_acl_rules() -> String {
-    const PREFIX: &str = "user streamworker on >PASSWORD ";
-    let line = include_str!("../../README.md")
-        .lines()
-        .find(|l| l.starts_with(PREFIX))
-        .expect("README documents the ACL user");
-    format!("on {}", &line[PREFIX.len()..])
-}
-
-/// What the server refused since it started, from `ACL LOG`, one line per entry.
-fn acl_refusals(con: &mut redis::Connection) -> Vec<String> {
-    let log: Vec<redis::Value> = redis::cmd("ACL").arg("LOG").query(con).unwrap();
-    log.into_iter()
-        .map(|entry| {
-            let e = value_map(entry);
-            format!(
-                "{} refused ({}) {:?} for user {} ({} times): {}",
-                e.get("context").map_or("?", String::as_str),
-                e.get("reason").map_or("?", String::as_str),
-                e.get("object").map_or("?", String::as_str),
-                e.get("username").map_or("?", String::as_str),
-                e.get("count").map_or("?", String::as_str),
-                e.get("client-info").map_or("?", String::as_str),
-            )
-        })
-        .collect()
-}
-
 /// Every kind of Redis work the daemon does, under the README's least-privilege user,
 /// without TLS: startup (group creation, lease, own-pending resync), handling with effects
 /// (analytics), a retry (park, reclaim), a dead letter, the housekeeping (retention,

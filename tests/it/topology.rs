@@ -328,21 +328,10 @@ fn the_daemon_follows_a_sentinel_failover() {
     assert!(daemon.is_running(), "{}", daemon.logs());
 }
 
-/// The ACL rule the README documents (`user streamworker on >PASSWORD …`), read from the
-/// README itself so that the test exercises exactly what users are told to configure.
-fn acl_rules() -> String {
-    const PREFIX: &str = "user streamworker on >PASSWORD ";
-    let line = include_str!("../../README.md")
-        .lines()
-        .find(|l| l.starts_with(PREFIX))
-        .expect("README documents the ACL user");
-    format!("on {}", &line[PREFIX.len()..])
-}
-
 #[test]
 fn tls_with_client_certificates_and_a_least_privilege_acl_user() {
     let certs = Certificates::generate();
-    let user_rule = format!("streamworker >s3cr3t-acl-pw {}", acl_rules());
+    let user_rule = format!("streamworker >s3cr3t-acl-pw {}", readme_acl_rules());
     let mut args: Vec<String> = certs.server_args();
     // redis-server reads a directive's words as separate arguments.
     for rule in ["admin on >admin-pw ~* &* +@all", &user_rule] {

@@ -575,3 +575,34 @@ pub fn config_with_http(redis_url: &str, consumer: &str, groups: &str) -> (Strin
         .replace("listen = \"\"", &format!("listen = \"{addr}\""));
     (text, addr)
 }
+
+/// The ACL rule the README documents (`user streamworker on >PASSWORD …`), read from the
+/// README itself, so the tests exercise exactly what users are told to configure: `on`
+/// followed by the rule's selectors and permissions.
+pub fn readme_acl_rules() -> String {
+    const PREFIX: &str = "user streamworker on >PASSWORD ";
+    let line = include_str!("../../../README.md")
+        .lines()
+        .find(|l| l.starts_with(PREFIX))
+        .expect("README documents the ACL user");
+    format!("on {}", &line[PREFIX.len()..])
+}
+
+/// What the server refused since it started, from `ACL LOG`, one line per entry.
+pub fn acl_refusals(con: &mut redis::Connection) -> Vec<String> {
+    let log: Vec<redis::Value> = redis::cmd("ACL").arg("LOG").query(con).unwrap();
+    log.into_iter()
+        .map(|entry| {
+            let e = value_map(entry);
+            format!(
+                "{} refused ({}) {:?} for user {} ({} times): {}",
+                e.get("context").map_or("?", String::as_str),
+                e.get("reason").map_or("?", String::as_str),
+                e.get("object").map_or("?", String::as_str),
+                e.get("username").map_or("?", String::as_str),
+                e.get("count").map_or("?", String::as_str),
+                e.get("client-info").map_or("?", String::as_str),
+            )
+        })
+        .collect()
+}
