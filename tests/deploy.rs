@@ -1764,6 +1764,34 @@ fn the_healthcheck_exits_0_only_while_livez_answers_200_and_1_otherwise() {
         stderr.contains("/nonexistent/streamworker.toml"),
         "{stderr}"
     );
+    // A listener that accepts but never answers (a hung daemon): unhealthy once --timeout
+    // has passed, not when Docker's own timeout kills the check.
+    let hung = TcpListener::bind("127.0.0.1:0").unwrap();
+    let hung_addr = hung.local_addr().unwrap().to_string();
+    let started = Instant::now();
+    let hung_check: Vec<String> = command
+        .iter()
+        .cloned()
+        .chain([
+            "--addr".into(),
+            hung_addr,
+            "--timeout".into(),
+            "300ms".into(),
+        ])
+        .collect();
+    let (code, stderr) = run_healthcheck(&hung_check, &env);
+    assert_eq!(
+        code,
+        Some(1),
+        "the HEALTHCHECK against a hung listener: {stderr}"
+    );
+    assert!(stderr.contains("no answer within"), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "--timeout 300ms took {:?}",
+        started.elapsed()
+    );
+    drop(hung);
 
     // The daemon, pointed at a Redis that is not there: it waits for Redis, alive
     // (/livez 200) but not ready (/readyz 503).
@@ -1807,6 +1835,18 @@ fn the_healthcheck_exits_0_only_while_livez_answers_200_and_1_otherwise() {
         "`healthcheck --ready` passes while Redis is down: it does not read the status"
     );
     assert!(stderr.contains("503"), "{stderr}");
+    // --addr asks that address and needs no configuration.
+    let by_addr: Vec<String> = command
+        .iter()
+        .cloned()
+        .chain(["--addr".into(), format!("127.0.0.1:{http_port}")])
+        .collect();
+    let (code, stderr) = run_healthcheck(&by_addr, &broken);
+    assert_eq!(
+        code,
+        Some(0),
+        "`healthcheck --addr` on a live daemon: {stderr}"
+    );
 
     // SIGTERM, as `docker stop` sends it to the ENTRYPOINT: a clean exit; then unhealthy.
     let status = terminate(&mut daemon, logs);
@@ -2046,6 +2086,7 @@ fn every_shipped_configuration_runs_in_the_images_layout_as_its_user() {
     configs.sort();
     assert!(!configs.is_empty(), "config/ holds no configuration");
     let mut wrote_files = 0;
+    let mut writers = Vec::new();
     for (n, source) in configs.iter().enumerate() {
         let what = source.file_name().unwrap().to_string_lossy().into_owned();
         std::fs::copy(source, &config_file).unwrap();
@@ -2154,6 +2195,9 @@ fn every_shipped_configuration_runs_in_the_images_layout_as_its_user() {
             "{what}: exit after SIGTERM:\n{}",
             logs()
         );
+        if !writes.is_empty() {
+            writers.push((source.clone(), writes));
+        }
     }
     assert!(
         wrote_files >= 3,
@@ -2161,64 +2205,57 @@ fn every_shipped_configuration_runs_in_the_images_layout_as_its_user() {
     );
 
     // The control: in a working directory the user cannot write (the old image had none,
-    // so `/`), a configuration that writes files does not start, naming the directory.
+    // so `/`), every configuration that writes files refuses to start, naming its path.
     if as_root {
-        let source = configs
-            .iter()
-            .find(|c| {
-                std::fs::read_to_string(c)
-                    .unwrap()
-                    .contains("data/warehouse")
-            })
-            .expect("a configuration with data/warehouse");
-        std::fs::copy(source, &config_file).unwrap();
-        let mut env: BTreeMap<String, String> = BTreeMap::new();
-        env.insert(
-            "STREAMWORKER_CONFIG".into(),
-            config_file.display().to_string(),
-        );
-        env.insert(
-            "STREAMWORKER__REDIS__URL".into(),
-            format!("redis://127.0.0.1:{}/15", redis.port),
-        );
-        env.insert(
-            "STREAMWORKER__HTTP__LISTEN".into(),
-            format!("127.0.0.1:{}", free_port()),
-        );
-        env.insert(
-            "STREAMWORKER__TELEMETRY__OTLP_ENDPOINT".into(),
-            String::new(),
-        );
-        env.insert("STREAMWORKER__WORKER__SHUTDOWN_TIMEOUT".into(), "1s".into());
-        let mut run = Command::new(&binary);
-        run.arg("run");
-        as_user(&mut run, root, &env);
-        let mut child = Daemon(
-            run.stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap(),
-        );
-        // It either exits or keeps restarting the group; either way the log names the
-        // directory. Give it a few seconds, then read what it said.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while child.0.try_wait().unwrap().is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
+        for (source, writes) in &writers {
+            let what = source.file_name().unwrap().to_string_lossy().into_owned();
+            std::fs::copy(source, &config_file).unwrap();
+            let mut env: BTreeMap<String, String> = BTreeMap::new();
+            env.insert(
+                "STREAMWORKER_CONFIG".into(),
+                config_file.display().to_string(),
+            );
+            env.insert(
+                "STREAMWORKER__REDIS__URL".into(),
+                format!("redis://127.0.0.1:{}/15", redis.port),
+            );
+            env.insert(
+                "STREAMWORKER__HTTP__LISTEN".into(),
+                format!("127.0.0.1:{}", free_port()),
+            );
+            env.insert(
+                "STREAMWORKER__TELEMETRY__OTLP_ENDPOINT".into(),
+                String::new(),
+            );
+            let log_path = scratch.path().join(format!("{what}.control.log"));
+            let mut run = Command::new(&binary);
+            run.arg("run")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log_path).unwrap());
+            as_user(&mut run, root, &env);
+            let mut child = Daemon(run.spawn().unwrap());
+            let logs = || std::fs::read_to_string(&log_path).unwrap_or_default();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let status = loop {
+                if let Some(status) = child.0.try_wait().unwrap() {
+                    break status;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{what} keeps running in a working directory its user cannot write:\n{}",
+                    logs()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            let logs = logs();
+            assert!(!status.success(), "{what}: {status}\n{logs}");
+            assert!(
+                writes
+                    .iter()
+                    .any(|(_, path)| logs.contains(&*path.to_string_lossy())),
+                "{what} refused to start without naming {writes:?}:\n{logs}"
+            );
         }
-        let _ = child.0.kill();
-        let mut stderr = String::new();
-        use std::io::Read;
-        child
-            .0
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut stderr)
-            .unwrap();
-        assert!(
-            stderr.contains("data/warehouse"),
-            "a configuration writing to data/warehouse started in a working directory its user cannot write:\n{stderr}"
-        );
     }
 }
 
