@@ -1953,6 +1953,63 @@ fn the_compose_prometheus_configuration_passes_promtool() {
     );
 }
 
+#[test]
+fn the_runtime_base_ships_every_library_the_binary_needs() {
+    // What each base the runtime stage may use provides to a dynamically linked binary.
+    // distroless/cc: glibc, libgcc and libstdc++/libgomp (and CA certificates); static and
+    // scratch: nothing, so a glibc binary would not start there.
+    let glibc = [
+        "libc.so.6",
+        "libm.so.6",
+        "libpthread.so.0",
+        "libdl.so.2",
+        "librt.so.1",
+        "libutil.so.1",
+        "ld-linux-x86-64.so.2",
+        "ld-linux-aarch64.so.1",
+    ];
+    let d = Dockerfile::load();
+    let runtime = d.base_images().pop().expect("a runtime base");
+    let provided: Vec<&str> = if runtime.starts_with("gcr.io/distroless/cc-") {
+        glibc
+            .iter()
+            .copied()
+            .chain(["libgcc_s.so.1", "libstdc++.so.6", "libgomp.so.1"])
+            .collect()
+    } else if runtime.starts_with("gcr.io/distroless/static") || runtime == "scratch" {
+        Vec::new()
+    } else {
+        panic!("the runtime base {runtime} is not one this test knows the libraries of")
+    };
+    let out = Command::new("readelf")
+        .args(["--dynamic", "--wide"])
+        .arg(env!("CARGO_BIN_EXE_streamworker"))
+        .output()
+        .expect("run readelf (binutils)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dynamic = String::from_utf8_lossy(&out.stdout);
+    let needed: Vec<&str> = dynamic
+        .lines()
+        .filter(|l| l.contains("(NEEDED)"))
+        .filter_map(|l| l.split_once('[').and_then(|(_, r)| r.split_once(']')))
+        .map(|(lib, _)| lib)
+        .collect();
+    assert!(
+        needed.contains(&"libc.so.6"),
+        "readelf shows no libc among {needed:?}: is the parsing wrong?"
+    );
+    for lib in &needed {
+        assert!(
+            provided.contains(lib),
+            "the binary needs {lib}, which the runtime base {runtime} does not ship"
+        );
+    }
+}
+
 // ---- the image's file layout ---------------------------------------------------------------
 
 /// The relative paths a resolved configuration writes to (warehouse `directory`, learning
