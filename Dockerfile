@@ -6,6 +6,11 @@
 #   docker build --build-arg STREAMWORKER_COMMIT="$(git rev-parse --short HEAD)" -t streamworker .
 #   docker run --rm -v "$PWD/deploy/compose/streamworker.toml:/etc/streamworker/streamworker.toml:ro" \
 #       streamworker check
+#   docker run -d -v "$PWD/streamworker.toml:/etc/streamworker/streamworker.toml:ro" \
+#       -v streamworker-data:/var/lib/streamworker --read-only streamworker
+#
+# Files the groups write (warehouse, learning dataset: relative paths) go to the data
+# directory /var/lib/streamworker, the working directory and a VOLUME.
 #
 # Kubernetes manifests and a docker-compose file that use it: deploy/.
 
