@@ -11,6 +11,7 @@ pub mod config;
 pub mod consumer;
 pub mod demo;
 pub mod health;
+pub mod healthcheck;
 pub mod http;
 pub mod inspect;
 pub mod lease;

@@ -35,6 +35,31 @@ enum Command {
         #[arg(short, long, env = "STREAMWORKER_CONFIG")]
         config: PathBuf,
     },
+    /// Ask the running daemon's /livez (or /readyz) on its http.listen: exit 0 when it
+    /// answers 200, else 1 with the reason. The image's HEALTHCHECK runs it, so the image
+    /// needs no shell or curl.
+    #[command(
+        after_help = "Examples:\n  streamworker healthcheck -c streamworker.toml\n  streamworker healthcheck --ready --addr 127.0.0.1:9464 --timeout 2s"
+    )]
+    Healthcheck {
+        /// The TOML configuration file the daemon runs (its http.listen is asked).
+        #[arg(
+            short,
+            long,
+            env = "STREAMWORKER_CONFIG",
+            required_unless_present = "addr"
+        )]
+        config: Option<PathBuf>,
+        /// Ask /readyz (Redis reachable, every group running) instead of /livez.
+        #[arg(long)]
+        ready: bool,
+        /// host:port to ask instead of the configuration's http.listen, e.g. 127.0.0.1:9464.
+        #[arg(long)]
+        addr: Option<String>,
+        /// Give up (unhealthy) after this long, e.g. 2s.
+        #[arg(long, value_parser = streamworker_handlers::duration::parse, default_value = "2s")]
+        timeout: std::time::Duration,
+    },
     /// Per stream and group: length, lag, pending, oldest pending age, entries waiting
     /// for a retry, dead letters, consumers with idle times, circuit state.
     Status {
@@ -340,6 +365,12 @@ fn main() -> ExitCode {
 
     match cli.command {
         Command::Check { config } => check(&config),
+        Command::Healthcheck {
+            config,
+            ready,
+            addr,
+            timeout,
+        } => healthcheck(config.as_deref(), ready, addr.as_deref(), timeout),
         Command::Run { config } => run(&config),
         Command::Status { config, json } => admin(&config, |client, config| {
             Box::pin(async move {
@@ -771,6 +802,38 @@ fn check(path: &Path) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(code) => code,
+    }
+}
+
+/// Exits 0 or 1 only, whatever went wrong: Docker reserves a HEALTHCHECK's exit code 2.
+fn healthcheck(
+    config: Option<&Path>,
+    ready: bool,
+    addr: Option<&str>,
+    timeout: std::time::Duration,
+) -> ExitCode {
+    use streamworker::healthcheck::{self, Probe};
+    let listen = match (addr, config) {
+        (Some(addr), _) => addr.to_owned(),
+        (None, Some(path)) => match config::load(path) {
+            Ok(config) => config.http.listen,
+            Err(e) => {
+                eprintln!("unhealthy: {e}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+        },
+        (None, None) => unreachable!("clap requires --config or --addr"),
+    };
+    let probe = if ready { Probe::Ready } else { Probe::Live };
+    match healthcheck::target(&listen).and_then(|a| healthcheck::probe(a, probe, timeout)) {
+        Ok(body) => {
+            println!("healthy: {} {body}", probe.path());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("unhealthy: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
     }
 }
 

@@ -537,6 +537,72 @@ impl Dockerfile {
         Self::exec_form("HEALTHCHECK CMD", &args[cmd + 4..])
     }
 
+    /// The final stage's `USER` as numeric (uid, gid).
+    fn user(&self) -> (u32, u32) {
+        let user = self.last("USER").expect("the image sets a USER");
+        let (uid, gid) = user.split_once(':').unwrap_or((user, user));
+        let number = |what: &str, v: &str| {
+            v.parse::<u32>().unwrap_or_else(|_| {
+                panic!("USER {user}: the {what} is not numeric (runAsNonRoot needs a number)")
+            })
+        };
+        (number("uid", uid), number("gid", gid))
+    }
+
+    /// The final stage's working directory.
+    fn workdir(&self) -> String {
+        self.last("WORKDIR")
+            .expect("the image sets a WORKDIR")
+            .trim_end_matches('/')
+            .to_owned()
+    }
+
+    /// The final stage's `VOLUME`s (JSON or plain form).
+    fn volumes(&self) -> Vec<String> {
+        self.in_stage(self.final_stage())
+            .filter(|(_, i)| i.op == "VOLUME")
+            .flat_map(|(_, i)| {
+                serde_json::from_str::<Vec<String>>(&i.args)
+                    .unwrap_or_else(|_| i.args.split_whitespace().map(str::to_owned).collect())
+            })
+            .map(|v| v.trim_end_matches('/').to_owned())
+            .collect()
+    }
+
+    /// Every FROM's image with the global ARGs' defaults (those before the first FROM)
+    /// substituted, leaving out references to earlier stages.
+    fn base_images(&self) -> Vec<String> {
+        let mut args = BTreeMap::new();
+        for i in self.instructions.iter().take_while(|i| i.op != "FROM") {
+            if i.op == "ARG"
+                && let Some((k, v)) = i.args.split_once('=')
+            {
+                args.insert(k.trim().to_owned(), v.trim().trim_matches('"').to_owned());
+            }
+        }
+        let mut images = Vec::new();
+        for (n, (image, _)) in self.stages.iter().enumerate() {
+            if self.stages[..n]
+                .iter()
+                .any(|(_, name)| name.as_deref() == Some(image.as_str()))
+            {
+                continue;
+            }
+            let mut image = image.clone();
+            for (k, v) in &args {
+                image = image
+                    .replace(&format!("${{{k}}}"), v)
+                    .replace(&format!("${k}"), v);
+            }
+            assert!(
+                !image.contains('$'),
+                "FROM {image}: an ARG without a default"
+            );
+            images.push(image);
+        }
+        images
+    }
+
     /// The build stage's `COPY` sources from the context (not `--from`), in order, with
     /// the instruction's index.
     fn context_copies(&self) -> Vec<(usize, String)> {
@@ -832,14 +898,78 @@ impl Drop for Daemon {
     }
 }
 
-fn run_healthcheck(command: &[String]) -> bool {
-    Command::new(&command[0])
+/// Runs the image's HEALTHCHECK command (its program is the image's binary, here the one
+/// cargo built) with exactly `env`; its exit code and stderr.
+fn run_healthcheck(command: &[String], env: &BTreeMap<String, String>) -> (Option<i32>, String) {
+    assert_eq!(
+        command[0], "/usr/local/bin/streamworker",
+        "the HEALTHCHECK runs something other than the image's binary"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_streamworker"))
         .args(&command[1..])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run the HEALTHCHECK command {command:?}: {e}"))
-        .success()
+        .env_clear()
+        .envs(env)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run the HEALTHCHECK command {command:?}: {e}"));
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A throwaway `redis-server` on a free loopback port, without persistence.
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    fn start(dir: &Path) -> Self {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server (is it installed?)");
+        let redis = Redis { child, port };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        redis
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends SIGTERM and waits (generously) for the exit status.
+fn terminate(daemon: &mut Daemon, logs: impl Fn() -> String) -> std::process::ExitStatus {
+    let pid = daemon.0.id() as libc::pid_t;
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = daemon.0.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "SIGTERM did not stop streamworker:\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 // ---- the tests ------------------------------------------------------------------------------
@@ -953,7 +1083,11 @@ fn the_deployment_mounts_its_configuration_where_the_daemon_reads_it() {
     );
 
     let d = kube.deployment();
-    assert_eq!(at(d, "spec.replicas").as_i64(), Some(3), "replicas");
+    // KEDA owns the count: a `replicas` field would reset it on every `kubectl apply`.
+    assert!(
+        opt(d, "spec.replicas").is_none(),
+        "the Deployment sets replicas, which KEDA's ScaledObject owns"
+    );
     let c = kube.container();
     assert!(
         str_at(c, "image").starts_with("streamworker"),
@@ -974,7 +1108,7 @@ fn the_deployment_mounts_its_configuration_where_the_daemon_reads_it() {
     assert_eq!(
         at(sc, "readOnlyRootFilesystem").as_bool(),
         Some(true),
-        "readOnlyRootFilesystem (the daemon writes nothing)"
+        "readOnlyRootFilesystem (the daemon writes only to its data volume)"
     );
     assert_eq!(
         at(sc, "allowPrivilegeEscalation").as_bool(),
@@ -1067,14 +1201,17 @@ fn probes_service_and_image_use_the_port_the_configuration_listens_on() {
         exposed.contains(&port.to_string()),
         "EXPOSE {exposed:?} lacks {port}"
     );
-    let health = dockerfile.healthcheck().join(" ");
-    assert!(
-        health.contains("/livez"),
-        "the HEALTHCHECK does not ask /livez: {health}"
+    // The HEALTHCHECK asks /livez on the configuration's own http.listen: no address or
+    // endpoint of its own to keep in step.
+    let health = dockerfile.healthcheck();
+    assert_eq!(
+        health[..2],
+        ["/usr/local/bin/streamworker", "healthcheck"],
+        "the HEALTHCHECK is not `streamworker healthcheck`: {health:?}"
     );
     assert!(
-        health.contains(&format!("/{port}")) || health.contains(&format!(":{port}")),
-        "the HEALTHCHECK does not use port {port}: {health}"
+        !health.iter().any(|w| w == "--addr" || w == "--ready"),
+        "the HEALTHCHECK should ask /livez on http.listen: {health:?}"
     );
 
     // The compose replicas listen on the same port their mappings and Prometheus use.
@@ -1160,7 +1297,10 @@ fn selectors_and_the_disruption_budget_match_the_pods() {
         at(pdb, "spec.selector.matchLabels"),
     );
 
-    let replicas = at(kube.deployment(), "spec.replicas").as_i64().unwrap();
+    // The fewest replicas KEDA leaves (the Deployment sets none).
+    let replicas = at(kube.one("ScaledObject"), "spec.minReplicaCount")
+        .as_i64()
+        .expect("minReplicaCount as a number");
     match (
         opt(pdb, "spec.maxUnavailable"),
         opt(pdb, "spec.minAvailable"),
@@ -1236,11 +1376,12 @@ fn keda_scales_the_deployment_on_the_lag_of_a_configured_group() {
     let max = at(so, "spec.maxReplicaCount")
         .as_i64()
         .expect("maxReplicaCount");
-    let replicas = at(deployment, "spec.replicas").as_i64().unwrap();
+    // With no `replicas` in the Deployment, KEDA alone sets the count, within these.
     assert!(
-        1 <= min && min <= replicas && replicas <= max,
-        "min {min}, replicas {replicas}, max {max}"
+        opt(deployment, "spec.replicas").is_none(),
+        "the Deployment's replicas fight KEDA's count on every apply"
     );
+    assert!(1 <= min && min <= max, "min {min}, max {max}");
 
     let triggers = list_at(so, "spec.triggers");
     assert!(!triggers.is_empty());
@@ -1574,47 +1715,92 @@ fn dockerignore_leaves_out_build_output_but_nothing_the_build_copies() {
 }
 
 #[test]
-fn the_healthcheck_passes_only_while_livez_answers_200() {
-    let dockerfile = Dockerfile::load();
+fn the_healthcheck_exits_0_only_while_livez_answers_200_and_1_otherwise() {
+    let command = Dockerfile::load().healthcheck();
     let compose_file = repo().join(COMPOSE_DIR).join("streamworker.toml");
-    let port = listen_port(&compose_config());
     let http_port = free_port();
-    let retarget = |endpoint: &str| -> Vec<String> {
-        let command = dockerfile.healthcheck();
-        assert!(command.iter().any(|w| w.contains(&format!("/{port}"))));
-        command
-            .iter()
-            .map(|w| {
-                w.replace(&format!("/{port}"), &format!("/{http_port}"))
-                    .replace("/livez", endpoint)
-            })
-            .collect()
-    };
-    let livez = retarget("/livez");
-    let readyz = retarget("/readyz");
-    assert!(
-        !run_healthcheck(&livez),
-        "the HEALTHCHECK passes with nothing listening"
-    );
+    // The image's environment (STREAMWORKER_CONFIG) plus what points the compose
+    // configuration at this test's ports; the HEALTHCHECK and the daemon share it, as they
+    // share a container.
+    let env: BTreeMap<String, String> = [
+        ("STREAMWORKER_CONFIG", compose_file.display().to_string()),
+        (
+            "STREAMWORKER__HTTP__LISTEN",
+            format!("127.0.0.1:{http_port}"),
+        ),
+        (
+            "STREAMWORKER__REDIS__URL",
+            format!("redis://127.0.0.1:{}/0", free_port()),
+        ),
+        ("STREAMWORKER__REDIS__CONNECT_TIMEOUT", "200ms".into()),
+        ("STREAMWORKER__TELEMETRY__OTLP_ENDPOINT", String::new()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let ready: Vec<String> = command.iter().cloned().chain(["--ready".into()]).collect();
 
-    // The daemon with the compose configuration, pointed at a Redis that is not there: it
-    // waits for Redis, alive (/livez 200) but not ready (/readyz 503).
+    // Nothing listening: unhealthy, exit 1 (Docker reserves 2), saying why.
+    let (code, stderr) = run_healthcheck(&command, &env);
+    assert_eq!(
+        code,
+        Some(1),
+        "the HEALTHCHECK with nothing listening: {stderr}"
+    );
+    assert!(stderr.contains("cannot connect"), "{stderr}");
+    // A configuration it cannot read: 1 as well, naming the file.
+    let mut broken = env.clone();
+    broken.insert(
+        "STREAMWORKER_CONFIG".into(),
+        "/nonexistent/streamworker.toml".into(),
+    );
+    let (code, stderr) = run_healthcheck(&command, &broken);
+    assert_eq!(
+        code,
+        Some(1),
+        "the HEALTHCHECK without its configuration: {stderr}"
+    );
+    assert!(
+        stderr.contains("/nonexistent/streamworker.toml"),
+        "{stderr}"
+    );
+    // A listener that accepts but never answers (a hung daemon): unhealthy once --timeout
+    // has passed, not when Docker's own timeout kills the check.
+    let hung = TcpListener::bind("127.0.0.1:0").unwrap();
+    let hung_addr = hung.local_addr().unwrap().to_string();
+    let started = Instant::now();
+    let hung_check: Vec<String> = command
+        .iter()
+        .cloned()
+        .chain([
+            "--addr".into(),
+            hung_addr,
+            "--timeout".into(),
+            "300ms".into(),
+        ])
+        .collect();
+    let (code, stderr) = run_healthcheck(&hung_check, &env);
+    assert_eq!(
+        code,
+        Some(1),
+        "the HEALTHCHECK against a hung listener: {stderr}"
+    );
+    assert!(stderr.contains("no answer within"), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "--timeout 300ms took {:?}",
+        started.elapsed()
+    );
+    drop(hung);
+
+    // The daemon, pointed at a Redis that is not there: it waits for Redis, alive
+    // (/livez 200) but not ready (/readyz 503).
     let dir = tempfile::tempdir().unwrap();
     let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_streamworker"))
-        .args(["run", "-c"])
-        .arg(&compose_file)
+        .arg("run")
         .env_clear()
-        .env(
-            "STREAMWORKER__HTTP__LISTEN",
-            format!("127.0.0.1:{http_port}"),
-        )
-        .env(
-            "STREAMWORKER__REDIS__URL",
-            format!("redis://127.0.0.1:{}/0", free_port()),
-        )
-        .env("STREAMWORKER__REDIS__CONNECT_TIMEOUT", "200ms")
-        .env("STREAMWORKER__TELEMETRY__OTLP_ENDPOINT", "")
+        .envs(&env)
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -1623,7 +1809,12 @@ fn the_healthcheck_passes_only_while_livez_answers_200() {
     let logs = || std::fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default();
 
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !run_healthcheck(&livez) {
+    loop {
+        let (code, stderr) = run_healthcheck(&command, &env);
+        if code == Some(0) {
+            break;
+        }
+        assert_eq!(code, Some(1), "{stderr}");
         if let Some(status) = daemon.0.try_wait().unwrap() {
             panic!(
                 "streamworker exited ({status}) before /livez answered:\n{}",
@@ -1632,32 +1823,82 @@ fn the_healthcheck_passes_only_while_livez_answers_200() {
         }
         assert!(
             Instant::now() < deadline,
-            "the HEALTHCHECK never passed:\n{}",
+            "the HEALTHCHECK never passed ({stderr}):\n{}",
             logs()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(
-        !run_healthcheck(&readyz),
-        "the same command passes on /readyz (503 while Redis is down): it does not read the status"
+    let (code, stderr) = run_healthcheck(&ready, &env);
+    assert_eq!(
+        code,
+        Some(1),
+        "`healthcheck --ready` passes while Redis is down: it does not read the status"
+    );
+    assert!(stderr.contains("503"), "{stderr}");
+    // --addr asks that address and needs no configuration.
+    let by_addr: Vec<String> = command
+        .iter()
+        .cloned()
+        .chain(["--addr".into(), format!("127.0.0.1:{http_port}")])
+        .collect();
+    let (code, stderr) = run_healthcheck(&by_addr, &broken);
+    assert_eq!(
+        code,
+        Some(0),
+        "`healthcheck --addr` on a live daemon: {stderr}"
     );
 
-    // SIGTERM, as `docker stop` sends it to the ENTRYPOINT: a clean exit.
-    let pid = daemon.0.id() as libc::pid_t;
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(status) = daemon.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "SIGTERM did not stop streamworker:\n{}",
-            logs()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    // SIGTERM, as `docker stop` sends it to the ENTRYPOINT: a clean exit; then unhealthy.
+    let status = terminate(&mut daemon, logs);
     assert_eq!(status.code(), Some(0), "exit after SIGTERM:\n{}", logs());
+    assert_eq!(run_healthcheck(&command, &env).0, Some(1));
+}
+
+#[test]
+fn base_images_are_pinned_and_the_runtime_stage_needs_no_shell() {
+    let d = Dockerfile::load();
+    for image in d.base_images() {
+        let name = image.split('@').next().unwrap();
+        let tag = name
+            .rsplit_once(':')
+            .map(|(_, t)| t)
+            .filter(|t| !t.contains('/'));
+        let digest = image.split_once("@sha256:").map(|(_, h)| h);
+        let versioned = tag.is_some_and(|t| t != "latest" && t.chars().any(|c| c.is_ascii_digit()));
+        assert!(
+            versioned
+                || digest
+                    .is_some_and(|h| h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit())),
+            "FROM {image} is not pinned to a version (a tag with a version, or a sha256 digest)"
+        );
+    }
+    // No shell in the final image: nothing may RUN there, and every command it runs is the
+    // binary in exec form (a shell form would need /bin/sh).
+    let runtime = d.final_stage();
+    assert!(
+        !d.in_stage(runtime).any(|(_, i)| i.op == "RUN"),
+        "the runtime stage RUNs a command: it needs a shell"
+    );
+    let entrypoint = Dockerfile::exec_form("ENTRYPOINT", d.last("ENTRYPOINT").expect("ENTRYPOINT"));
+    for (what, command) in [("ENTRYPOINT", entrypoint), ("HEALTHCHECK", d.healthcheck())] {
+        assert_eq!(
+            command[0], "/usr/local/bin/streamworker",
+            "the {what} runs something other than the binary: {command:?}"
+        );
+    }
+    // And the subcommand the HEALTHCHECK names exists in this binary.
+    let health = d.healthcheck();
+    let out = Command::new(env!("CARGO_BIN_EXE_streamworker"))
+        .args(&health[1..])
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "`streamworker {} --help` fails: {}",
+        health[1..].join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -1710,6 +1951,369 @@ fn the_compose_prometheus_configuration_passes_promtool() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn the_runtime_base_ships_every_library_the_binary_needs() {
+    // What each base the runtime stage may use provides to a dynamically linked binary.
+    // distroless/cc: glibc, libgcc and libstdc++/libgomp (and CA certificates); static and
+    // scratch: nothing, so a glibc binary would not start there.
+    let glibc = [
+        "libc.so.6",
+        "libm.so.6",
+        "libpthread.so.0",
+        "libdl.so.2",
+        "librt.so.1",
+        "libutil.so.1",
+        "ld-linux-x86-64.so.2",
+        "ld-linux-aarch64.so.1",
+    ];
+    let d = Dockerfile::load();
+    let runtime = d.base_images().pop().expect("a runtime base");
+    let provided: Vec<&str> = if runtime.starts_with("gcr.io/distroless/cc-") {
+        glibc
+            .iter()
+            .copied()
+            .chain(["libgcc_s.so.1", "libstdc++.so.6", "libgomp.so.1"])
+            .collect()
+    } else if runtime.starts_with("gcr.io/distroless/static") || runtime == "scratch" {
+        Vec::new()
+    } else {
+        panic!("the runtime base {runtime} is not one this test knows the libraries of")
+    };
+    let out = Command::new("readelf")
+        .args(["--dynamic", "--wide"])
+        .arg(env!("CARGO_BIN_EXE_streamworker"))
+        .output()
+        .expect("run readelf (binutils)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dynamic = String::from_utf8_lossy(&out.stdout);
+    let needed: Vec<&str> = dynamic
+        .lines()
+        .filter(|l| l.contains("(NEEDED)"))
+        .filter_map(|l| l.split_once('[').and_then(|(_, r)| r.split_once(']')))
+        .map(|(lib, _)| lib)
+        .collect();
+    assert!(
+        needed.contains(&"libc.so.6"),
+        "readelf shows no libc among {needed:?}: is the parsing wrong?"
+    );
+    for lib in &needed {
+        assert!(
+            provided.contains(lib),
+            "the binary needs {lib}, which the runtime base {runtime} does not ship"
+        );
+    }
+}
+
+// ---- the image's file layout ---------------------------------------------------------------
+
+/// The relative paths a resolved configuration writes to (warehouse `directory`, learning
+/// `dataset_dir`), by group.
+fn relative_write_paths(resolved: &toml::Table) -> Vec<(String, PathBuf)> {
+    let mut paths = Vec::new();
+    let Some(groups) = resolved.get("groups").and_then(toml::Value::as_table) else {
+        return paths;
+    };
+    for (name, group) in groups {
+        let Some(options) = group.get("options").and_then(toml::Value::as_table) else {
+            continue;
+        };
+        for key in ["directory", "dataset_dir"] {
+            if let Some(path) = options.get(key).and_then(toml::Value::as_str)
+                && !path.is_empty()
+                && Path::new(path).is_relative()
+            {
+                paths.push((name.clone(), PathBuf::from(path)));
+            }
+        }
+    }
+    paths
+}
+
+#[test]
+fn every_shipped_configuration_runs_in_the_images_layout_as_its_user() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+
+    // What the image promises: a numeric non-root USER whose WORKDIR is a VOLUME the image
+    // creates owned by that user.
+    let d = Dockerfile::load();
+    let (uid, gid) = d.user();
+    assert_ne!(uid, 0, "the image runs as root");
+    let workdir = d.workdir();
+    assert!(
+        d.volumes().contains(&workdir),
+        "the WORKDIR {workdir} is not a VOLUME {:?}: files the groups write would land in the container's root filesystem",
+        d.volumes()
+    );
+    let chown = format!("--chown={uid}:{gid}");
+    assert!(
+        d.in_stage(d.final_stage()).any(|(_, i)| {
+            i.op == "COPY"
+                && i.args.split_whitespace().any(|w| w == chown)
+                && i.args
+                    .split_whitespace()
+                    .last()
+                    .map(|t| t.trim_end_matches('/'))
+                    == Some(workdir.as_str())
+        }),
+        "no `COPY {chown} … {workdir}` creates the data directory owned by the image's user"
+    );
+    // The pod mounts a writable volume there: the rest of its root is read-only.
+    let kube = Kube::load();
+    let mount = list_at(kube.container(), "volumeMounts")
+        .iter()
+        .find(|m| str_at(m, "mountPath").trim_end_matches('/') == workdir)
+        .unwrap_or_else(|| {
+            panic!("the Deployment mounts nothing at the image's WORKDIR {workdir}")
+        });
+    assert_ne!(
+        opt(mount, "readOnly").and_then(Yaml::as_bool),
+        Some(true),
+        "the data volume is mounted read-only"
+    );
+    let volume = list_at(kube.deployment(), "spec.template.spec.volumes")
+        .iter()
+        .find(|v| str_at(v, "name") == str_at(mount, "name"))
+        .expect("the data mount's volume");
+    assert!(
+        opt(volume, "emptyDir").is_some() || opt(volume, "persistentVolumeClaim").is_some(),
+        "the data volume is neither an emptyDir nor a PVC: {}",
+        describe(volume)
+    );
+
+    // The final stage's layout in a temporary root: the binary where the ENTRYPOINT runs
+    // it, the configuration where STREAMWORKER_CONFIG points, the data directory owned by
+    // the image's user; everything else owned by root and not writable by that user.
+    // Running as another user needs root; otherwise the test runs as the current user
+    // (which then owns everything, so the negative control below is left out).
+    let as_root = unsafe { libc::geteuid() } == 0;
+    let (uid, gid) = if as_root {
+        (uid, gid)
+    } else {
+        eprintln!("not root: running the configurations as the current user");
+        (unsafe { libc::geteuid() }, unsafe { libc::getegid() })
+    };
+    let root_dir = tempfile::tempdir().unwrap();
+    let root = root_dir.path();
+    let reroot = |path: &str| root.join(path.trim_start_matches('/'));
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let binary = reroot("/usr/local/bin/streamworker");
+    let config_file = reroot(&d.env("STREAMWORKER_CONFIG"));
+    let data = reroot(&workdir);
+    for dir in [
+        binary.parent().unwrap(),
+        config_file.parent().unwrap(),
+        &data,
+    ] {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    let mut walk = data.clone();
+    while walk != root {
+        std::fs::set_permissions(&walk, std::fs::Permissions::from_mode(0o755)).unwrap();
+        walk = walk.parent().unwrap().to_owned();
+    }
+    std::fs::copy(env!("CARGO_BIN_EXE_streamworker"), &binary).unwrap();
+    std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(&data, Some(uid), Some(gid)).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o750)).unwrap();
+
+    let scratch = tempfile::tempdir().unwrap();
+    let redis = Redis::start(scratch.path());
+    let pod = "streamworker-7d9c6b5f4-x2x9q";
+    let pod_env = kube.pod_env(pod);
+
+    let as_user = |command: &mut Command, cwd: &Path, env: &BTreeMap<String, String>| {
+        command.current_dir(cwd).env_clear().envs(env);
+        if as_root {
+            command.uid(uid).gid(gid);
+        }
+    };
+
+    let mut configs: Vec<PathBuf> = std::fs::read_dir(repo().join("config"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("toml"))
+        .collect();
+    configs.sort();
+    assert!(!configs.is_empty(), "config/ holds no configuration");
+    let mut wrote_files = 0;
+    let mut writers = Vec::new();
+    for (n, source) in configs.iter().enumerate() {
+        let what = source.file_name().unwrap().to_string_lossy().into_owned();
+        std::fs::copy(source, &config_file).unwrap();
+        std::fs::set_permissions(&config_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let text = std::fs::read_to_string(source).unwrap();
+        let configured = groups(&parse_toml(&what, &text));
+        // The environment the Deployment gives its pods (overrides of groups this file does
+        // not have left out), the image's STREAMWORKER_CONFIG, and this test's ports.
+        let mut env: BTreeMap<String, String> = pod_env
+            .iter()
+            .filter(|(k, _)| match k.strip_prefix("STREAMWORKER__GROUPS__") {
+                Some(rest) => configured
+                    .keys()
+                    .any(|g| rest.starts_with(&format!("{}__", g.to_uppercase()))),
+                None => true,
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        env.insert(
+            "STREAMWORKER_CONFIG".into(),
+            config_file.display().to_string(),
+        );
+        env.insert(
+            "STREAMWORKER__REDIS__URL".into(),
+            format!("redis://127.0.0.1:{}/{}", redis.port, n % 16),
+        );
+        let http_port = free_port();
+        env.insert(
+            "STREAMWORKER__HTTP__LISTEN".into(),
+            format!("127.0.0.1:{http_port}"),
+        );
+        env.insert(
+            "STREAMWORKER__TELEMETRY__OTLP_ENDPOINT".into(),
+            String::new(),
+        );
+
+        // `check`, as the image's user in the data directory.
+        let mut check = Command::new(&binary);
+        check.arg("check");
+        as_user(&mut check, &data, &env);
+        let out = check.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{what}: `streamworker check` fails in the image's layout:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let resolved = parse_toml(&what, &String::from_utf8_lossy(&out.stdout));
+        let writes = relative_write_paths(&resolved);
+
+        // `run`, until every group runs (`healthcheck --ready`), then SIGTERM.
+        let log_path = scratch.path().join(format!("{what}.log"));
+        let mut run = Command::new(&binary);
+        run.arg("run")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap());
+        as_user(&mut run, &data, &env);
+        let mut daemon = Daemon(run.spawn().expect("start streamworker run"));
+        let logs = || std::fs::read_to_string(&log_path).unwrap_or_default();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut health = Command::new(&binary);
+            health.args(["healthcheck", "--ready"]);
+            as_user(&mut health, &data, &env);
+            let out = health.output().unwrap();
+            if out.status.success() {
+                break;
+            }
+            if let Some(status) = daemon.0.try_wait().unwrap() {
+                panic!(
+                    "{what}: streamworker exited ({status}) in the image's layout:\n{}",
+                    logs()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: never ready in the image's layout ({}):\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        for (group, path) in &writes {
+            let dir = data.join(path);
+            let meta = std::fs::metadata(&dir).unwrap_or_else(|e| {
+                panic!(
+                    "{what}: group {group} runs but {} is not in the data directory: {e}",
+                    dir.display()
+                )
+            });
+            assert!(
+                meta.is_dir() && meta.uid() == uid,
+                "{what}: {} is not a directory of uid {uid}",
+                dir.display()
+            );
+            eprintln!(
+                "{what}: group {group} made {} (uid {})",
+                dir.display(),
+                meta.uid()
+            );
+            wrote_files += 1;
+        }
+        let status = terminate(&mut daemon, logs);
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "{what}: exit after SIGTERM:\n{}",
+            logs()
+        );
+        if !writes.is_empty() {
+            writers.push((source.clone(), writes));
+        }
+    }
+    assert!(
+        wrote_files >= 3,
+        "the shipped configurations should include the warehouse, audit and learning directories; found {wrote_files}"
+    );
+
+    // The control: in a working directory the user cannot write (the old image had none,
+    // so `/`), every configuration that writes files refuses to start, naming its path.
+    if as_root {
+        for (source, writes) in &writers {
+            let what = source.file_name().unwrap().to_string_lossy().into_owned();
+            std::fs::copy(source, &config_file).unwrap();
+            let mut env: BTreeMap<String, String> = BTreeMap::new();
+            env.insert(
+                "STREAMWORKER_CONFIG".into(),
+                config_file.display().to_string(),
+            );
+            env.insert(
+                "STREAMWORKER__REDIS__URL".into(),
+                format!("redis://127.0.0.1:{}/15", redis.port),
+            );
+            env.insert(
+                "STREAMWORKER__HTTP__LISTEN".into(),
+                format!("127.0.0.1:{}", free_port()),
+            );
+            env.insert(
+                "STREAMWORKER__TELEMETRY__OTLP_ENDPOINT".into(),
+                String::new(),
+            );
+            let log_path = scratch.path().join(format!("{what}.control.log"));
+            let mut run = Command::new(&binary);
+            run.arg("run")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log_path).unwrap());
+            as_user(&mut run, root, &env);
+            let mut child = Daemon(run.spawn().unwrap());
+            let logs = || std::fs::read_to_string(&log_path).unwrap_or_default();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let status = loop {
+                if let Some(status) = child.0.try_wait().unwrap() {
+                    break status;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{what} keeps running in a working directory its user cannot write:\n{}",
+                    logs()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            let logs = logs();
+            assert!(!status.success(), "{what}: {status}\n{logs}");
+            assert!(
+                writes
+                    .iter()
+                    .any(|(_, path)| logs.contains(&*path.to_string_lossy())),
+                "{what} refused to start without naming {writes:?}:\n{logs}"
+            );
+        }
+    }
 }
 
 // ---- README's defaults ----------------------------------------------------------------------
