@@ -120,6 +120,18 @@ fn the_man_page_is_roff_with_a_section_and_examples_per_subcommand() {
             "{command} has no examples:\n{section}"
         );
     }
+    // Every flag is explained: each `.TP` item (the flag) is followed by its help text.
+    let lines: Vec<&str> = page.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        if *line == ".TP" {
+            let help = lines.get(i + 2).copied().unwrap_or("");
+            assert!(
+                !help.is_empty() && !help.starts_with('.'),
+                "{} has no help text",
+                lines.get(i + 1).copied().unwrap_or("")
+            );
+        }
+    }
     assert_eq!(
         page.matches("\n.nf\n").count(),
         page.matches("\n.fi\n").count(),
