@@ -367,6 +367,25 @@ fn status_watch_prints_frames_off_a_terminal_and_stops_on_sigterm() {
     }
     assert_eq!(wait_for_exit(&mut child, Duration::from_secs(10)), Some(0));
 
+    // On a terminal (util-linux `script` gives it a pseudo-terminal) each refresh clears
+    // the screen and redraws from the top; Ctrl-C (here from `timeout`) ends it with 0.
+    if Command::new("script").arg("--version").output().is_ok() {
+        let command = format!(
+            "timeout --preserve-status -s INT 3 {} status -c {path} --watch --interval 500ms",
+            binary()
+        );
+        let out = Command::new("script")
+            .args(["-qec", &command, "/dev/null"])
+            .output()
+            .unwrap();
+        let shown = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{:?}: {shown}", out.status);
+        let redraws = shown.matches("\x1b[2J\x1b[Hevery 500ms ").count();
+        assert!(redraws >= 2, "{redraws} redraws: {shown:?}");
+    } else {
+        eprintln!("no `script` to make a terminal: the redraw is not checked");
+    }
+
     let (code, _, err) = run_cli(&["status", "-c", &path, "--interval", "1s"], &[]);
     assert_eq!(code, 2, "--interval needs --watch: {err}");
     let (code, _, err) = run_cli(
