@@ -330,6 +330,88 @@ fn status_watch_json_prints_a_document_per_interval_until_ctrl_c() {
     }
 }
 
+/// People watch while something is wrong: a Redis that goes away is reported on stderr at
+/// each refresh, and the watch picks up again when it is back.
+#[test]
+fn status_watch_keeps_going_while_redis_is_down() {
+    let mut redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        &dir,
+        &config(
+            &redis.url(),
+            "r1",
+            "[groups.billing]\nstream = \"orders\"\nhandler = \"noop\"\n",
+        ),
+    );
+    let mut child = Command::new(binary())
+        .args([
+            "status",
+            "-c",
+            &path,
+            "--watch",
+            "--interval",
+            "500ms",
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = lines_of(&mut child);
+    let stderr = {
+        let pipe = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        rx
+    };
+    let (_, first) = stdout
+        .recv_timeout(Duration::from_secs(20))
+        .expect("a first document");
+    assert!(first.contains("\"length\":0"), "{first}");
+
+    redis.kill();
+    let error = stderr
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the outage is reported");
+    assert!(
+        error.starts_with("error: ") && error.contains("trying again in 500ms"),
+        "{error}"
+    );
+    redis.restart();
+    let mut con = redis.connection();
+    produce(&mut con, "orders", &[vec![("n", "1".to_owned())]]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        if let Ok((_, line)) = stdout.recv_timeout(Duration::from_millis(200)) {
+            let back = line.contains("\"length\":1");
+            seen.push(line);
+            if back {
+                break;
+            }
+        }
+    }
+    assert!(
+        seen.last().is_some_and(|l| l.contains("\"length\":1")),
+        "documents again after the restart: {seen:?}"
+    );
+    assert!(
+        seen.iter().all(|l| l.starts_with('[')),
+        "stdout holds only status documents: {seen:?}"
+    );
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    assert_eq!(wait_for_exit(&mut child, Duration::from_secs(10)), Some(0));
+}
+
 #[test]
 fn status_watch_prints_frames_off_a_terminal_and_stops_on_sigterm() {
     let redis = RedisServer::start();
