@@ -129,17 +129,19 @@ pub fn run(options: Options) -> Result<(), DemoError> {
             produce(Scenario::Feedback, FEEDBACK_PER_SECOND),
         ];
         let terminal = std::io::stdout().is_terminal();
+        let mut last = Handled::default();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = shutdown.triggered() => break,
             }
-            let frame = summary(&client, &metrics, &config, started).await;
+            let now = summary(&client, &metrics, &config, started, &last).await;
             if terminal {
-                print!("\x1b[2J\x1b[H{frame}");
+                print!("\x1b[2J\x1b[H{}", now.screen());
             } else {
-                println!("{}", frame.lines().next().unwrap_or_default());
+                println!("{}", now.line());
             }
+            last = now.handled;
             let _ = std::io::stdout().flush();
             if until.is_some_and(|u| Instant::now() >= u) {
                 break;
@@ -184,59 +186,150 @@ async fn caught_up(client: &Client, config: &Config) -> bool {
     true
 }
 
-/// One screen: per group, entries handled so far and the rate, lag and pending; alerts
-/// and adaptations so far.
-async fn summary(client: &Client, metrics: &Metrics, config: &Config, started: Instant) -> String {
-    let secs = started.elapsed().as_secs_f64().max(0.001);
+/// Entries each group had handled, and when: the previous sample, for the rates.
+#[derive(Default)]
+struct Handled {
+    at: Option<Instant>,
+    by_group: std::collections::HashMap<String, u64>,
+}
+
+/// One group's figures in a sample.
+struct Row {
+    group: String,
+    handler: &'static str,
+    stream: String,
+    handled: u64,
+    /// Entries per second since the previous sample (the average since the start for the
+    /// first one).
+    per_second: f64,
+    lag: Option<u64>,
+    pending: Option<u64>,
+    dead_letters: u64,
+}
+
+/// One sample of the live summary.
+struct Sample {
+    seconds: f64,
+    rows: Vec<Row>,
+    alerts: u64,
+    adaptations: u64,
+    incident: bool,
+    handled: Handled,
+}
+
+impl Sample {
+    fn header(&self) -> String {
+        format!(
+            "t = {:>4.0} s  alert events {}  adaptation events {}{}",
+            self.seconds,
+            self.alerts,
+            self.adaptations,
+            if self.incident {
+                "  [incident: calls failing, one model rated poorly]"
+            } else {
+                ""
+            }
+        )
+    }
+
+    /// The line printed each second off a terminal (logs, CI, `| tee`): the header, then
+    /// per group its throughput, lag and pending.
+    fn line(&self) -> String {
+        let mut out = self.header();
+        for r in &self.rows {
+            out.push_str(&format!(
+                " | {} {:.0}/s lag {} pending {}",
+                r.group,
+                r.per_second,
+                r.lag.map_or("?".into(), |l| l.to_string()),
+                r.pending.map_or("?".into(), |p| p.to_string()),
+            ));
+        }
+        out
+    }
+
+    /// The screen redrawn each second on a terminal.
+    fn screen(&self) -> String {
+        let rows: Vec<Vec<String>> = self
+            .rows
+            .iter()
+            .map(|r| {
+                vec![
+                    r.group.clone(),
+                    r.handler.to_owned(),
+                    r.stream.clone(),
+                    r.handled.to_string(),
+                    format!("{:.0}", r.per_second),
+                    r.lag.map_or("?".into(), |l| l.to_string()),
+                    r.pending.map_or("?".into(), |p| p.to_string()),
+                    r.dead_letters.to_string(),
+                ]
+            })
+            .collect();
+        let mut out = format!("{}\n\n", self.header());
+        out.push_str(&crate::admin::table(
+            &[
+                "GROUP",
+                "HANDLER",
+                "STREAM",
+                "HANDLED",
+                "PER SECOND",
+                "LAG",
+                "PENDING",
+                "DEAD LETTERS",
+            ],
+            &rows,
+        ));
+        out
+    }
+}
+
+/// Per group: entries handled so far and the rate since `last`, lag and pending; alert
+/// and adaptation events so far.
+async fn summary(
+    client: &Client,
+    metrics: &Metrics,
+    config: &Config,
+    started: Instant,
+    last: &Handled,
+) -> Sample {
+    let now = Instant::now();
+    let since = last.at.unwrap_or(started);
+    let secs = now.duration_since(since).as_secs_f64().max(0.001);
+    let mut handled = Handled {
+        at: Some(now),
+        by_group: Default::default(),
+    };
     let mut rows = Vec::new();
     for g in config.groups.values() {
         let done = metrics.entries(&g.stream, &g.name, "acked")
             + metrics.entries(&g.stream, &g.name, "dropped");
+        let before = last.by_group.get(&g.name).copied().unwrap_or(0);
+        handled.by_group.insert(g.name.clone(), done);
         let info = client
             .groups(&g.stream)
             .await
             .ok()
             .and_then(|gs| gs.into_iter().find(|i| i.name == g.name));
-        rows.push(vec![
-            g.name.clone(),
-            g.handler.kind().to_owned(),
-            g.stream.clone(),
-            done.to_string(),
-            format!("{:.0}", done as f64 / secs),
-            info.as_ref()
-                .and_then(|i| i.lag)
-                .map_or("?".into(), |l| l.to_string()),
-            info.as_ref().map_or("?".into(), |i| i.pending.to_string()),
-            metrics
-                .entries(&g.stream, &g.name, "dead_lettered")
-                .to_string(),
-        ]);
+        rows.push(Row {
+            group: g.name.clone(),
+            handler: g.handler.kind(),
+            stream: g.stream.clone(),
+            handled: done,
+            per_second: done.saturating_sub(before) as f64 / secs,
+            lag: info.as_ref().and_then(|i| i.lag),
+            pending: info.as_ref().map(|i| i.pending),
+            dead_letters: metrics.entries(&g.stream, &g.name, "dead_lettered"),
+        });
     }
-    let alerts = client.xlen("alerts").await.unwrap_or(0);
-    let adaptations = client.xlen("ai:adaptations").await.unwrap_or(0);
-    let incident = if mood(started) == Mood::Incident {
-        "  [incident: calls failing, one model rated poorly]"
-    } else {
-        ""
-    };
-    let mut out = format!(
-        "t = {:>4.0} s  alerts {alerts}  adaptations {adaptations}{incident}\n\n",
-        secs
-    );
-    out.push_str(&crate::admin::table(
-        &[
-            "GROUP",
-            "HANDLER",
-            "STREAM",
-            "HANDLED",
-            "PER SECOND",
-            "LAG",
-            "PENDING",
-            "DEAD LETTERS",
-        ],
-        &rows,
-    ));
-    out
+    Sample {
+        seconds: started.elapsed().as_secs_f64(),
+        rows,
+        alerts: client.xlen("alerts").await.unwrap_or(0),
+        adaptations: client.xlen("ai:adaptations").await.unwrap_or(0),
+        incident: mood(started) == Mood::Incident,
+        handled,
+    }
 }
 
 fn count_lines(dir: &std::path::Path) -> (u64, Vec<PathBuf>) {

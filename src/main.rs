@@ -15,7 +15,12 @@ use streamworker::supervisor::{self, Outcome};
 
 /// Runs Redis Streams consumer groups: reclaim, retries, dead letters, graceful shutdown.
 #[derive(Parser)]
-#[command(name = "streamworker", version = streamworker::version(), about)]
+#[command(
+    name = "streamworker",
+    version = streamworker::version(),
+    about,
+    after_help = "Examples:\n  streamworker demo --duration 15s\n  streamworker check -c streamworker.toml\n  streamworker run -c streamworker.toml\n  streamworker status -c streamworker.toml --watch\n\n`streamworker <command> --help` shows each command's flags and examples."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -24,6 +29,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run every group in the configuration until SIGTERM or SIGINT.
+    #[command(
+        after_help = "Example:\n  streamworker run -c streamworker.toml\n  STREAMWORKER_CONFIG=/etc/streamworker.toml streamworker run"
+    )]
     Run {
         /// The TOML configuration file.
         #[arg(short, long, env = "STREAMWORKER_CONFIG")]
@@ -31,9 +39,16 @@ enum Command {
     },
     /// Validate a configuration, report every problem at once, and print it resolved
     /// (defaults filled in, environment overrides applied, secrets redacted).
+    #[command(
+        after_help = "Examples:\n  streamworker check -c streamworker.toml\n  streamworker check -c streamworker.toml --json | jq '.groups'"
+    )]
     Check {
+        /// The TOML configuration file.
         #[arg(short, long, env = "STREAMWORKER_CONFIG")]
         config: PathBuf,
+        /// Print the resolved configuration as JSON instead of TOML.
+        #[arg(long)]
+        json: bool,
     },
     /// Ask the running daemon's /livez (or /readyz) on its http.listen: exit 0 when it
     /// answers 200, else 1 with the reason. The image's HEALTHCHECK runs it, so the image
@@ -62,12 +77,22 @@ enum Command {
     },
     /// Per stream and group: length, lag, pending, oldest pending age, entries waiting
     /// for a retry, dead letters, consumers with idle times, circuit state.
+    #[command(
+        after_help = "Examples:\n  streamworker status -c streamworker.toml\n  streamworker status -c streamworker.toml --watch --interval 5s\n  streamworker status -c streamworker.toml --watch --json | jq -c '.[].groups[] | {group, lag, pending}'\n\nWith --watch, Ctrl-C (SIGINT) or SIGTERM stops it with exit code 0; a second signal exits at once with 130."
+    )]
     Status {
+        /// The TOML configuration file.
         #[arg(short, long, env = "STREAMWORKER_CONFIG")]
         config: PathBuf,
-        /// Machine-readable output.
+        /// Machine-readable output (with --watch: one JSON document per line and interval).
         #[arg(long)]
         json: bool,
+        /// Refresh every --interval until Ctrl-C (redrawn in place on a terminal).
+        #[arg(short, long)]
+        watch: bool,
+        /// How often --watch refreshes, e.g. `500ms`, `2s`, `1m` (at least 100ms).
+        #[arg(long, default_value = "2s", value_parser = parse_interval, requires = "watch")]
+        interval: std::time::Duration,
     },
     /// Inspect, replay and purge a group's dead letters.
     #[command(
@@ -79,6 +104,9 @@ enum Command {
     },
     /// Measure throughput, cost per entry and latency against hand-written consumers, on
     /// a private redis-server (build with --release first).
+    #[command(
+        after_help = "Examples:\n  streamworker bench\n  streamworker bench --entries 50000 --runs 1 --replicas 1 --no-python"
+    )]
     Bench {
         /// Pre-loaded entries each consumer drains.
         #[arg(long, default_value_t = 200_000)]
@@ -105,6 +133,9 @@ enum Command {
     /// The product on a fresh machine: a private redis-server, realistic events, the four
     /// built-in groups (analytics, alerts, warehouse, learning) with a live summary, and a
     /// report of what each did.
+    #[command(
+        after_help = "Examples:\n  streamworker demo --duration 15s\n  streamworker demo --url redis://127.0.0.1:6379/15     # a Redis you started, until Ctrl-C"
+    )]
     Demo {
         /// How long to run; until Ctrl-C when left out.
         #[arg(long, value_parser = streamworker_handlers::duration::parse)]
@@ -120,6 +151,9 @@ enum Command {
         url: Option<String>,
     },
     /// Write realistic events of a seed scenario to its stream, at a rate.
+    #[command(
+        after_help = "Examples:\n  streamworker produce --scenario llm-observability --rate 500 --duration 30s\n  streamworker produce --scenario commerce --url redis://127.0.0.1:6379/0 --count 10000 --json"
+    )]
     Produce {
         /// Which write-up's events.
         #[arg(long, value_enum)]
@@ -146,15 +180,36 @@ enum Command {
         /// Produce the incident variant (failing LLM calls, one model rated poorly).
         #[arg(long)]
         incident: bool,
+        /// Print the summary (stream, events added) as JSON on stdout.
+        #[arg(long)]
+        json: bool,
     },
     /// The hand-written redis-rs consumer loop `bench` compares against.
     #[command(hide = true)]
     BenchContender {
+        /// The Redis to read from.
         url: String,
+        /// The stream to drain.
         stream: String,
+        /// The consumer group to read as.
         group: String,
+        /// The consumer name to read as.
         consumer: String,
     },
+    /// Print a shell completion script, generated from these definitions, to stdout.
+    #[command(
+        after_help = "Examples:\n  streamworker completions bash > /etc/bash_completion.d/streamworker\n  streamworker completions zsh  > \"${fpath[1]}/_streamworker\"\n  streamworker completions fish > ~/.config/fish/completions/streamworker.fish"
+    )]
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), generated from these definitions, to stdout.
+    #[command(
+        after_help = "Examples:\n  streamworker man | man -l -\n  streamworker man > /usr/local/share/man/man1/streamworker.1"
+    )]
+    Man,
     /// A group's pending entries, oldest first: who holds each, how long it has been idle,
     /// how often it was delivered and, for a retry waiting out its backoff (held by
     /// `streamworker:backoff`), when the retry is due.
@@ -202,7 +257,11 @@ enum Command {
     /// What a group's handler has aggregated, read from its aggregates in Redis (analytics:
     /// entries, errors and error rate, event types, sums, latency percentiles, top values
     /// of each dimension).
+    #[command(
+        after_help = "Examples:\n  streamworker stats -c streamworker.toml --group llm-usage --since 1h --top 3\n  streamworker stats -c streamworker.toml --group llm-usage --since 7d --json"
+    )]
     Stats {
+        /// The TOML configuration file.
         #[arg(short, long, env = "STREAMWORKER_CONFIG")]
         config: PathBuf,
         /// The consumer group (a `[groups.<name>]` table of the configuration).
@@ -364,7 +423,7 @@ fn main() -> ExitCode {
     streamworker_handlers::webhook::install_tls_provider();
 
     match cli.command {
-        Command::Check { config } => check(&config),
+        Command::Check { config, json } => check(&config, json),
         Command::Healthcheck {
             config,
             ready,
@@ -372,10 +431,44 @@ fn main() -> ExitCode {
             timeout,
         } => healthcheck(config.as_deref(), ready, addr.as_deref(), timeout),
         Command::Run { config } => run(&config),
-        Command::Status { config, json } => admin(&config, |client, config| {
+        Command::Status {
+            config,
+            json,
+            watch: false,
+            ..
+        } => admin(&config, |client, config| {
             Box::pin(async move {
                 let text = streamworker::admin::status::run(&client, &config, json).await?;
                 print!("{text}");
+                Ok(())
+            })
+        }),
+        Command::Status {
+            config,
+            json,
+            watch: true,
+            interval,
+        } => admin(&config, move |client, config| {
+            Box::pin(async move {
+                use std::io::IsTerminal;
+                // The daemon's signal handling: the first Ctrl-C ends the watch cleanly
+                // (exit 0), a second one exits at once with 130.
+                let stop = Shutdown::new(std::time::Duration::ZERO);
+                shutdown::listen_for_signals(stop.clone())
+                    .context("cannot install signal handlers")?;
+                let options = streamworker::admin::status::Watch {
+                    json,
+                    interval,
+                    terminal: std::io::stdout().is_terminal(),
+                };
+                streamworker::admin::status::watch(
+                    &client,
+                    &config,
+                    &options,
+                    stop.triggered(),
+                    &mut std::io::stdout(),
+                )
+                .await?;
                 Ok(())
             })
         }),
@@ -485,7 +578,19 @@ fn main() -> ExitCode {
             duration,
             traceparent,
             incident,
-        } => produce(scenario, &url, rate, count, duration, traceparent, incident),
+            json,
+        } => match produce(scenario, &url, rate, count, duration, traceparent, incident) {
+            Ok(n) => {
+                if json {
+                    let value = serde_json::json!({ "stream": scenario.stream(), "added": n });
+                    println!("{value}");
+                } else {
+                    eprintln!("added {n} events to {}", scenario.stream());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
         Command::BenchContender {
             url,
             stream,
@@ -505,6 +610,16 @@ fn main() -> ExitCode {
                     ExitCode::from(EXIT_FAILURE)
                 }
             }
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "streamworker", &mut script);
+            print_generated("completion script", Ok(script))
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            print_generated("manual page", man_page(Cli::command()))
         }
         Command::Stats {
             config,
@@ -527,6 +642,109 @@ type AdminFuture = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Re
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct Refused(String);
+
+/// `--interval 2s` of `status --watch`: a human duration, not so short that the watch
+/// becomes load on Redis.
+fn parse_interval(text: &str) -> Result<std::time::Duration, String> {
+    let d = streamworker_handlers::duration::parse(text)?;
+    if d < std::time::Duration::from_millis(100) {
+        return Err(format!(
+            "`{text}` is too short an interval; use 100ms or more, e.g. `2s`"
+        ));
+    }
+    Ok(d)
+}
+
+/// The manual page: `streamworker(1)`, then a section per subcommand (nested ones
+/// included) with its synopsis, flags and examples, so one page documents the whole CLI.
+fn man_page(cli: clap::Command) -> std::io::Result<Vec<u8>> {
+    let cli = cli.disable_help_subcommand(true);
+    let mut out = Vec::new();
+    let man = clap_mangen::Man::new(cli.clone());
+    man.render_title(&mut out)?;
+    let mut roff = Vec::new();
+    man.render_name_section(&mut roff)?;
+    man.render_synopsis_section(&mut roff)?;
+    man.render_description_section(&mut roff)?;
+    man.render_options_section(&mut roff)?;
+    out.extend(without_preamble(&roff).into_bytes());
+    out.extend(examples(&man, ".SH")?);
+    let mut roff = Vec::new();
+    man.render_version_section(&mut roff)?;
+    out.extend(without_preamble(&roff).into_bytes());
+    let mut pending: Vec<(String, clap::Command)> = cli
+        .get_subcommands()
+        .filter(|c| !c.is_hide_set())
+        .map(|c| (format!("streamworker {}", c.get_name()), c.clone()))
+        .collect();
+    while !pending.is_empty() {
+        let (path, sub) = pending.remove(0);
+        let children: Vec<(String, clap::Command)> = sub
+            .get_subcommands()
+            .filter(|c| !c.is_hide_set() && c.get_name() != "help")
+            .map(|c| (format!("{path} {}", c.get_name()), c.clone()))
+            .collect();
+        let page = clap_mangen::Man::new(sub.bin_name(path.clone()));
+        let mut roff = Vec::new();
+        page.render_synopsis_section(&mut roff)?;
+        page.render_description_section(&mut roff)?;
+        page.render_options_section(&mut roff)?;
+        // Each part opens its own `.SH`: here the command is the section, the parts its
+        // subsections (synopsis and description need no heading of their own).
+        let text = without_preamble(&roff)
+            .replace(".SH SYNOPSIS\n", "")
+            .replace(".SH DESCRIPTION\n", ".PP\n")
+            .replace(".SH ", ".SS ");
+        out.extend(format!(".SH \"{}\"\n", path.to_uppercase()).into_bytes());
+        out.extend(text.into_bytes());
+        out.extend(examples(&page, ".SS")?);
+        pending.splice(0..0, children);
+    }
+    Ok(out)
+}
+
+/// A command's `after_help` (its examples) as an EXAMPLES section under `heading`
+/// (`.SH`/`.SS`), lines kept as written (`.nf`).
+fn examples(page: &clap_mangen::Man, heading: &str) -> std::io::Result<Vec<u8>> {
+    let mut roff = Vec::new();
+    page.render_extra_section(&mut roff)?;
+    let text = without_preamble(&roff);
+    let body = text.strip_prefix(".SH EXTRA\n").unwrap_or(&text);
+    let body = body.strip_prefix("Examples:\n").unwrap_or(body);
+    let body = body.strip_prefix("Example:\n").unwrap_or(body);
+    if body.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(format!("{heading} EXAMPLES\n.nf\n{body}.fi\n").into_bytes())
+}
+
+/// Rendered roff without the string definitions clap_mangen starts every render with
+/// (`.ie \n(.g .ds Aq …`): the page's title render has them once.
+fn without_preamble(roff: &[u8]) -> String {
+    String::from_utf8_lossy(roff)
+        .lines()
+        .filter(|l| !l.starts_with(".ie \\n(.g .ds Aq") && !l.starts_with(".el .ds Aq"))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+/// Writes generated text to stdout; a reader that went away (`| head`) is not an error.
+fn print_generated(what: &str, bytes: std::io::Result<Vec<u8>>) -> ExitCode {
+    use std::io::Write;
+    let written = bytes.and_then(|b| {
+        let mut out = std::io::stdout().lock();
+        out.write_all(&b)?;
+        out.flush()
+    });
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: cannot write the {what} to stdout: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
 
 /// `--rate 50/s` (or `50`): replays per second.
 fn parse_rate(text: &str) -> Result<f64, String> {
@@ -794,10 +1012,28 @@ fn load(path: &Path) -> Result<config::Config, ExitCode> {
     })
 }
 
-fn check(path: &Path) -> ExitCode {
+fn check(path: &Path, json: bool) -> ExitCode {
     match load(path) {
         Ok(config) => {
-            print!("{}", config.to_redacted_toml());
+            let text = config.to_redacted_toml();
+            if json {
+                // The same view as the TOML: one source, so the two never disagree.
+                let value: toml::Value = match toml::from_str(&text) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        eprintln!(
+                            "error: the resolved configuration does not read back (a bug): {e}"
+                        );
+                        return ExitCode::from(EXIT_FAILURE);
+                    }
+                };
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&value).expect("serializes")
+                );
+            } else {
+                print!("{text}");
+            }
             eprintln!("{} is valid", path.display());
             ExitCode::SUCCESS
         }
@@ -910,7 +1146,7 @@ fn produce(
     duration: Option<std::time::Duration>,
     traceparent: bool,
     incident: bool,
-) -> ExitCode {
+) -> Result<u64, ExitCode> {
     let duration = duration.or(count
         .is_none()
         .then_some(std::time::Duration::from_secs(10)));
@@ -921,7 +1157,7 @@ fn produce(
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::from(EXIT_FAILURE);
+            return Err(ExitCode::from(EXIT_FAILURE));
         }
     };
     let mood = if incident {
@@ -937,16 +1173,94 @@ fn produce(
             .await
     });
     match result {
-        Ok(n) => {
-            eprintln!("added {n} events to {}", scenario.stream());
-            ExitCode::SUCCESS
-        }
+        Ok(n) => Ok(n),
         Err(e) => {
             eprintln!(
                 "error: cannot write to {}: {e}",
                 streamworker::config::redact_url(url)
             );
-            ExitCode::from(EXIT_FAILURE)
+            Err(ExitCode::from(EXIT_FAILURE))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// Every visible command with its path, nested ones included.
+    fn commands() -> Vec<(String, clap::Command)> {
+        let mut out = Vec::new();
+        let mut todo = vec![("streamworker".to_owned(), Cli::command())];
+        while let Some((path, command)) = todo.pop() {
+            for sub in command.get_subcommands() {
+                if sub.get_name() != "help" && !sub.is_hide_set() {
+                    todo.push((format!("{path} {}", sub.get_name()), sub.clone()));
+                }
+            }
+            out.push((path, command));
+        }
+        out
+    }
+
+    #[test]
+    fn the_cli_definitions_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// `--help` explains every flag and argument: none is left with a bare name.
+    #[test]
+    fn every_flag_of_every_command_has_help_text() {
+        let mut missing = Vec::new();
+        for (path, command) in commands() {
+            for arg in command.get_arguments() {
+                let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+                if help.trim().is_empty() && !arg.is_hide_set() {
+                    missing.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "flags without help text: {missing:?}");
+    }
+
+    /// Every command's `--help` ends with at least one example of that command (a leaf
+    /// command's examples start with its own path; a parent's with one of its children).
+    #[test]
+    fn every_command_has_an_example() {
+        let mut missing = Vec::new();
+        for (path, command) in commands() {
+            let after = command
+                .get_after_help()
+                .map(|h| h.to_string())
+                .unwrap_or_default();
+            let examples = after
+                .lines()
+                .filter(|l| {
+                    l.trim_start().starts_with(&format!("{path} "))
+                        || l.contains(&format!(" {path} "))
+                })
+                .count();
+            if examples == 0 {
+                missing.push(path);
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "commands without an example: {missing:?}"
+        );
+    }
+
+    #[test]
+    fn status_watch_intervals_are_human_and_not_too_short() {
+        assert_eq!(parse_interval("2s"), Ok(std::time::Duration::from_secs(2)));
+        assert_eq!(
+            parse_interval("500ms"),
+            Ok(std::time::Duration::from_millis(500))
+        );
+        let err = parse_interval("10ms").unwrap_err();
+        assert!(err.contains("100ms or more"), "{err}");
+        assert!(parse_interval("soon").is_err());
     }
 }

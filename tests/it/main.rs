@@ -8,6 +8,7 @@ mod alerts;
 mod analytics;
 mod chaos;
 mod cli;
+mod cli_more;
 mod defaults;
 mod delivery;
 mod demo;
