@@ -419,3 +419,61 @@ fn require_encrypts_without_a_ca_and_prefer_and_disable_still_work() {
         );
     }
 }
+
+/// `check` takes every sslmode libpq has (but `allow`), refuses a verify mode without a
+/// readable CA, and says how to fix it, the password redacted.
+#[test]
+fn check_takes_tls_urls_and_refuses_a_verify_mode_without_a_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |url: &str| {
+        let text = format!(
+            r#"
+[groups.warehouse]
+stream = "ml_events"
+handler = "warehouse"
+[groups.warehouse.options]
+sink = "postgres"
+url = "{url}"
+"#
+        );
+        let (code, _, stderr) = run_cli(&["check", "-c", &write_config(dir.path(), &text)], &[]);
+        (code, stderr)
+    };
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, make_ca("check CA").0).unwrap();
+    let ca = ca.display().to_string();
+    for params in [
+        "".to_owned(),
+        "?sslmode=disable".to_owned(),
+        "?sslmode=prefer".to_owned(),
+        "?sslmode=require".to_owned(),
+        format!("?sslmode=verify-ca&sslrootcert={ca}"),
+        format!("?sslmode=verify-full&sslrootcert={ca}"),
+    ] {
+        let (code, stderr) = check(&format!("postgres://u:pw@db:5432/events{params}"));
+        assert_eq!(code, 0, "{params}: {stderr}");
+    }
+    let (code, stderr) = check("postgres://u:pw@db:5432/events?sslmode=verify-full");
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("groups.warehouse.options.url") && stderr.contains("add sslrootcert="),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains(":pw@"),
+        "the password stays redacted: {stderr}"
+    );
+    let missing = dir.path().join("no-such-ca.pem").display().to_string();
+    let (code, stderr) = check(&format!(
+        "host=db user=u password=pw sslmode=verify-ca sslrootcert={missing}"
+    ));
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains(&missing), "the CA file is named: {stderr}");
+    assert!(!stderr.contains("password=pw"), "{stderr}");
+    let (code, stderr) = check("postgres://u:pw@db/events?sslmode=require&sslcert=/c.pem");
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("client certificates are not supported"),
+        "{stderr}"
+    );
+}

@@ -134,6 +134,14 @@ pub(crate) struct Target {
 /// file, so `check` finds a missing or empty CA file before the daemon starts.
 pub(crate) fn parse_url(url: &str) -> Result<Target, String> {
     let (rest, sslmode, root_cert) = take_tls_keys(url);
+    // tokio-postgres would say only "invalid connection string".
+    for key in ["sslcert", "sslkey", "sslpassword"] {
+        if Config::from_str(&rest).is_err() && has_key(&rest, key) {
+            return Err(format!(
+                "{key}: client certificates are not supported; authenticate with a password (or ask for this feature)"
+            ));
+        }
+    }
     let mut config =
         Config::from_str(&rest).map_err(|e| format!("not a PostgreSQL connection string: {e}"))?;
     let mode = match sslmode.as_deref() {
@@ -275,6 +283,16 @@ fn key_value_pairs(s: &str) -> Vec<(&str, String, &str)> {
         pairs.push((key, value, &s[start..i]));
     }
     pairs
+}
+
+/// Whether a connection string sets `key` (either form).
+fn has_key(url: &str, key: &str) -> bool {
+    if let Some((_, query)) = url.split_once('?') {
+        return query
+            .split('&')
+            .any(|p| p.split_once('=').is_some_and(|(k, _)| k == key));
+    }
+    key_value_pairs(url).iter().any(|(k, _, _)| *k == key)
 }
 
 fn percent_decode(s: &str) -> String {
@@ -1035,6 +1053,13 @@ mod tests {
         assert!(parse_url("postgres://h/db?sslmode=verify-full").is_err());
         assert!(parse_url("host=h sslmode=verify-ca").is_err());
         assert!(parse_url("mysql://h/db").is_err());
+        let client_cert = parse_url("postgres://h/db?sslmode=require&sslcert=/c.pem").err();
+        assert!(
+            client_cert
+                .as_deref()
+                .is_some_and(|e| e.starts_with("sslcert:")),
+            "{client_cert:?}"
+        );
     }
 
     #[test]
