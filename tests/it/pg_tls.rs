@@ -71,8 +71,13 @@ fn postgres_bin() -> PathBuf {
     )
 }
 
-/// A private cluster with `ssl=on`, serving the certificate of `pki`.
+/// The password of user `postgres` over TCP (SCRAM, as managed databases ask).
+const PASSWORD: &str = "tls-test-secret";
+
+/// A private cluster with `ssl=on` (unless started `plain`), serving the certificate of
+/// `pki`; TCP clients log in with SCRAM, which binds the login to the TLS channel.
 struct TlsCluster {
+    ssl: bool,
     bin: PathBuf,
     dir: tempfile::TempDir,
     port: u16,
@@ -84,6 +89,10 @@ struct TlsCluster {
 
 impl TlsCluster {
     fn start(pki: &Pki) -> Self {
+        Self::start_with(pki, true)
+    }
+
+    fn start_with(pki: &Pki, ssl: bool) -> Self {
         let bin = postgres_bin();
         let user = (unsafe { libc::geteuid() } == 0).then(|| "postgres".to_owned());
         let dir = tempfile::tempdir().expect("temp dir");
@@ -91,6 +100,8 @@ impl TlsCluster {
         std::fs::write(&ca_file, &pki.ca_pem).unwrap();
         let cert = dir.path().join("server.crt");
         let key = dir.path().join("server.key");
+        let pwfile = dir.path().join("pwfile");
+        std::fs::write(&pwfile, PASSWORD).unwrap();
         std::fs::write(&cert, &pki.server_pem).unwrap();
         std::fs::write(&key, &pki.server_key_pem).unwrap();
         // PostgreSQL refuses a key others can read.
@@ -100,6 +111,7 @@ impl TlsCluster {
             let status = Command::new("chown")
                 .arg(format!("{user}:"))
                 .arg(dir.path())
+                .arg(&pwfile)
                 .arg(&cert)
                 .arg(&key)
                 .status()
@@ -111,6 +123,7 @@ impl TlsCluster {
             );
         }
         let mut cluster = Self {
+            ssl,
             bin,
             dir,
             port: 0,
@@ -121,11 +134,12 @@ impl TlsCluster {
             .command("initdb")
             .arg("-D")
             .arg(cluster.data())
+            .arg(format!("--pwfile={}", pwfile.display()))
             .args([
                 "-U",
                 "postgres",
-                "-A",
-                "trust",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
                 "-E",
                 "UTF8",
                 "--locale=C",
@@ -168,8 +182,9 @@ impl TlsCluster {
 
     fn pg_ctl(&self, action: &str) -> bool {
         let d = self.dir.path().display();
+        let ssl = if self.ssl { "on" } else { "off" };
         let options = format!(
-            "-p {} -k {d} -c listen_addresses=127.0.0.1 -c ssl=on -c ssl_cert_file={d}/server.crt -c ssl_key_file={d}/server.key",
+            "-p {} -k {d} -c listen_addresses=127.0.0.1 -c ssl={ssl} -c ssl_cert_file={d}/server.crt -c ssl_key_file={d}/server.key",
             self.port
         );
         let mut c = self.command("pg_ctl");
@@ -190,7 +205,10 @@ impl TlsCluster {
 
     /// A TCP URL to `host` with the query `params`.
     fn url(&self, host: &str, params: &str) -> String {
-        format!("postgres://postgres@{host}:{}/postgres?{params}", self.port)
+        format!(
+            "postgres://postgres:{PASSWORD}@{host}:{}/postgres?{params}",
+            self.port
+        )
     }
 
     /// Runs SQL with psql over the Unix socket (no TLS involved); unaligned, tuples only.
@@ -475,5 +493,48 @@ url = "{url}"
     assert!(
         stderr.contains("client certificates are not supported"),
         "{stderr}"
+    );
+}
+
+#[test]
+fn require_against_a_server_without_tls_is_refused_with_the_fix() {
+    let pki = make_pki();
+    let pg = TlsCluster::start_with(&pki, false);
+    let redis = RedisServer::start();
+    let groups = [
+        group("req", &pg.url("127.0.0.1", "sslmode=require")),
+        // prefer falls back to plain text, as before.
+        group(
+            "pref",
+            &pg.url("127.0.0.1", "sslmode=prefer&application_name=sw_prefer"),
+        ),
+    ]
+    .concat();
+    let daemon = Daemon::start(&config(&redis.url(), "a", &groups));
+    let mut con = redis.connection();
+    for stream in ["req", "pref"] {
+        produce(&mut con, stream, &events(5));
+    }
+    daemon.wait_for_log(
+        Duration::from_secs(30),
+        "sslmode=require needs TLS but the server does not offer it",
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "prefer's rows in plain text",
+        || pg.count("pref") == 5,
+    );
+    assert_eq!(
+        pg.count("req"),
+        0,
+        "a row went over plain text with require"
+    );
+    assert!(
+        pg.ssl_of("sw_prefer").iter().all(|ssl| !*ssl),
+        "the server has no TLS, yet a session is encrypted"
+    );
+    assert!(
+        !daemon.logs().contains(PASSWORD),
+        "the password is in the log"
     );
 }

@@ -142,8 +142,8 @@ pub(crate) fn parse_url(url: &str) -> Result<Target, String> {
             ));
         }
     }
-    let mut config =
-        Config::from_str(&rest).map_err(|e| format!("not a PostgreSQL connection string: {e}"))?;
+    let mut config = Config::from_str(&rest)
+        .map_err(|e| format!("not a PostgreSQL connection string: {}", describe(&e)))?;
     let mode = match sslmode.as_deref() {
         None | Some("prefer") => TlsMode::Prefer,
         Some("disable") => TlsMode::Disable,
@@ -496,13 +496,16 @@ fn tls_hint(e: &tokio_postgres::Error, mode: TlsMode, root_cert: Option<&Path>) 
                 ),
             });
         }
+        // tokio-postgres's own refusal, a plain message under its TLS error.
+        if cause.to_string().contains("server does not support TLS") {
+            return Some(format!(
+                "sslmode={} needs TLS but the server does not offer it: turn ssl on in the server, or use sslmode=prefer or disable on a private network",
+                mode.name()
+            ));
+        }
         source = cause.source();
     }
-    let text = e.to_string();
-    (text.contains("server does not support TLS")).then(|| format!(
-        "sslmode={} needs TLS but the server does not offer it: turn ssl on in the server, or use sslmode=prefer or disable on a private network",
-        mode.name()
-    ))
+    None
 }
 
 /// Hides the password of a `postgres://user:password@…` URL, of a `password=` query
