@@ -138,7 +138,7 @@ pub(crate) fn parse_url(url: &str) -> Result<Target, String> {
     for key in ["sslcert", "sslkey", "sslpassword"] {
         if Config::from_str(&rest).is_err() && has_key(&rest, key) {
             return Err(format!(
-                "{key}: client certificates are not supported; authenticate with a password (or ask for this feature)"
+                "{key}: client certificates are not supported by the warehouse: remove {key} and log in with a password (over sslmode=verify-full)"
             ));
         }
     }
