@@ -538,3 +538,42 @@ fn require_against_a_server_without_tls_is_refused_with_the_fix() {
         "the password is in the log"
     );
 }
+
+/// `sslrootcert=system` (libpq 16): the host's CAs, verify-full implied. The test points
+/// the host's store at its CA through `SSL_CERT_FILE`, as an image with a custom bundle
+/// would.
+#[test]
+fn sslrootcert_system_trusts_the_hosts_cas_with_verify_full() {
+    let pki = make_pki();
+    let pg = TlsCluster::start(&pki);
+    let redis = RedisServer::start();
+    let url = pg.url("localhost", "sslrootcert=system&application_name=sw_system");
+    let ca = pg.ca_file.display().to_string();
+    let daemon = Daemon::start_with_env(
+        &config(&redis.url(), "a", &group("sys", &url)),
+        &[("SSL_CERT_FILE", ca.as_str())],
+    );
+    let mut con = redis.connection();
+    produce(&mut con, "sys", &events(5));
+    wait_until(Duration::from_secs(30), "5 rows over verified TLS", || {
+        pg.count("sys") == 5
+    });
+    assert!(pg.ssl_of("sw_system").iter().all(|ssl| *ssl));
+    drop(daemon);
+
+    // The same URL on a host whose store lacks the CA: refused, with the reason.
+    let other = tempfile::tempdir().unwrap();
+    let bundle = other.path().join("bundle.pem");
+    std::fs::write(&bundle, make_ca("a public CA").0).unwrap();
+    let bundle = bundle.display().to_string();
+    let daemon = Daemon::start_with_env(
+        &config(&redis.url(), "b", &group("sys2", &url)),
+        &[("SSL_CERT_FILE", bundle.as_str())],
+    );
+    produce(&mut con, "sys2", &events(1));
+    daemon.wait_for_log(
+        Duration::from_secs(30),
+        "is not signed by the CA in sslrootcert (system)",
+    );
+    assert_eq!(pg.count("sys2"), 0);
+}

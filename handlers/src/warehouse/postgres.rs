@@ -35,6 +35,7 @@
 //!   (libpq does the same);
 //! - `verify-ca`: the certificate must chain to a CA in `sslrootcert=<PEM file>`;
 //! - `verify-full`: and name the host of the URL too — what a managed database wants.
+//!   `sslrootcert=system` means the host's CA store, and implies and requires it.
 //!
 //! tokio-postgres knows neither the verify modes nor `sslrootcert`, so both are taken out
 //! of the string before it parses the rest, and rustls does the checks.
@@ -144,7 +145,10 @@ pub(crate) fn parse_url(url: &str) -> Result<Target, String> {
     }
     let mut config = Config::from_str(&rest)
         .map_err(|e| format!("not a PostgreSQL connection string: {}", describe(&e)))?;
+    // libpq 16: `sslrootcert=system` trusts the host's CAs, and then only verify-full.
+    let system = root_cert.as_deref() == Some("system");
     let mode = match sslmode.as_deref() {
+        None if system => TlsMode::VerifyFull,
         None | Some("prefer") => TlsMode::Prefer,
         Some("disable") => TlsMode::Disable,
         // libpq: "if a root CA file exists, require behaves as verify-ca".
@@ -163,8 +167,15 @@ pub(crate) fn parse_url(url: &str) -> Result<Target, String> {
         TlsMode::Prefer => SslMode::Prefer,
         _ => SslMode::Require,
     });
+    if system && mode != TlsMode::VerifyFull {
+        return Err(format!(
+            "sslrootcert=system with sslmode={}: the host's CAs vouch for any public name, so only sslmode=verify-full is safe with them (as in libpq); use verify-full, or give the CA file itself",
+            sslmode.as_deref().unwrap_or_default()
+        ));
+    }
     let root_cert = root_cert.map(PathBuf::from);
     let roots = match (&root_cert, mode) {
+        (Some(_), TlsMode::VerifyFull) if system => Some(system_roots()?),
         (None, TlsMode::VerifyCa | TlsMode::VerifyFull) => {
             return Err(format!(
                 "sslmode={} checks the server's certificate against a CA, but no CA is given: add sslrootcert=/path/to/ca.pem (for a managed database, the provider's CA bundle)",
@@ -335,6 +346,26 @@ fn load_roots(path: &Path) -> Result<RootCertStore, String> {
         roots
             .add(cert)
             .map_err(|e| named(&format!("not a CA certificate ({e})")))?;
+    }
+    Ok(roots)
+}
+
+/// The host's CAs (`sslrootcert=system`): the system store, or `SSL_CERT_FILE` /
+/// `SSL_CERT_DIR` when set.
+fn system_roots() -> Result<RootCertStore, String> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        let errors: Vec<String> = found.errors.iter().map(|e| e.to_string()).collect();
+        return Err(format!(
+            "sslrootcert=system: no CA certificate found on this host{}: install the ca-certificates package, set SSL_CERT_FILE to a PEM bundle, or set sslrootcert to the CA file itself",
+            if errors.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", errors.join("; "))
+            }
+        ));
     }
     Ok(roots)
 }
@@ -1056,6 +1087,11 @@ mod tests {
         assert!(parse_url("postgres://h/db?sslmode=verify-full").is_err());
         assert!(parse_url("host=h sslmode=verify-ca").is_err());
         assert!(parse_url("mysql://h/db").is_err());
+        let system = parse_url("postgres://h/db?sslrootcert=system&sslmode=require").err();
+        assert!(
+            system.as_deref().is_some_and(|e| e.contains("verify-full")),
+            "{system:?}"
+        );
         let client_cert = parse_url("postgres://h/db?sslmode=require&sslcert=/c.pem").err();
         assert!(
             client_cert
