@@ -108,8 +108,8 @@ pub struct WarehouseOptions {
     /// postgres: the server, `postgres://user:password@host:5432/db` or
     /// `host=… user=… dbname=…`. TLS as libpq's `sslmode`: `disable`, `prefer` (the
     /// default), `require` (encrypted, certificate unchecked), `verify-ca` or `verify-full`
-    /// with the CA in `sslrootcert=/path/to/ca.pem` (or `system`). The password is redacted when `check`
-    /// prints the configuration.
+    /// with the CA in `sslrootcert=/path/to/ca.pem` (or `system`). The password is
+    /// redacted when `check` prints the configuration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
     /// postgres: the table (optionally `schema.table`, lower case), created if missing.
