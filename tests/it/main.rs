@@ -20,6 +20,7 @@ mod learning;
 mod observability;
 mod operate;
 mod ops_guards;
+mod pg_tls;
 mod promises;
 mod scenarios;
 mod shutdown;

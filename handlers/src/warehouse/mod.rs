@@ -106,9 +106,10 @@ pub struct WarehouseOptions {
     pub dedupe_window: Option<Duration>,
 
     /// postgres: the server, `postgres://user:password@host:5432/db` or
-    /// `host=… user=… dbname=…`. Connections are made **without TLS**, so use a private
-    /// network or a local TLS proxy; `sslmode=require` is refused. The password is redacted
-    /// when `check` prints the configuration.
+    /// `host=… user=… dbname=…`. TLS as libpq's `sslmode`: `disable`, `prefer` (the
+    /// default), `require` (encrypted, certificate unchecked), `verify-ca` or `verify-full`
+    /// with the CA in `sslrootcert=/path/to/ca.pem` (or `system`). The password is
+    /// redacted when `check` prints the configuration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
     /// postgres: the table (optionally `schema.table`, lower case), created if missing.
@@ -696,10 +697,31 @@ mod tests {
             url: Some("postgres://u:secret@h/db?sslmode=require".into()),
             ..Default::default()
         };
-        let problems = tls.validate(&limits());
+        assert!(
+            tls.validate(&limits()).is_empty(),
+            "{:?}",
+            tls.validate(&limits())
+        );
+        let no_ca = WarehouseOptions {
+            sink: SinkKind::Postgres,
+            url: Some("postgres://u:secret@h/db?sslmode=verify-full".into()),
+            ..Default::default()
+        };
+        let problems = no_ca.validate(&limits());
         assert_eq!(problems[0].key, "url");
-        assert!(problems[0].message.contains("TLS"), "{problems:?}");
+        assert!(problems[0].message.contains("sslrootcert="), "{problems:?}");
         assert!(!problems[0].message.contains("secret"), "{problems:?}");
+        let missing_ca = WarehouseOptions {
+            sink: SinkKind::Postgres,
+            url: Some("postgres://h/db?sslmode=verify-ca&sslrootcert=/nonexistent/ca.pem".into()),
+            ..Default::default()
+        };
+        let problems = missing_ca.validate(&limits());
+        assert_eq!(problems[0].key, "url");
+        assert!(
+            problems[0].message.contains("/nonexistent/ca.pem"),
+            "{problems:?}"
+        );
     }
 
     #[test]
