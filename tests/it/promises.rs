@@ -449,19 +449,19 @@ fn dlq_list_show_replay_since_and_purge_select_what_they_name() {
     // purge --before 2h: only what is older; --id: exactly that one; --all: the rest.
     add_dead_letter(&mut con, "*", "new-4", "2-4");
     add_dead_letter(&mut con, "*", "new-5", "2-5");
-    let (out, _) = dlq(&["purge", "--before", "2h"]);
+    let (out, _) = dlq(&["purge", "--yes", "--before", "2h"]);
     assert!(
         out.contains("purged 2 dead letters from {orders}:dlq:billing"),
         "{out}"
     );
     let left = entries(&mut con, "{orders}:dlq:billing");
     assert_eq!(left.len(), 2);
-    let (out, _) = dlq(&["purge", "--id", &left[0].0]);
+    let (out, _) = dlq(&["purge", "--yes", "--id", &left[0].0]);
     assert!(out.contains("purged 1 dead letter from"), "{out}");
     let rest = fields_of(&mut con, "{orders}:dlq:billing");
     assert_eq!(rest.len(), 1);
     assert_eq!(rest[0]["order"], "new-5");
-    let (out, _) = dlq(&["purge", "--all"]);
+    let (out, _) = dlq(&["purge", "--yes", "--all"]);
     assert!(out.contains("purged 1 dead letter from"), "{out}");
     assert!(entries(&mut con, "{orders}:dlq:billing").is_empty());
     assert_eq!(
