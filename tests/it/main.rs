@@ -14,6 +14,7 @@ mod demo;
 mod failures;
 mod faults;
 mod forward;
+mod gaps;
 mod huge;
 mod learning;
 mod observability;

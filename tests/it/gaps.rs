@@ -1,0 +1,716 @@
+//! README promises that `tests/claims.toml` listed as untested: each test here drives the
+//! promise against a real `redis-server` and checks what an operator would look at (the
+//! streams, the keys, `/metrics`, the log, the process's fate).
+
+use std::collections::{BTreeMap, HashMap};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::support::*;
+
+fn readme() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README.md")
+}
+
+/// Fields as (name, value) strings, in order.
+fn strings(fields: &Fields) -> Vec<(String, String)> {
+    fields
+        .iter()
+        .map(|(k, v)| {
+            (
+                String::from_utf8_lossy(k).into_owned(),
+                String::from_utf8_lossy(v).into_owned(),
+            )
+        })
+        .collect()
+}
+
+fn stream_strings(con: &mut redis::Connection, key: &str) -> Vec<(String, Vec<(String, String)>)> {
+    entries(con, key)
+        .into_iter()
+        .map(|(id, fields)| (id, strings(&fields)))
+        .collect()
+}
+
+fn field<'a>(fields: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    fields
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+fn metric_now(http: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let (status, text) = http_get(http, "/metrics")?;
+    assert_eq!(status, 200, "/metrics: {text}");
+    metric(&text, name, labels)
+}
+
+const FAST: &str = r#"block = "500ms"
+handler_timeout = "1s"
+claim_idle = "2s"
+consumer_ttl = "1m"
+retry_backoff = { initial = "100ms", max = "1s" }"#;
+
+// ---------------------------------------------------------------------------------------
+// Refused dead letters
+
+/// README, "Refused writes": if even the dead letter is refused, the entry stays pending
+/// (reclaimed after `claim_idle`), counted in `streamworker_dead_letters_refused_total` and
+/// logged with its id.
+#[test]
+fn a_dead_letter_redis_refuses_leaves_the_entry_pending_counted_and_logged() {
+    let redis = RedisServer::start();
+    let mut con = redis.connection();
+    // The dead-letter key holds a string, so the dead letter's XADD gets WRONGTYPE.
+    let dlq = "{orders}:dlq:billing";
+    let _: () = redis::cmd("SET")
+        .arg(dlq)
+        .arg("not a stream")
+        .query(&mut con)
+        .unwrap();
+    // Every call is a permanent failure: each delivery goes straight to the dead letter.
+    let hook = WebhookServer::start_with(|_| (400, Duration::ZERO));
+    let group = format!(
+        r#"
+[groups.billing]
+stream = "orders"
+handler = "webhook"
+{FAST}
+[groups.billing.options]
+url = "{}"
+timeout = "1s"
+"#,
+        hook.url("r1")
+    );
+    let (cfg, http) = config_with_http(&redis.url(), "r1", &group);
+    let daemon = Daemon::start(&cfg);
+    let ids = produce(&mut con, "orders", &[vec![("n", "1".into())]]);
+    let id = &ids[0];
+
+    let labels = [("stream", "orders"), ("group", "billing")];
+    wait_until(
+        Duration::from_secs(20),
+        "a refused dead letter counted",
+        || {
+            metric_now(&http, "streamworker_dead_letters_refused_total", &labels)
+                .is_some_and(|v| v >= 1.0)
+        },
+    );
+    let logs = daemon.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("refused the dead letter"))
+        .unwrap_or_else(|| panic!("no log line about the refused dead letter:\n{logs}"));
+    assert!(
+        line.contains(id.as_str()),
+        "the line names the entry: {line}"
+    );
+    assert!(line.contains("WRONGTYPE"), "the line says why: {line}");
+    // Not acknowledged: still pending, and the handler saw it.
+    assert_eq!(
+        delivery_counts(&mut con, "orders", "billing").len(),
+        1,
+        "the entry stays pending"
+    );
+    assert!(hook.count() >= 1);
+    let acked = metric_now(
+        &http,
+        "streamworker_entries_total",
+        &[("group", "billing"), ("outcome", "acked")],
+    )
+    .unwrap_or(0.0);
+    assert_eq!(acked, 0.0, "nothing acknowledged");
+
+    // Once the key is fixed, the reclaim after claim_idle delivers it again and this time
+    // the dead letter takes.
+    let _: () = redis::cmd("DEL").arg(dlq).query(&mut con).unwrap();
+    wait_until(Duration::from_secs(20), "the dead letter written", || {
+        redis::cmd("EXISTS")
+            .arg(dlq)
+            .query::<i64>(&mut con)
+            .unwrap()
+            == 1
+            && !entries(&mut con, dlq).is_empty()
+    });
+    let dead = stream_strings(&mut con, dlq);
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(field(&dead[0].1, "dlq_origin_id"), Some(id.as_str()));
+    assert!(
+        field(&dead[0].1, "dlq_deliveries")
+            .and_then(|d| d.parse::<u64>().ok())
+            .is_some_and(|d| d >= 2),
+        "delivered again after the refusal: {dead:?}"
+    );
+    wait_until(Duration::from_secs(10), "nothing pending", || {
+        group_info(&mut con, "orders", "billing").map(|(p, _)| p) == Some(0)
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// forward
+
+/// The fenced block after `marker` in `text`.
+fn block_after<'a>(text: &'a str, marker: &str) -> &'a str {
+    let rest = &text[text
+        .find(marker)
+        .unwrap_or_else(|| panic!("README has {marker:?}"))..];
+    let start = rest.find("```").expect("a code block") + 3;
+    let rest = &rest[start..];
+    let rest = &rest[rest.find('\n').unwrap() + 1..];
+    &rest[..rest.find("```").expect("the block ends")]
+}
+
+/// `name value  name value …` lines (pairs separated by two spaces) as fields.
+fn shown_fields(block: &str) -> Vec<(String, String)> {
+    block
+        .lines()
+        .flat_map(|line| line.split("  "))
+        .filter(|pair| !pair.trim().is_empty())
+        .map(|pair| {
+            let (k, v) = pair.trim().split_once(' ').expect("name value");
+            (k.to_owned(), v.to_owned())
+        })
+        .collect()
+}
+
+/// README, forward: the example configuration turns the example entry (id
+/// `1733047201000-0`) into exactly the fields shown, in that order.
+#[test]
+fn the_readme_forward_example_is_what_the_daemon_writes() {
+    let text = readme();
+    let section = &text[text.find("### forward").expect("README has ### forward")..];
+    let toml_block = block_after(section, "```toml");
+    assert!(toml_block.contains("[groups.normalize]"), "{toml_block}");
+    let input = shown_fields(block_after(section, "\nturns"));
+    let output = shown_fields(block_after(section, "(id `1733047201000-0`) into"));
+    // README elides the rest of the payload; the test sends a complete document.
+    let payload = r#"{"customer":{"profile_id":"p-1"},"amount":42}"#;
+    let complete = |fields: Vec<(String, String)>| -> Vec<(String, String)> {
+        fields
+            .into_iter()
+            .map(|(k, v)| {
+                let v = if v.contains('…') {
+                    assert_eq!(
+                        v, r#"{"customer":{"profile_id":"p-1"},…}"#,
+                        "README's payload"
+                    );
+                    payload.to_owned()
+                } else {
+                    v
+                };
+                (k, v)
+            })
+            .collect()
+    };
+    let input = complete(input);
+    let output = complete(output);
+    assert!(
+        input.len() >= 5 && output.len() >= 8,
+        "{input:?} {output:?}"
+    );
+
+    let redis = RedisServer::start();
+    let mut con = redis.connection();
+    let mut add = redis::cmd("XADD");
+    add.arg("events.raw").arg("1733047201000-0");
+    for (k, v) in &input {
+        add.arg(k).arg(v);
+    }
+    let _: String = add.query(&mut con).unwrap();
+    let group = toml_block.replace("[groups.normalize]", &format!("[groups.normalize]\n{FAST}"));
+    // The group reads from the start of the stream, so the entry added first is seen.
+    let _daemon = Daemon::start(&config(&redis.url(), "r1", &group));
+    wait_until(Duration::from_secs(15), "the entry forwarded", || {
+        redis::cmd("XLEN")
+            .arg("events.normalized")
+            .query::<u64>(&mut con)
+            .unwrap()
+            >= 1
+    });
+    let written = stream_strings(&mut con, "events.normalized");
+    assert_eq!(written.len(), 1, "{written:?}");
+    assert_eq!(
+        written[0].1, output,
+        "README's forwarded entry, field by field"
+    );
+}
+
+fn forward_group(name: &str, stream: &str, options: &str) -> String {
+    format!(
+        r#"
+[groups.{name}]
+stream = "{stream}"
+handler = "forward"
+{FAST}
+[groups.{name}.options]
+{options}
+"#
+    )
+}
+
+/// README, "The source id": in a chain each hop writes its own source's id; renaming the
+/// incoming `source_id` keeps both.
+#[test]
+fn a_chain_of_forwards_writes_each_hops_source_id_and_a_rename_keeps_both() {
+    let redis = RedisServer::start();
+    let mut con = redis.connection();
+    let groups = format!(
+        "{}{}",
+        forward_group("first", "a", r#"to = "b""#),
+        forward_group(
+            "second",
+            "b",
+            r#"to = "c"
+rename = { source_id = "raw_id" }"#
+        )
+    );
+    let _daemon = Daemon::start(&config(&redis.url(), "r1", &groups));
+    let ids = produce(
+        &mut con,
+        "a",
+        &(0..3)
+            .map(|i| vec![("n", i.to_string())])
+            .collect::<Vec<_>>(),
+    );
+    wait_until(Duration::from_secs(15), "three entries at the end", || {
+        entries(&mut con, "c").len() >= 3
+    });
+    let middle = stream_strings(&mut con, "b");
+    let end = stream_strings(&mut con, "c");
+    assert_eq!(end.len(), 3);
+    for (i, ((b_id, b_fields), (_, c_fields))) in middle.iter().zip(&end).enumerate() {
+        assert_eq!(field(b_fields, "source_id"), Some(ids[i].as_str()));
+        let n = i.to_string();
+        assert_eq!(
+            c_fields,
+            &vec![
+                ("n".to_owned(), n),
+                ("raw_id".to_owned(), ids[i].clone()),
+                ("source_id".to_owned(), b_id.clone()),
+            ],
+            "the second hop writes its own source's id and keeps the first as raw_id"
+        );
+    }
+}
+
+/// README, "Field order": an added field replaces a passed-on field of the same name, and a
+/// renamed field replaces an original field that already had its new name.
+#[test]
+fn added_and_renamed_fields_replace_passed_on_fields_of_the_same_name() {
+    let redis = RedisServer::start();
+    let mut con = redis.connection();
+    let options = r#"to = "out"
+rename = { a = "b" }
+extract = { doc = "payload.x" }
+set = { kind = "fixed" }"#;
+    let _daemon = Daemon::start(&config(
+        &redis.url(),
+        "r1",
+        &forward_group("fwd", "in", options),
+    ));
+    let ids = produce(
+        &mut con,
+        "in",
+        &[vec![
+            ("kind", "original".into()),
+            ("a", "from-a".into()),
+            ("b", "original-b".into()),
+            ("doc", "passed-on".into()),
+            ("payload", r#"{"x":"extracted"}"#.into()),
+        ]],
+    );
+    wait_until(Duration::from_secs(15), "the entry forwarded", || {
+        !entries(&mut con, "out").is_empty()
+    });
+    let out = stream_strings(&mut con, "out");
+    let fields = &out[0].1;
+    let mut names: Vec<&str> = fields.iter().map(|(k, _)| k.as_str()).collect();
+    names.sort_unstable();
+    let before = names.len();
+    names.dedup();
+    assert_eq!(before, names.len(), "every name once: {fields:?}");
+    let got: BTreeMap<&str, &str> = fields
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let want: BTreeMap<&str, &str> = [
+        ("kind", "fixed"),
+        ("b", "from-a"),
+        ("doc", "extracted"),
+        ("payload", r#"{"x":"extracted"}"#),
+        ("source_id", ids[0].as_str()),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(got, want, "{fields:?}");
+}
+
+/// README, forward "Failures": an entry left with no field at all is dead-lettered.
+#[test]
+fn a_forward_left_with_no_field_dead_letters_the_entry() {
+    let redis = RedisServer::start();
+    let mut con = redis.connection();
+    let options = r#"to = "out"
+keep = ["wanted"]
+source_id_field = """#;
+    let _daemon = Daemon::start(&config(
+        &redis.url(),
+        "r1",
+        &forward_group("fwd", "in", options),
+    ));
+    let ids = produce(
+        &mut con,
+        "in",
+        &[
+            vec![("other", "x".into())],
+            vec![("wanted", "y".into()), ("other", "z".into())],
+        ],
+    );
+    wait_until(Duration::from_secs(15), "both settled", || {
+        group_info(&mut con, "in", "fwd") == Some((0, Some(0)))
+    });
+    let dead = stream_strings(&mut con, "{in}:dlq:fwd");
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(field(&dead[0].1, "dlq_origin_id"), Some(ids[0].as_str()));
+    let out = stream_strings(&mut con, "out");
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].1, vec![("wanted".to_owned(), "y".to_owned())]);
+}
+
+/// README, "The source id": a replayed dead letter is forwarded with the original entry's
+/// id as `source_id` and without `dlq_replay_of`/`dlq_replay_group`.
+#[test]
+fn a_replayed_dead_letter_is_forwarded_without_its_replay_markers() {
+    let redis = RedisServer::start();
+    let mut con = redis.connection();
+    // The target is a string at first: the forward is refused and the entry dead-lettered.
+    let _: () = redis::cmd("SET")
+        .arg("out")
+        .arg("not a stream")
+        .query(&mut con)
+        .unwrap();
+    let daemon = Daemon::start(&config(
+        &redis.url(),
+        "r1",
+        &forward_group("fwd", "in", r#"to = "out""#),
+    ));
+    let ids = produce(&mut con, "in", &[vec![("n", "1".into())]]);
+    wait_until(Duration::from_secs(30), "the entry dead-lettered", || {
+        !entries(&mut con, "{in}:dlq:fwd").is_empty()
+    });
+    let _: () = redis::cmd("DEL").arg("out").query(&mut con).unwrap();
+    let (code, out, err) = run_cli(
+        &[
+            "dlq",
+            "replay",
+            "-c",
+            daemon.config_path.to_str().unwrap(),
+            "--group",
+            "fwd",
+            "--all",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    // The replayed copy carries the markers on the source stream...
+    let replayed = stream_strings(&mut con, "in");
+    assert_eq!(replayed.len(), 2, "{replayed:?}");
+    assert_eq!(field(&replayed[1].1, "dlq_replay_group"), Some("fwd"));
+    assert_eq!(
+        field(&replayed[1].1, "dlq_replay_of"),
+        Some(ids[0].as_str())
+    );
+    // ...and the forward passes on neither.
+    wait_until(Duration::from_secs(15), "the replay forwarded", || {
+        redis::cmd("TYPE")
+            .arg("out")
+            .query::<String>(&mut con)
+            .unwrap()
+            == "stream"
+            && !entries(&mut con, "out").is_empty()
+    });
+    let forwarded = stream_strings(&mut con, "out");
+    assert_eq!(
+        forwarded[0].1,
+        vec![
+            ("n".to_owned(), "1".to_owned()),
+            ("source_id".to_owned(), ids[0].clone()),
+        ]
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// learning
+
+const LEARNING_P: &str = "{user:feedback}:learning:learning";
+
+fn learning_group(options: &str) -> String {
+    format!(
+        r#"
+[groups.learning]
+stream = "user:feedback"
+handler = "learning"
+{FAST}
+[groups.learning.options]
+{options}
+"#
+    )
+}
+
+/// README, learning: an entry with neither rating nor thumbs is dropped; a rating that is
+/// not a number or off the scale, or an unknown thumbs value, is dead-lettered; feedback
+/// without a model is aggregated as `unknown`.
+#[test]
+fn learning_drops_empty_feedback_dead_letters_bad_values_and_files_modelless_under_unknown() {
+    let redis = RedisServer::start();
+    let mut con = redis.connection();
+    let data = tempfile::tempdir().unwrap();
+    let (cfg, http) = config_with_http(
+        &redis.url(),
+        "r1",
+        &learning_group(&format!("dataset_dir = \"{}\"", data.path().display())),
+    );
+    let _daemon = Daemon::start(&cfg);
+    let fb = |pairs: &[(&'static str, &str)]| -> Vec<(&'static str, String)> {
+        pairs.iter().map(|(k, v)| (*k, v.to_string())).collect()
+    };
+    let ids = produce(
+        &mut con,
+        "user:feedback",
+        &[
+            fb(&[("model", "m1"), ("prompt", "p")]),
+            fb(&[("model", "m1"), ("prompt", "p"), ("rating", "great")]),
+            fb(&[("model", "m1"), ("prompt", "p"), ("rating", "9")]),
+            fb(&[("model", "m1"), ("prompt", "p"), ("thumbs", "sideways")]),
+            fb(&[("prompt", "p"), ("rating", "4")]),
+        ],
+    );
+    wait_until(Duration::from_secs(20), "every entry settled", || {
+        group_info(&mut con, "user:feedback", "learning") == Some((0, Some(0)))
+    });
+    let dead: Vec<String> = stream_strings(&mut con, "{user:feedback}:dlq:learning")
+        .into_iter()
+        .map(|(_, f)| field(&f, "dlq_origin_id").unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(
+        dead,
+        ids[1..4].to_vec(),
+        "the three bad values dead-lettered"
+    );
+    let unknown: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(format!("{LEARNING_P}:model:unknown"))
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(
+        unknown.get("count").map(String::as_str),
+        Some("1"),
+        "{unknown:?}"
+    );
+    assert_eq!(unknown.get("rating_sum").map(String::as_str), Some("4"));
+    let m1: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(format!("{LEARNING_P}:model:m1"))
+        .query(&mut con)
+        .unwrap();
+    assert!(m1.is_empty(), "nothing of m1 was aggregated: {m1:?}");
+    wait_until(Duration::from_secs(10), "the outcome counters", || {
+        let count = |outcome| {
+            metric_now(
+                &http,
+                "streamworker_entries_total",
+                &[("group", "learning"), ("outcome", outcome)],
+            )
+        };
+        count("dropped") == Some(1.0)
+            && count("dead_lettered") == Some(3.0)
+            && count("acked") == Some(1.0)
+    });
+}
+
+/// A path that cannot be a directory, even for root: its parent is a regular file.
+fn impossible_dir(tmp: &tempfile::TempDir) -> String {
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, "not a directory").unwrap();
+    file.join("data").display().to_string()
+}
+
+/// README, learning: "The directory must be writable: the group refuses to start
+/// otherwise, naming it." The entry is never taken.
+#[test]
+fn a_learning_group_refuses_to_start_on_a_dataset_dir_it_cannot_create() {
+    let redis = RedisServer::start();
+    let mut con = redis.connection();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = impossible_dir(&tmp);
+    let mut daemon = Daemon::start(&config(
+        &redis.url(),
+        "r1",
+        &learning_group(&format!("dataset_dir = \"{dir}\"")),
+    ));
+    produce(
+        &mut con,
+        "user:feedback",
+        &[vec![("model", "m".into()), ("rating", "4".into())]],
+    );
+    wait_until(
+        Duration::from_secs(15),
+        "the directory named in the log",
+        || daemon.logs().contains(&dir),
+    );
+    assert_refused_without_handling(&mut daemon, &mut con, "user:feedback", "learning");
+}
+
+/// docs/operations.md: the daemon refuses to start a warehouse group whose directory cannot
+/// be created, naming it.
+#[test]
+fn a_warehouse_group_refuses_to_start_on_a_directory_it_cannot_create() {
+    let redis = RedisServer::start();
+    let mut con = redis.connection();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = impossible_dir(&tmp);
+    let group = format!(
+        r#"
+[groups.archive]
+stream = "events"
+handler = "warehouse"
+{FAST}
+[groups.archive.options]
+sink = "file"
+directory = "{dir}"
+"#
+    );
+    let mut daemon = Daemon::start(&config(&redis.url(), "r1", &group));
+    produce(&mut con, "events", &[vec![("n", "1".into())]]);
+    wait_until(
+        Duration::from_secs(15),
+        "the directory named in the log",
+        || daemon.logs().contains(&dir),
+    );
+    assert_refused_without_handling(&mut daemon, &mut con, "events", "archive");
+}
+
+/// The group took nothing: no entry of `stream` was delivered to `group` (if it exists).
+fn assert_refused_without_handling(
+    daemon: &mut Daemon,
+    con: &mut redis::Connection,
+    stream: &str,
+    group: &str,
+) {
+    // A runtime failure: exit code 1 (README's exit codes), not a wait forever.
+    let status = daemon
+        .wait(Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("still running:\n{}", daemon.logs()));
+    assert_eq!(status.code(), Some(1), "{}", daemon.logs());
+    let logs = daemon.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("\"level\":\"ERROR\"") && l.contains("cannot"))
+        .unwrap_or_else(|| panic!("an error line saying what cannot be done:\n{logs}"));
+    assert!(line.contains(&format!("\"group\":\"{group}\"")), "{line}");
+    match group_info(con, stream, group) {
+        None => {}
+        Some((pending, lag)) => {
+            assert_eq!(pending, 0, "nothing delivered");
+            assert_eq!(lag, Some(1), "the entry still waits");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Startup before Redis
+
+/// A `redis-server` on a port chosen before it starts; killed on drop.
+struct LateRedis(Child, #[allow(dead_code)] tempfile::TempDir);
+
+impl LateRedis {
+    fn start(port: u16) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let child = Command::new(server_binary())
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server runs");
+        Self(child, dir)
+    }
+}
+
+impl Drop for LateRedis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// docs/operations.md: a replica started while Redis is down waits for it rather than
+/// exiting, then handles entries.
+#[test]
+fn a_daemon_started_before_its_redis_waits_and_then_handles_entries() {
+    let port = free_port();
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let hook = WebhookServer::start_with(|_| (200, Duration::ZERO));
+    let group = format!(
+        r#"
+[groups.billing]
+stream = "orders"
+handler = "webhook"
+{FAST}
+[groups.billing.options]
+url = "{}"
+timeout = "500ms"
+"#,
+        hook.url("r1")
+    );
+    let mut daemon = Daemon::start(&config(&url, "r1", &group));
+    // It has tried and failed to connect at least twice, and is still running.
+    wait_until(
+        Duration::from_secs(20),
+        "two failed connection attempts",
+        || {
+            daemon
+                .logs()
+                .matches("cannot reach Redis; retrying")
+                .count()
+                >= 2
+        },
+    );
+    assert!(
+        daemon.is_running(),
+        "exited instead of waiting:\n{}",
+        daemon.logs()
+    );
+
+    let _redis = LateRedis::start(port);
+    let mut con = None;
+    wait_until(Duration::from_secs(10), "the late redis-server", || {
+        con = redis::Client::open(url.as_str())
+            .unwrap()
+            .get_connection_with_timeout(Duration::from_secs(1))
+            .ok();
+        con.is_some()
+    });
+    let mut con = con.unwrap();
+    let ids = produce(
+        &mut con,
+        "orders",
+        &(0..5)
+            .map(|i| vec![("n", i.to_string())])
+            .collect::<Vec<_>>(),
+    );
+    wait_until(Duration::from_secs(30), "every entry handled", || {
+        let handled = hook.handled();
+        ids.iter().all(|id| handled.contains_key(id))
+    });
+    wait_until(Duration::from_secs(10), "nothing pending", || {
+        group_info(&mut con, "orders", "billing") == Some((0, Some(0)))
+    });
+    assert!(daemon.is_running());
+}
