@@ -869,3 +869,508 @@ to = "out"
         "the queue did fill ({most} at most): the test tests nothing"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// analytics
+
+/// Every minute hash of an analytics group, summed field by field (the entries may fall in
+/// two minutes).
+fn analytics_fields(
+    con: &mut redis::Connection,
+    stream: &str,
+    group: &str,
+) -> BTreeMap<String, f64> {
+    let pattern = format!("\\{{{stream}\\}}:analytics:{group}:m:*");
+    let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query(con).unwrap();
+    assert!(!keys.is_empty(), "no minute hash matches {pattern}");
+    let mut out = BTreeMap::new();
+    for key in keys {
+        let minute = key.rsplit(':').next().unwrap();
+        assert!(
+            minute.parse::<u64>().is_ok(),
+            "{key}: the last part is the unix minute"
+        );
+        let fields: HashMap<String, String> = redis::cmd("HGETALL").arg(&key).query(con).unwrap();
+        for (k, v) in fields {
+            *out.entry(k).or_insert(0.0) += v
+                .parse::<f64>()
+                .unwrap_or_else(|e| panic!("{key} {v:?}: {e}"));
+        }
+    }
+    out
+}
+
+/// README, analytics: a missing field skips that part of the aggregate (the entry still
+/// counts); a non-numeric value, a negative latency and a number beyond ±10¹⁵ are skipped.
+/// The hash field names are `n`, `err`, `type|<type>`, `sum|<path>`, `lat|sum`,
+/// `lat|<bucket>` and the same under `dim|<path>|<value>|`, with `|` and `%` written `%7C`
+/// and `%25`.
+#[test]
+fn analytics_skips_missing_and_bad_values_and_names_fields_as_documented() {
+    let redis = RedisServer::start();
+    let mut con = redis.connection();
+    let group = r#"
+[groups.usage]
+stream = "calls"
+handler = "analytics"
+block = "500ms"
+[groups.usage.options]
+dimensions = ["k"]
+sums = ["v"]
+latency = "lat"
+"#;
+    let _daemon = Daemon::start(&config(&redis.url(), "r1", group));
+    let e = |pairs: &[(&'static str, &str)]| -> Vec<(&'static str, String)> {
+        pairs.iter().map(|(k, v)| (*k, v.to_string())).collect()
+    };
+    produce(
+        &mut con,
+        "calls",
+        &[
+            e(&[
+                ("event_type", "call"),
+                ("k", "x|y%z"),
+                ("v", "2"),
+                ("lat", "10"),
+            ]),
+            e(&[("event_type", "call"), ("v", "abc"), ("lat", "-5")]),
+            e(&[("event_type", "other"), ("k", "x|y%z"), ("v", "2e15")]),
+            e(&[("v", "3"), ("lat", "1e16")]),
+            e(&[("event_type", "error"), ("k", "plain"), ("lat", "20")]),
+        ],
+    );
+    wait_until(Duration::from_secs(15), "every entry settled", || {
+        group_info(&mut con, "calls", "usage") == Some((0, Some(0)))
+    });
+    let got = analytics_fields(&mut con, "calls", "usage");
+    let at = |f: &str| got.get(f).copied();
+    assert_eq!(at("n"), Some(5.0), "every entry counts: {got:#?}");
+    assert_eq!(at("err"), Some(1.0), "{got:#?}");
+    assert_eq!(at("type|call"), Some(2.0), "{got:#?}");
+    assert_eq!(at("type|other"), Some(1.0), "{got:#?}");
+    assert_eq!(at("type|error"), Some(1.0), "{got:#?}");
+    // 2 + 3: "abc" is not a number, 2e15 is beyond 10^15, the error has no v.
+    assert_eq!(at("sum|v"), Some(5.0), "{got:#?}");
+    // 10 + 20: -5 is negative, 1e16 is beyond 10^15.
+    assert_eq!(at("lat|sum"), Some(30.0), "{got:#?}");
+    let buckets: f64 = got
+        .iter()
+        .filter(|(k, _)| k.starts_with("lat|") && *k != "lat|sum")
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(buckets, 2.0, "two latencies in the histogram: {got:#?}");
+
+    let escaped = "dim|k|x%7Cy%25z|";
+    assert_eq!(at(&format!("{escaped}n")), Some(2.0), "{got:#?}");
+    assert_eq!(at(&format!("{escaped}type|call")), Some(1.0), "{got:#?}");
+    assert_eq!(at(&format!("{escaped}sum|v")), Some(2.0), "{got:#?}");
+    assert_eq!(at(&format!("{escaped}lat|sum")), Some(10.0), "{got:#?}");
+    assert_eq!(at("dim|k|plain|n"), Some(1.0), "{got:#?}");
+    assert_eq!(at("dim|k|plain|err"), Some(1.0), "{got:#?}");
+    // Nothing under another spelling of the value.
+    assert!(
+        got.keys()
+            .filter(|k| k.starts_with("dim|"))
+            .all(|k| k.starts_with(escaped) || k.starts_with("dim|k|plain|")),
+        "{got:#?}"
+    );
+}
+
+/// Calls of the commands an analytics entry's increments use, from INFO commandstats
+/// (commands run by scripts count there too).
+fn increments(con: &mut redis::Connection) -> u64 {
+    let info: String = redis::cmd("INFO").arg("commandstats").query(con).unwrap();
+    info.lines()
+        .filter(|l| {
+            l.starts_with("cmdstat_hincrby:")
+                || l.starts_with("cmdstat_hincrbyfloat:")
+                || l.starts_with("cmdstat_pexpire:")
+        })
+        .map(|l| {
+            l.split([':', ','])
+                .find_map(|p| p.strip_prefix("calls="))
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum()
+}
+
+/// README, analytics: "Cost per entry: 4 + (number of sums) hash increments and one
+/// PEXPIRE, plus 2 per dimension present and another 2 + (number of sums) per measured one
+/// — 15 writes for a call in the example above (an error adds one, and one per dimension
+/// present)."
+#[test]
+fn an_analytics_entry_costs_the_documented_number_of_writes() {
+    let text = readme();
+    let section = &text[text
+        .find("### analytics")
+        .expect("README has ### analytics")..];
+    let example = block_after(section, "```toml");
+    assert!(example.contains("[groups.llm-usage]"), "{example}");
+    let redis = RedisServer::start();
+    let mut con = redis.connection();
+    let group = example.replace(
+        "[groups.llm-usage]",
+        "[groups.llm-usage]\nblock = \"500ms\"",
+    );
+    let _daemon = Daemon::start(&config(&redis.url(), "r1", &group));
+    wait_until(Duration::from_secs(10), "the group created", || {
+        group_info(&mut con, "ml_events", "llm-usage").is_some()
+    });
+    let event = |kind: &str| {
+        vec![(
+            "event",
+            format!(
+                r#"{{"event_type":"{kind}","data":{{"model":"gpt-4o","tokens_used":812,"cost_usd":0.0081,"response_time_ms":930}},"tags":{{"user_id":"user_7"}}}}"#
+            ),
+        )]
+    };
+    let mut cost = |kind: &str| {
+        let _: () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query(&mut con)
+            .unwrap();
+        produce(&mut con, "ml_events", &[event(kind)]);
+        wait_until(Duration::from_secs(10), "the entry settled", || {
+            group_info(&mut con, "ml_events", "llm-usage") == Some((0, Some(0)))
+        });
+        increments(&mut con)
+    };
+    assert_eq!(cost("llm_call"), 15, "README: 15 writes for a call");
+    assert_eq!(
+        cost("error"),
+        15 + 1 + 2,
+        "README: an error adds one, and one per dimension"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// alerts
+
+fn alerts_group(stream: &str, options: &str) -> String {
+    format!(
+        r#"
+[groups.alerts]
+stream = "{stream}"
+handler = "alerts"
+block = "500ms"
+handler_timeout = "2s"
+claim_idle = "3s"
+[groups.alerts.options]
+stream = "alerts:out"
+evaluate_every = "200ms"
+{options}
+"#
+    )
+}
+
+/// The `alerts:out` events as field maps.
+fn alert_events(con: &mut redis::Connection) -> Vec<HashMap<String, String>> {
+    stream_strings(con, "alerts:out")
+        .into_iter()
+        .map(|(_, f)| f.into_iter().collect())
+        .collect()
+}
+
+/// README, alerts: "The webhook gets `{"text": ":rotating_light: <message>"}` (or
+/// `:white_check_mark:` when resolved)."
+#[test]
+fn the_alert_webhook_gets_the_firing_and_resolved_messages() {
+    let redis = RedisServer::start();
+    let mut con = redis.connection();
+    let hook = WebhookServer::start();
+    let group = alerts_group(
+        "logs",
+        &format!(
+            r#"webhook = "{}"
+webhook_timeout = "1s"
+[[groups.alerts.options.rules]]
+name = "errors"
+kind = "count"
+when = {{ level = "error" }}
+window = "5s"
+threshold = 3
+cooldown = "1s"
+"#,
+            hook.url("services/T0/B0/X")
+        ),
+    );
+    let _daemon = Daemon::start(&config(&redis.url(), "r1", &group));
+    produce(
+        &mut con,
+        "logs",
+        &(0..3)
+            .map(|_| vec![("level", "error".to_owned())])
+            .collect::<Vec<_>>(),
+    );
+    // Fires, then resolves once the entries leave the 5 s window.
+    wait_until(Duration::from_secs(30), "firing and resolved", || {
+        alert_events(&mut con).len() >= 2
+    });
+    wait_until(Duration::from_secs(10), "two webhook calls", || {
+        hook.count() >= 2
+    });
+    let events = alert_events(&mut con);
+    assert_eq!(events[0]["state"], "firing", "{events:?}");
+    assert_eq!(events[1]["state"], "resolved", "{events:?}");
+    let texts: Vec<String> = hook
+        .hits()
+        .iter()
+        .map(|h| {
+            assert_eq!(
+                h.body.as_object().map(|o| o.len()),
+                Some(1),
+                "only `text`: {}",
+                h.body
+            );
+            h.body["text"].as_str().expect("a text").to_owned()
+        })
+        .collect();
+    assert_eq!(
+        texts,
+        vec![
+            format!(":rotating_light: {}", events[0]["message"]),
+            format!(":white_check_mark: {}", events[1]["message"]),
+        ]
+    );
+}
+
+/// README, alerts: a window's buckets are about a sixtieth of it (at least 1 s), longer
+/// windows share a shorter one's buckets while that reads them as at most 600 (so `1m` and
+/// `5m` share one-second buckets: one `PEXPIRE` per entry).
+#[test]
+fn alert_windows_share_buckets_as_documented() {
+    let redis = RedisServer::start();
+    let mut con = redis.connection();
+    let rules = |windows: &[&str]| -> String {
+        windows
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                format!(
+                    "[[groups.alerts.options.rules]]\nname = \"r{i}\"\nkind = \"count\"\nwindow = \"{w}\"\nthreshold = 1000000\n"
+                )
+            })
+            .collect()
+    };
+    let _daemon = Daemon::start(&config(
+        &redis.url(),
+        "r1",
+        &alerts_group("logs", &rules(&["1m", "5m", "1h"])),
+    ));
+    wait_until(Duration::from_secs(10), "the group created", || {
+        group_info(&mut con, "logs", "alerts").is_some()
+    });
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query(&mut con)
+        .unwrap();
+    produce(&mut con, "logs", &[vec![("level", "info".to_owned())]]);
+    wait_until(Duration::from_secs(10), "the entry settled", || {
+        group_info(&mut con, "logs", "alerts") == Some((0, Some(0)))
+    });
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("\\{logs\\}:alerts:alerts:bucket:*")
+        .query(&mut con)
+        .unwrap();
+    let mut widths: Vec<String> = keys
+        .iter()
+        .map(|k| k.split(':').nth_back(1).unwrap().to_owned())
+        .collect();
+    widths.sort();
+    // 1m and 5m: 1 s buckets (5m reads 300 of them); 1h would read 3,600: its own 60 s.
+    assert_eq!(widths, ["1s", "60s"], "{keys:?}");
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut con)
+        .unwrap();
+    let pexpires = info
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_pexpire:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse::<u64>().unwrap());
+    assert_eq!(pexpires, 2, "one PEXPIRE per bucket width: {info}");
+}
+
+/// README, alerts: a replayed dead letter counts at its original time (or not at all once
+/// that is outside every window). The dead letters are replayed with `streamworker dlq
+/// replay`.
+#[test]
+fn a_replayed_dead_letter_counts_at_its_original_time() {
+    let redis = RedisServer::start();
+    let mut con = redis.connection();
+    let daemon = Daemon::start(&config(
+        &redis.url(),
+        "r1",
+        &alerts_group(
+            "logs",
+            "[[groups.alerts.options.rules]]\nname = \"r\"\nkind = \"count\"\nwhen = { level = \"error\" }\nwindow = \"1h\"\nthreshold = 1000000\n",
+        ),
+    ));
+    wait_until(Duration::from_secs(10), "the group created", || {
+        group_info(&mut con, "logs", "alerts").is_some()
+    });
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    // Two dead letters as the runtime writes them: one from 30 minutes ago (inside the
+    // hour), one from two days ago (outside every window).
+    let recent = format!("{}-0", now_ms - 30 * 60_000);
+    let old = format!("{}-0", now_ms - 2 * 86_400_000);
+    for origin in [&recent, &old] {
+        let _: String = redis::cmd("XADD")
+            .arg("{logs}:dlq:alerts")
+            .arg("*")
+            .arg("level")
+            .arg("error")
+            .arg("dlq_origin_stream")
+            .arg("logs")
+            .arg("dlq_origin_id")
+            .arg(origin)
+            .arg("dlq_group")
+            .arg("alerts")
+            .arg("dlq_deliveries")
+            .arg("1")
+            .arg("dlq_error")
+            .arg("test")
+            .arg("dlq_failed_at")
+            .arg("2026-01-01T00:00:00Z")
+            .arg("dlq_consumer")
+            .arg("r1")
+            .query(&mut con)
+            .unwrap();
+    }
+    let (code, out, err) = run_cli(
+        &[
+            "dlq",
+            "replay",
+            "-c",
+            daemon.config_path.to_str().unwrap(),
+            "--group",
+            "alerts",
+            "--all",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    wait_until(Duration::from_secs(10), "both replays settled", || {
+        group_info(&mut con, "logs", "alerts") == Some((0, Some(0)))
+    });
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("\\{logs\\}:alerts:alerts:bucket:*")
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(keys.len(), 1, "one bucket, the recent entry's: {keys:?}");
+    let key = &keys[0];
+    let width_s: u64 = key
+        .split(':')
+        .nth_back(1)
+        .unwrap()
+        .trim_end_matches('s')
+        .parse()
+        .unwrap();
+    let start: u64 = key.rsplit(':').next().unwrap().parse().unwrap();
+    // The start may be in seconds or milliseconds; either way it must hold the original
+    // time, 30 minutes ago, not now.
+    let recent_ms = now_ms - 30 * 60_000;
+    let start_ms = if start < 10_000_000_000 {
+        start * 1000
+    } else {
+        start
+    };
+    assert!(
+        start_ms <= recent_ms && recent_ms < start_ms + width_s * 1000,
+        "bucket {key} does not hold {recent_ms}"
+    );
+    let count: Option<i64> = redis::cmd("HGET")
+        .arg(key)
+        .arg("m:r")
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(count, Some(1), "{key}");
+}
+
+/// README, alerts: a lag or consumer list that cannot be read (no such stream or group)
+/// changes nothing. Both rules fire on a group with a backlog and no reader; then the group
+/// is destroyed: however many evaluations and cooldowns pass, they stay firing (an
+/// unreadable lag read as 0 would resolve them).
+#[test]
+fn lag_and_consumers_rules_on_a_group_that_vanished_change_nothing() {
+    let redis = RedisServer::start();
+    let mut con = redis.connection();
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg("jobs")
+        .arg("other")
+        .arg("0")
+        .arg("MKSTREAM")
+        .query(&mut con)
+        .unwrap();
+    produce(
+        &mut con,
+        "jobs",
+        &(0..5)
+            .map(|i| vec![("n", i.to_string())])
+            .collect::<Vec<_>>(),
+    );
+    let _daemon = Daemon::start(&config(
+        &redis.url(),
+        "r1",
+        &alerts_group(
+            "logs",
+            r#"[[groups.alerts.options.rules]]
+name = "lag"
+kind = "lag"
+stream = "jobs"
+group = "other"
+threshold = 3
+cooldown = "1s"
+[[groups.alerts.options.rules]]
+name = "readers"
+kind = "consumers"
+stream = "jobs"
+group = "other"
+window = "5s"
+threshold = 1
+cooldown = "1s"
+"#,
+        ),
+    ));
+    let state_key = "{logs}:alerts:alerts:state";
+    let state = |con: &mut redis::Connection| -> HashMap<String, String> {
+        redis::cmd("HGETALL").arg(state_key).query(con).unwrap()
+    };
+    wait_until(Duration::from_secs(15), "both rules firing", || {
+        let events = alert_events(&mut con);
+        ["lag", "readers"].iter().all(|r| {
+            events
+                .iter()
+                .any(|e| e["rule"] == *r && e["state"] == "firing")
+        })
+    });
+    let _: i64 = redis::cmd("XGROUP")
+        .arg("DESTROY")
+        .arg("jobs")
+        .arg("other")
+        .query(&mut con)
+        .unwrap();
+    // Many evaluations (every 200 ms) and several cooldowns later...
+    let mut seen = std::collections::HashSet::new();
+    wait_until(Duration::from_secs(20), "15 more evaluations", || {
+        if let Some(at) = state(&mut con).remove("_evaluated_at") {
+            seen.insert(at);
+        }
+        seen.len() >= 15
+    });
+    // ...nothing resolved and both are still firing.
+    let events = alert_events(&mut con);
+    assert_eq!(events.len(), 2, "{events:?}");
+    let now = state(&mut con);
+    for rule in ["lag", "readers"] {
+        let json: serde_json::Value =
+            serde_json::from_str(&now[&format!("rule:{rule}")]).expect("rule state is JSON");
+        assert_eq!(json["state"], "firing", "{rule}: {now:?}");
+    }
+}
