@@ -1374,3 +1374,153 @@ cooldown = "1s"
         assert_eq!(json["state"], "firing", "{rule}: {now:?}");
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// rewind forward
+
+/// docs/operations.md: "A position later than the group's moves it forward and the entries
+/// in between are never delivered; `rewind` says so."
+#[test]
+fn rewinding_to_a_later_position_skips_the_entries_in_between_and_says_so() {
+    let redis = RedisServer::start();
+    let mut con = redis.connection();
+    let ids = produce(
+        &mut con,
+        "orders",
+        &(0..10)
+            .map(|i| vec![("n", i.to_string())])
+            .collect::<Vec<_>>(),
+    );
+    // The group exists and has delivered nothing yet.
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg("orders")
+        .arg("billing")
+        .arg("0")
+        .query(&mut con)
+        .unwrap();
+    let hook = WebhookServer::start();
+    let cfg = config(
+        &redis.url(),
+        "r1",
+        &format!(
+            r#"
+[groups.billing]
+stream = "orders"
+handler = "webhook"
+{FAST}
+[groups.billing.options]
+url = "{}"
+timeout = "500ms"
+"#,
+            hook.url("billing")
+        ),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("streamworker.toml");
+    std::fs::write(&path, &cfg).unwrap();
+    let path = path.to_str().unwrap();
+    let (code, out, err) = run_cli(
+        &[
+            "rewind", "-c", path, "--group", "billing", "--to", &ids[6], "--yes",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let said = format!("{out}{err}");
+    assert!(
+        said.contains("7 entries") && said.contains("never"),
+        "rewind says that 7 entries will be skipped, never delivered: {said}"
+    );
+
+    let _daemon = Daemon::start(&cfg);
+    wait_until(
+        Duration::from_secs(20),
+        "the entries after the position",
+        || {
+            let handled = hook.handled();
+            ids[7..].iter().all(|id| handled.contains_key(id))
+        },
+    );
+    wait_until(Duration::from_secs(10), "the group idle", || {
+        group_info(&mut con, "orders", "billing") == Some((0, Some(0)))
+    });
+    // Entries are read in order, so anything before ids[7] would have come first.
+    let mut handled: Vec<String> = hook.handled().into_keys().collect();
+    handled.sort();
+    assert_eq!(
+        handled,
+        ids[7..].to_vec(),
+        "only the entries after the new position"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// learning: a shared dataset directory
+
+/// README, learning: "Replicas may share `dataset_dir` (appends are single `O_APPEND`
+/// writes)." Two replicas append to the same directory; every line is whole JSON and every
+/// entry has exactly one line.
+#[test]
+fn two_learning_replicas_share_one_dataset_dir() {
+    let redis = RedisServer::start();
+    let mut con = redis.connection();
+    let data = tempfile::tempdir().unwrap();
+    let group = learning_group(&format!(
+        "dataset_dir = \"{}\"\nmax_batch = 5",
+        data.path().display()
+    ));
+    let (c1, http1) = config_with_http(&redis.url(), "r1", &group);
+    let (c2, http2) = config_with_http(&redis.url(), "r2", &group);
+    let r1 = Daemon::start(&c1);
+    let r2 = Daemon::start(&c2);
+    let n = 400;
+    let ids = produce(
+        &mut con,
+        "user:feedback",
+        &(0..n)
+            .map(|i| {
+                vec![
+                    ("model", "m".to_owned()),
+                    ("prompt", format!("prompt {i} {}", "x".repeat(i % 200))),
+                    ("response", "y".repeat(1000 + i)),
+                    ("rating", (1 + i % 5).to_string()),
+                ]
+            })
+            .collect::<Vec<_>>(),
+    );
+    wait_until(Duration::from_secs(60), "every entry settled", || {
+        group_info(&mut con, "user:feedback", "learning") == Some((0, Some(0)))
+    });
+    let mut lines = Vec::new();
+    for file in std::fs::read_dir(data.path().join("learning")).unwrap() {
+        let text = std::fs::read_to_string(file.unwrap().path()).unwrap();
+        lines.extend(text.lines().map(str::to_owned));
+    }
+    let mut seen: Vec<String> = lines
+        .iter()
+        .map(|l| {
+            let v: serde_json::Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("a torn line ({e}): {l}"));
+            v["id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    seen.sort();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(seen, want, "one line per entry");
+    let files: Vec<String> = std::fs::read_dir(data.path().join("learning"))
+        .unwrap()
+        .map(|f| f.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    eprintln!("dataset files: {files:?}");
+    // Both replicas wrote: the directory really was shared.
+    for http in [&http1, &http2] {
+        let acked = entries_total(http, &[("group", "learning"), ("outcome", "acked")]);
+        assert!(
+            acked > 0.0,
+            "a replica that wrote nothing ({http}): {acked}"
+        );
+    }
+    drop((r1, r2));
+}
