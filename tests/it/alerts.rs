@@ -571,8 +571,19 @@ threshold = 10
         9,
         "a late acknowledgement counts nothing again"
     );
-    // A few evaluations with 9 of 10 in the window: nothing fires.
-    std::thread::sleep(Duration::from_millis(2500));
+    // A few evaluations (every 1 s) with 9 of 10 in the window: nothing fires. Each
+    // evaluation stamps `_evaluated_at` in the state hash; three new stamps, three
+    // evaluations.
+    let mut stamps = std::collections::HashSet::new();
+    wait_until(Duration::from_secs(15), "three more evaluations", || {
+        let at: Option<String> = redis::cmd("HGET")
+            .arg("{app_logs}:alerts:alerts:state")
+            .arg("_evaluated_at")
+            .query(&mut con)
+            .unwrap();
+        stamps.extend(at);
+        stamps.len() >= 4
+    });
     assert_eq!(bucket_total(&mut con, "app_logs", "m:burst"), 9);
     assert_eq!(transitions(&mut con), Vec::<String>::new());
 
