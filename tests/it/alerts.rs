@@ -438,8 +438,34 @@ threshold = 1
 "#,
         ),
     ));
-    // Quiet for a while: worker-1 goes idle, but nothing waits for it, so no alert.
-    std::thread::sleep(Duration::from_secs(7));
+    // Quiet for a while: worker-1 goes idle past the window (as Redis tells it), but
+    // nothing waits for it, so three evaluations after that bring no alert.
+    wait_until(
+        Duration::from_secs(20),
+        "worker-1 idle past the window",
+        || {
+            let consumers: Vec<redis::Value> = redis::cmd("XINFO")
+                .arg("CONSUMERS")
+                .arg("user:feedback")
+                .arg("learning")
+                .query(&mut con)
+                .unwrap();
+            consumers.into_iter().map(value_map).any(|c| {
+                c.get("name").map(String::as_str) == Some("worker-1")
+                    && c.get("idle").and_then(|i| i.parse::<u64>().ok()) > Some(5_000)
+            })
+        },
+    );
+    let mut stamps = std::collections::HashSet::new();
+    wait_until(Duration::from_secs(15), "three more evaluations", || {
+        let at: Option<String> = redis::cmd("HGET")
+            .arg("{user_logs}:alerts:alerts:state")
+            .arg("_evaluated_at")
+            .query(&mut con)
+            .unwrap();
+        stamps.extend(at);
+        stamps.len() >= 4
+    });
     assert!(
         transitions(&mut con).is_empty(),
         "{:?}",
