@@ -1521,3 +1521,104 @@ fn two_learning_replicas_share_one_dataset_dir() {
     }
     drop((r1, r2));
 }
+
+// ---------------------------------------------------------------------------------------
+// Old servers
+
+/// A relay to a real `redis-server` that makes it look like Redis 6: every reply has
+/// `redis_version:7.` rewritten to `redis_version:6.` (same length, so RESP stays valid).
+struct PosingAsRedis6 {
+    addr: std::net::SocketAddr,
+}
+
+impl PosingAsRedis6 {
+    fn start(upstream: u16) -> Self {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(mut client) = client else { return };
+                let Ok(mut server) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c2, &mut s2);
+                    let _ = s2.shutdown(std::net::Shutdown::Both);
+                });
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n) = server.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        let chunk = &mut buf[..n];
+                        let needle = b"redis_version:7.";
+                        let mut i = 0;
+                        while i + needle.len() <= chunk.len() {
+                            if &chunk[i..i + needle.len()] == needle {
+                                chunk[i + needle.len() - 2] = b'6';
+                            }
+                            i += 1;
+                        }
+                        if client.write_all(chunk).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        Self { addr }
+    }
+}
+
+/// README: "Supported servers: Redis 7.0 and later … refuses older servers at startup with
+/// a message naming the version found."
+#[test]
+fn a_server_older_than_redis_7_is_refused_at_startup_naming_its_version() {
+    let redis = RedisServer::start();
+    let mut con = redis.connection();
+    let info: String = redis::cmd("INFO").arg("server").query(&mut con).unwrap();
+    let real = info
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .expect("redis_version in INFO")
+        .trim()
+        .to_owned();
+    assert!(
+        real.starts_with("7."),
+        "this test poses a Redis 7 as Redis 6; the server is {real}"
+    );
+    let posing = format!("6{}", &real[1..]);
+    let relay = PosingAsRedis6::start(redis.port);
+    let url = format!("redis://{}/0", relay.addr);
+    let mut daemon = Daemon::start(&config(
+        &url,
+        "r1",
+        "[groups.g]\nstream = \"s\"\nhandler = \"noop\"\n",
+    ));
+    let status = daemon
+        .wait(Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("still running against Redis {posing}:\n{}", daemon.logs()));
+    assert_ne!(status.code(), Some(0), "{}", daemon.logs());
+    let logs = daemon.logs();
+    assert!(
+        logs.contains(&format!("Redis {posing}")) && logs.contains("7.0 or later"),
+        "the refusal names the version found and the one needed:\n{logs}"
+    );
+    // Nothing was set up on the server.
+    let exists: i64 = redis::cmd("EXISTS").arg("s").query(&mut con).unwrap();
+    assert_eq!(exists, 0, "no stream or group created");
+
+    // The same server, not posing, is accepted: the relay is the only difference.
+    let _ok = Daemon::start(&config(
+        &redis.url(),
+        "r1",
+        "[groups.g]\nstream = \"s\"\nhandler = \"noop\"\n",
+    ));
+    wait_until(Duration::from_secs(20), "the group created", || {
+        group_info(&mut con, "s", "g").is_some()
+    });
+}
