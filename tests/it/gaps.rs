@@ -1622,3 +1622,141 @@ fn a_server_older_than_redis_7_is_refused_at_startup_naming_its_version() {
         group_info(&mut con, "s", "g").is_some()
     });
 }
+
+// ---------------------------------------------------------------------------------------
+// scripts/webhook-receiver.py
+
+/// `python3 scripts/webhook-receiver.py PORT SECRET`; killed on drop.
+struct Receiver(Child, u16);
+
+impl Receiver {
+    fn start(secret: &str) -> Self {
+        let port = free_port();
+        let child = Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/scripts/webhook-receiver.py"
+            ))
+            .arg(port.to_string())
+            .arg(secret)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 runs (scripts/test installs it)");
+        let receiver = Self(child, port);
+        wait_until(Duration::from_secs(10), "the receiver listening", || {
+            receiver.counts().is_some()
+        });
+        receiver
+    }
+
+    /// Its `{"handled": …, "rejected": …}` counters.
+    fn counts(&self) -> Option<serde_json::Value> {
+        let (status, body) = http_get(&format!("127.0.0.1:{}", self.1), "/")?;
+        assert_eq!(status, 200, "{body}");
+        Some(serde_json::from_str(&body).expect("the receiver's counters are JSON"))
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// README: "`scripts/webhook-receiver.py` is a complete receiver." It verifies the daemon's
+/// signature, acknowledges what it handles and dead-letters what it rejects; a daemon with
+/// the wrong secret gets nothing acknowledged.
+#[test]
+fn the_example_receiver_verifies_signatures_and_answers_as_documented() {
+    let redis = RedisServer::start();
+    let mut con = redis.connection();
+    let receiver = Receiver::start("s3cret");
+    let group = |name: &str, stream: &str, secret: &str| {
+        format!(
+            r#"
+[groups.{name}]
+stream = "{stream}"
+handler = "webhook"
+{FAST}
+[groups.{name}.options]
+url = "http://127.0.0.1:{}/hook"
+timeout = "900ms"
+secret = "{secret}"
+"#,
+            receiver.1
+        )
+    };
+    let groups = group("good", "events", "s3cret") + &group("forged", "other", "wrong");
+    let _daemon = Daemon::start(&config(&redis.url(), "r1", &groups));
+    let kinds = ["purchase", "malformed", "page_view", "purchase"];
+    let ids = produce(
+        &mut con,
+        "events",
+        &kinds
+            .iter()
+            .map(|k| vec![("event_type", k.to_string())])
+            .collect::<Vec<_>>(),
+    );
+    let forged = produce(
+        &mut con,
+        "other",
+        &[vec![("event_type", "purchase".into())]],
+    );
+    wait_until(Duration::from_secs(20), "both groups settled", || {
+        group_info(&mut con, "events", "good") == Some((0, Some(0)))
+            && group_info(&mut con, "other", "forged") == Some((0, Some(0)))
+    });
+    assert_eq!(
+        receiver.counts().unwrap(),
+        serde_json::json!({"handled": 3, "rejected": 1})
+    );
+    let dead = stream_strings(&mut con, "{events}:dlq:good");
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(field(&dead[0].1, "dlq_origin_id"), Some(ids[1].as_str()));
+    assert!(
+        field(&dead[0].1, "dlq_error").unwrap().contains("422"),
+        "{dead:?}"
+    );
+    let dead = stream_strings(&mut con, "{other}:dlq:forged");
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(field(&dead[0].1, "dlq_origin_id"), Some(forged[0].as_str()));
+    assert!(
+        field(&dead[0].1, "dlq_error").unwrap().contains("401"),
+        "{dead:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// The Kubernetes rollout
+
+/// docs/operations.md: "`maxSurge: 1, maxUnavailable: 0`: a new pod must be ready (Redis
+/// reachable, every group running) before an old one drains." The Deployment says so, and
+/// its readiness is the daemon's `/readyz`.
+#[test]
+fn the_deployment_rolls_out_one_ready_pod_before_draining_one() {
+    use yaml_rust2::{Yaml, YamlLoader};
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/kubernetes/deployment.yaml"
+    ))
+    .expect("deploy/kubernetes/deployment.yaml");
+    let docs = YamlLoader::load_from_str(&text).expect("the Deployment is YAML");
+    let deployment = docs
+        .iter()
+        .find(|d| d["kind"].as_str() == Some("Deployment"))
+        .expect("a Deployment");
+    let strategy = &deployment["spec"]["strategy"];
+    assert_eq!(strategy["type"].as_str(), Some("RollingUpdate"));
+    assert_eq!(strategy["rollingUpdate"]["maxSurge"], Yaml::Integer(1));
+    assert_eq!(
+        strategy["rollingUpdate"]["maxUnavailable"],
+        Yaml::Integer(0)
+    );
+    let containers = deployment["spec"]["template"]["spec"]["containers"]
+        .as_vec()
+        .expect("containers");
+    let probe = &containers[0]["readinessProbe"]["httpGet"];
+    assert_eq!(probe["path"].as_str(), Some("/readyz"), "{probe:?}");
+}
