@@ -1760,3 +1760,88 @@ fn the_deployment_rolls_out_one_ready_pod_before_draining_one() {
     let probe = &containers[0]["readinessProbe"]["httpGet"];
     assert_eq!(probe["path"].as_str(), Some("/readyz"), "{probe:?}");
 }
+
+// ---------------------------------------------------------------------------------------
+// config/user-activity.toml
+
+/// Every leaf of a TOML table as `dotted.key = value`.
+fn leaves(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, toml::Value>) {
+    match value {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                leaves(&key, v, out);
+            }
+        }
+        other => {
+            out.insert(prefix.to_owned(), other.clone());
+        }
+    }
+}
+
+/// README: "See `config/user-activity.toml`: every key, commented, with its default." Every
+/// key `check` prints for that file (the resolved configuration, defaults filled in) is
+/// written in the file, for one of its groups, with the value `check` prints, or shown in a
+/// comment (`# key = value`) with it; secrets, which `check` redacts, just have to be there.
+#[test]
+fn config_user_activity_writes_every_key_check_prints_with_its_value() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/user-activity.toml");
+    let (code, out, err) = run_cli(&["check", "-c", path], &[]);
+    assert_eq!(code, 0, "{err}");
+    let text = std::fs::read_to_string(path).unwrap();
+    let printed: toml::Value = toml::from_str(&out).expect("check prints TOML");
+    let written: toml::Value = toml::from_str(&text).expect("the file is TOML");
+    let (mut p, mut w) = (BTreeMap::new(), BTreeMap::new());
+    leaves("", &printed, &mut p);
+    leaves("", &written, &mut w);
+    // `groups.<name>.key` → `groups.*.key`: a key is shown once, in any group.
+    let general = |key: &str| -> String {
+        let parts: Vec<&str> = key.split('.').collect();
+        match parts.as_slice() {
+            ["groups" | "streams", _, rest @ ..] => format!("{}.*.{}", parts[0], rest.join(".")),
+            _ => key.to_owned(),
+        }
+    };
+    let mut shown: HashMap<String, Vec<toml::Value>> = HashMap::new();
+    for (key, value) in &w {
+        shown.entry(general(key)).or_default().push(value.clone());
+    }
+    // Per general key: shown at all, and where check filled in a default (a group that
+    // does not set the key), shown with that default for at least one such group.
+    let mut found: BTreeMap<String, (Option<bool>, Vec<String>)> = BTreeMap::new();
+    for (key, value) in &p {
+        let gen_key = general(key);
+        let leaf = key.rsplit('.').next().unwrap();
+        let commented = text.contains(&format!("# {leaf} = "));
+        let entry = found.entry(gen_key.clone()).or_default();
+        if !shown.contains_key(&gen_key) && !commented {
+            entry.0 = Some(false);
+            entry.1.push(format!("{key} = {value}: not in the file"));
+            continue;
+        }
+        if w.contains_key(key) || value.as_str() == Some("<redacted>") {
+            // Set by the file itself: trivially what check prints.
+            continue;
+        }
+        let ok = shown.get(&gen_key).is_some_and(|vs| vs.contains(value))
+            || text.contains(&format!("# {leaf} = {value}"));
+        if entry.0 != Some(false) {
+            entry.0 = Some(entry.0.unwrap_or(false) || ok);
+        }
+        entry.1.push(format!("{key} = {value} (a default)"));
+    }
+    let missing: Vec<String> = found
+        .into_iter()
+        .filter(|(_, (ok, _))| *ok == Some(false))
+        .map(|(key, (_, printed))| format!("{key}: {printed:?}"))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "config/user-activity.toml lacks what check prints:\n{}",
+        missing.join("\n")
+    );
+}
