@@ -1845,3 +1845,119 @@ fn config_user_activity_writes_every_key_check_prints_with_its_value() {
         missing.join("\n")
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// warehouse: a marker that cannot be set
+
+/// README, warehouse: "A live process that wrote a line but could not set its marker
+/// remembers it and does not write it again." The ACL user may read the markers but not
+/// set them: every delivery writes nothing more, the entry reaches its dead letter after
+/// `max_deliveries` attempts, and its line is in the file once. Once the markers can be
+/// set, the replayed dead letter is acknowledged, still without a second line.
+#[test]
+fn a_warehouse_that_cannot_set_its_marker_does_not_write_the_line_again() {
+    let redis = RedisServer::start();
+    let mut con = redis.connection();
+    let commands = readme()
+        .lines()
+        .find_map(|l| l.strip_prefix("user streamworker on >PASSWORD "))
+        .expect("README's ACL line")
+        .split(' ')
+        .filter(|r| r.starts_with('+') || r.starts_with('-') || r.starts_with('&'))
+        .collect::<Vec<_>>()
+        .join(" ");
+    // Every key but the markers, which it may only read: keys not starting with `{`
+    // (the stream, the lease), the dead letters, and `{events}:warehouse:*` read-only.
+    let rules = format!(
+        "sw on >pw resetkeys ~[^{{]* ~{{events}}:dlq:* %R~{{events}}:warehouse:* resetchannels {commands}"
+    );
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(rules.split(' ').collect::<Vec<_>>())
+        .query(&mut con)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let group = format!(
+        r#"
+[groups.archive]
+stream = "events"
+handler = "warehouse"
+block = "500ms"
+handler_timeout = "1s"
+claim_idle = "2s"
+max_deliveries = 3
+retry_backoff = {{ initial = "100ms", max = "300ms" }}
+[groups.archive.options]
+directory = "{}"
+max_wait = "50ms"
+"#,
+        dir.path().display()
+    );
+    let url = format!("redis://sw:pw@127.0.0.1:{}/0", redis.port);
+    let daemon = Daemon::start(&config(&url, "r1", &group));
+    let ids = produce(
+        &mut con,
+        "events",
+        &[vec![("n", "1".into())], vec![("n", "2".into())]],
+    );
+    let dlq = "{events}:dlq:archive";
+    wait_until(
+        Duration::from_secs(30),
+        "both entries dead-lettered",
+        || entries(&mut con, dlq).len() >= 2,
+    );
+    let lines = || -> Vec<String> {
+        let mut ids = Vec::new();
+        for file in std::fs::read_dir(dir.path()).unwrap() {
+            let text = std::fs::read_to_string(file.unwrap().path()).unwrap();
+            for line in text.lines() {
+                let v: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+                ids.push(v["id"].as_str().unwrap().to_owned());
+            }
+        }
+        ids.sort();
+        ids
+    };
+    assert_eq!(
+        lines(),
+        ids,
+        "one line per entry after three deliveries each"
+    );
+    for (_, fields) in stream_strings(&mut con, dlq) {
+        assert_eq!(field(&fields, "dlq_deliveries"), Some("3"), "{fields:?}");
+        assert!(
+            field(&fields, "dlq_error").is_some_and(|e| e.contains("marker could not be set")),
+            "{fields:?}"
+        );
+        assert!(
+            field(&fields, "dlq_error").is_some_and(|e| e.contains("NoPerm")),
+            "the refusal is the ACL's: {fields:?}"
+        );
+    }
+
+    // Markers allowed again: the replays are acknowledged, still one line each.
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("sw")
+        .arg("~{events}:warehouse:*")
+        .query(&mut con)
+        .unwrap();
+    let (code, out, err) = run_cli(
+        &[
+            "dlq",
+            "replay",
+            "-c",
+            daemon.config_path.to_str().unwrap(),
+            "--group",
+            "archive",
+            "--all",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    wait_until(Duration::from_secs(20), "the replays acknowledged", || {
+        group_info(&mut con, "events", "archive") == Some((0, Some(0)))
+            && entries(&mut con, dlq).is_empty()
+    });
+    assert_eq!(lines(), ids, "the replays wrote nothing again");
+}
