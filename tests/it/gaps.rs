@@ -1961,3 +1961,63 @@ max_wait = "50ms"
     });
     assert_eq!(lines(), ids, "the replays wrote nothing again");
 }
+
+// ---------------------------------------------------------------------------------------
+// warehouse on PostgreSQL: nothing local
+
+/// docs/operations.md: "For PostgreSQL (`sink = "postgres"`) nothing is written locally."
+/// The daemon runs in an empty working directory, stores rows, and leaves it empty.
+#[test]
+fn a_postgres_warehouse_writes_nothing_in_its_working_directory() {
+    let redis = RedisServer::start();
+    let pg = super::warehouse::Postgres::start();
+    let cwd = tempfile::tempdir().unwrap();
+    let group = format!(
+        r#"
+[groups.warehouse]
+stream = "ml_events"
+handler = "warehouse"
+payload = "json:event"
+block = "500ms"
+handler_timeout = "2s"
+claim_idle = "3s"
+[groups.warehouse.options]
+sink = "postgres"
+url = "{}"
+table = "{}"
+max_wait = "50ms"
+"#,
+        pg.url, pg.table
+    );
+    let config_dir = tempfile::tempdir().unwrap();
+    let config_path = config_dir.path().join("streamworker.toml");
+    std::fs::write(&config_path, config(&redis.url(), "r1", &group)).unwrap();
+    let mut daemon = Command::new(binary())
+        .arg("run")
+        .arg("-c")
+        .arg(&config_path)
+        .current_dir(cwd.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the streamworker binary runs");
+    let mut con = redis.connection();
+    produce(
+        &mut con,
+        "ml_events",
+        &(0..5)
+            .map(|i| vec![("event", format!(r#"{{"event_type":"llm_call","n":{i}}}"#))])
+            .collect::<Vec<_>>(),
+    );
+    wait_until(Duration::from_secs(30), "five rows", || pg.count() == 5);
+    wait_until(Duration::from_secs(10), "the group idle", || {
+        group_info(&mut con, "ml_events", "warehouse") == Some((0, Some(0)))
+    });
+    let left: Vec<_> = std::fs::read_dir(cwd.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert!(left.is_empty(), "written locally: {left:?}");
+}
