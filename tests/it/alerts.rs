@@ -438,8 +438,34 @@ threshold = 1
 "#,
         ),
     ));
-    // Quiet for a while: worker-1 goes idle, but nothing waits for it, so no alert.
-    std::thread::sleep(Duration::from_secs(7));
+    // Quiet for a while: worker-1 goes idle past the window (as Redis tells it), but
+    // nothing waits for it, so three evaluations after that bring no alert.
+    wait_until(
+        Duration::from_secs(20),
+        "worker-1 idle past the window",
+        || {
+            let consumers: Vec<redis::Value> = redis::cmd("XINFO")
+                .arg("CONSUMERS")
+                .arg("user:feedback")
+                .arg("learning")
+                .query(&mut con)
+                .unwrap();
+            consumers.into_iter().map(value_map).any(|c| {
+                c.get("name").map(String::as_str) == Some("worker-1")
+                    && c.get("idle").and_then(|i| i.parse::<u64>().ok()) > Some(5_000)
+            })
+        },
+    );
+    let mut stamps = std::collections::HashSet::new();
+    wait_until(Duration::from_secs(15), "three more evaluations", || {
+        let at: Option<String> = redis::cmd("HGET")
+            .arg("{user_logs}:alerts:alerts:state")
+            .arg("_evaluated_at")
+            .query(&mut con)
+            .unwrap();
+        stamps.extend(at);
+        stamps.len() >= 4
+    });
     assert!(
         transitions(&mut con).is_empty(),
         "{:?}",
@@ -571,8 +597,19 @@ threshold = 10
         9,
         "a late acknowledgement counts nothing again"
     );
-    // A few evaluations with 9 of 10 in the window: nothing fires.
-    std::thread::sleep(Duration::from_millis(2500));
+    // A few evaluations (every 1 s) with 9 of 10 in the window: nothing fires. Each
+    // evaluation stamps `_evaluated_at` in the state hash; three new stamps, three
+    // evaluations.
+    let mut stamps = std::collections::HashSet::new();
+    wait_until(Duration::from_secs(15), "three more evaluations", || {
+        let at: Option<String> = redis::cmd("HGET")
+            .arg("{app_logs}:alerts:alerts:state")
+            .arg("_evaluated_at")
+            .query(&mut con)
+            .unwrap();
+        stamps.extend(at);
+        stamps.len() >= 4
+    });
     assert_eq!(bucket_total(&mut con, "app_logs", "m:burst"), 9);
     assert_eq!(transitions(&mut con), Vec::<String>::new());
 

@@ -386,7 +386,20 @@ fn delivered_to_a_whose_ack_is_held(
     wait_until(Duration::from_secs(5), "the entries delivered to a", || {
         pending_of(con, "ml_events", "usage", "a") == 60
     });
-    std::thread::sleep(Duration::from_millis(700));
+    // a has handled all 60 (its effects are decided and on their way with the
+    // acknowledgement), yet none of them reached Redis.
+    wait_until(Duration::from_secs(10), "a to handle them all", || {
+        http_get(&a_http, "/metrics")
+            .and_then(|(_, body)| {
+                metric(
+                    &body,
+                    "streamworker_handler_seconds_count",
+                    &[("group", "usage")],
+                )
+            })
+            .unwrap_or(0.0)
+            == 60.0
+    });
     assert!(
         minute_hashes(con, "usage").is_empty(),
         "a's effects wait in the proxy with its acknowledgement"
@@ -475,7 +488,8 @@ fn a_late_acknowledgement_does_not_count_entries_again() {
         "a's late acknowledgement to reach Redis",
         || xack_calls(&mut con) >= before + 60,
     );
-    std::thread::sleep(Duration::from_millis(300));
+    // INFO runs between scripts, never inside one: the scripts whose XACKs it counted
+    // have finished, effects and all, so what they changed is visible now.
     assert_counted_once(&mut con, &cfg, &expected);
     // Nor does a count them as acknowledged: b did, and counted them.
     let (_, text) = http_get(&a_http, "/metrics").expect("a serves its metrics");

@@ -292,9 +292,15 @@ fn a_redis_restart_mid_run_loses_nothing_the_producer_saw_succeed() {
         }
         confirmed
     });
-    std::thread::sleep(Duration::from_millis(1200));
+    // Mid-run: the daemon is handling what the producer writes.
+    wait_until(
+        Duration::from_secs(20),
+        "entries handled before the crash",
+        || hook.count() >= 200,
+    );
     redis.kill();
-    std::thread::sleep(Duration::from_millis(1000));
+    // Redis stays down until the daemon has noticed.
+    daemon.wait_for_log(Duration::from_secs(20), "lost Redis");
     redis.restart();
     let confirmed = producer.join().unwrap();
     assert!(

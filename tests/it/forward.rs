@@ -219,8 +219,8 @@ fn entries_handled_twice_appear_downstream_once() {
                 && entries_metric(&b_http, "forwarded") as usize == forwarded
         },
     );
-    // Anything late would show up now.
-    std::thread::sleep(Duration::from_millis(1000));
+    // a is dead (its held commands died with it) and b has settled every entry: each
+    // forward's XADD ran in the script that acknowledged it, so nothing can arrive late.
     let reclaimed = http_get(&b_http, "/metrics")
         .and_then(|(_, body)| {
             metric(
@@ -265,11 +265,18 @@ fn a_late_acknowledgement_after_a_reclaim_forwards_nothing_again() {
     });
     // Now a's acknowledgements (with their XADDs) reach Redis, after b's.
     proxy.hold_requests(false);
-    a.wait_for_log(
+    // One line per forwarded entry, each logged after Redis answered its script (which
+    // would have added the XADD): once all are there, nothing of a's is still on its way.
+    wait_until(
         Duration::from_secs(10),
-        "already acknowledged by another consumer",
+        "a to learn each forward was settled by b",
+        || {
+            a.logs()
+                .matches("already acknowledged by another consumer")
+                .count()
+                >= forwarded
+        },
     );
-    std::thread::sleep(Duration::from_millis(300));
     let downstream = source_ids(&mut con);
     let want: HashSet<&String> = (0..12).filter(|&i| passes(i)).map(|i| &ids[i]).collect();
     let got: HashSet<&String> = downstream.iter().collect();
@@ -364,11 +371,13 @@ timeout = "1s"
         Duration::from_secs(15),
         "billing to see every forwarded event",
         || {
+            // normalize idle first: no forward can come after, so billing idle after it
+            // means every forwarded event was handled (a duplicate would have been too).
             hook.handled().len() == forwarded
+                && group_info(&mut con, RAW, "normalize") == Some((0, Some(0)))
                 && group_info(&mut con, NORMALIZED, "billing") == Some((0, Some(0)))
         },
     );
-    std::thread::sleep(Duration::from_millis(500));
 
     let target_ids: HashSet<String> = entries(&mut con, NORMALIZED)
         .into_iter()
@@ -446,7 +455,11 @@ fn a_target_redis_refuses_is_dead_lettered_and_forwarded_once_when_fixed_and_rep
     wait_until(Duration::from_secs(15), "every entry forwarded", || {
         source_ids(&mut con).len() >= ids.len()
     });
-    std::thread::sleep(Duration::from_millis(500));
+    // Every replay settled (each forward's XADD is in the script that acknowledged it):
+    // a duplicate would be downstream by now.
+    wait_until(Duration::from_secs(15), "the replays settled", || {
+        group_info(&mut con, RAW, "normalize") == Some((0, Some(0)))
+    });
     let downstream = source_ids(&mut con);
     assert_eq!(
         downstream.len(),

@@ -15,6 +15,7 @@ mod demo;
 mod failures;
 mod faults;
 mod forward;
+mod gaps;
 mod huge;
 mod learning;
 mod observability;

@@ -354,14 +354,10 @@ fn jsonl_lines(dir: &Path) -> Vec<Value> {
 }
 
 fn wait_for_lines(dir: &Path, n: usize) -> Vec<Value> {
-    let deadline = Instant::now() + SETTLE;
-    loop {
-        let lines = jsonl_lines(dir);
-        if lines.len() >= n || Instant::now() >= deadline {
-            return lines;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(SETTLE, &format!("{n} lines in {}", dir.display()), || {
+        jsonl_lines(dir).len() >= n
+    });
+    jsonl_lines(dir)
 }
 
 fn close(a: f64, b: f64) -> bool {
@@ -517,14 +513,10 @@ fn llm_observability_fans_out_to_analytics_alerts_and_warehouse() {
 
     // alerts: 10 % errors over the last minute (30 events ≥ min_events 20) fires the
     // error-rate rule, once; nothing else fires.
-    let deadline = Instant::now() + SETTLE;
-    let alerts = loop {
-        let alerts = entries(&mut run.con, "alerts");
-        if !alerts.is_empty() || Instant::now() >= deadline {
-            break alerts;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    wait_until(SETTLE, "an alert event", || {
+        !entries(&mut run.con, "alerts").is_empty()
+    });
+    let alerts = entries(&mut run.con, "alerts");
     assert_eq!(alerts.len(), 1, "{alerts:?}");
     let (_, fields) = &alerts[0];
     assert_eq!(field(fields, "rule"), Some("error-rate"));
@@ -722,14 +714,10 @@ fn learning_loop_learns_from_feedback_and_emits_one_adaptation() {
     want.sort();
     assert_eq!(written, want, "one dataset line per feedback");
 
-    let deadline = Instant::now() + SETTLE;
-    let adaptations = loop {
-        let a = entries(&mut run.con, "ai:adaptations");
-        if !a.is_empty() || Instant::now() >= deadline {
-            break a;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    wait_until(SETTLE, "an adaptation event", || {
+        !entries(&mut run.con, "ai:adaptations").is_empty()
+    });
+    let adaptations = entries(&mut run.con, "ai:adaptations");
     assert_eq!(adaptations.len(), 1, "{adaptations:?}");
     let (_, fields) = &adaptations[0];
     assert_eq!(field(fields, "model"), Some("gpt-4o"));
@@ -877,27 +865,24 @@ fn event_sourcing_archives_counts_trims_by_age_and_replays_from_a_time() {
     assert_eq!(agents["research-bot"]["errors"], 1);
 
     // Retention by age: the old session is trimmed once both groups have acknowledged it.
-    let deadline = Instant::now() + SETTLE;
-    let remaining = loop {
-        let remaining: Vec<String> = entries(&mut run.con, STREAM)
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect();
-        if remaining.len() == 8 || Instant::now() >= deadline {
-            break remaining;
-        }
-        std::thread::sleep(Duration::from_millis(200));
+    let ids_left = |con: &mut redis::Connection| -> Vec<String> {
+        entries(con, STREAM).into_iter().map(|(id, _)| id).collect()
     };
+    wait_until(SETTLE, "the old session trimmed", || {
+        ids_left(&mut run.con).len() == 8
+    });
+    let remaining = ids_left(&mut run.con);
     assert_eq!(
         remaining,
         before.iter().chain(&after).cloned().collect::<Vec<_>>()
     );
 
     // The replay group created at a time-based id got exactly the events after that time.
-    let deadline = Instant::now() + SETTLE;
-    while hook.handled().len() < after.len() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        SETTLE,
+        "the replay group to handle the later events",
+        || hook.handled().len() >= after.len(),
+    );
     let replayed: BTreeSet<String> = hook.handled().into_keys().collect();
     assert_eq!(replayed, after.iter().cloned().collect::<BTreeSet<_>>());
     assert_eq!(

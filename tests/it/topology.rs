@@ -285,13 +285,24 @@ fn the_daemon_follows_a_sentinel_failover() {
             confirmed
         })
     };
-    std::thread::sleep(Duration::from_secs(2));
+    // The daemon is handling entries from the first primary...
+    wait_until(
+        Duration::from_secs(30),
+        "entries handled before the failover",
+        || hook.count() >= 50,
+    );
     let mut set = set;
     set.primary.kill();
     wait_until(Duration::from_secs(30), "a failover", || {
         set.current_primary_port().is_some_and(|p| p != old_port)
     });
-    std::thread::sleep(Duration::from_secs(3));
+    // ...and, after the failover, from the new one.
+    let before = hook.count();
+    wait_until(
+        Duration::from_secs(60),
+        "entries handled after the failover",
+        || hook.count() >= before + 50,
+    );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let confirmed = producer.join().unwrap();
 

@@ -19,10 +19,10 @@ use crate::support::*;
 // ---------------------------------------------------------------------------------------
 // A PostgreSQL server for the test.
 
-struct Postgres {
-    url: String,
+pub(super) struct Postgres {
+    pub(super) url: String,
     /// Each test's own table.
-    table: String,
+    pub(super) table: String,
     cluster: Option<Cluster>,
 }
 
@@ -166,7 +166,7 @@ impl Drop for Cluster {
 }
 
 impl Postgres {
-    fn start() -> Self {
+    pub(super) fn start() -> Self {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let table = format!("warehouse_it_{}_{n}", std::process::id());
@@ -219,7 +219,7 @@ impl Postgres {
 
     /// Rows in the test's table; 0 while the table does not exist yet. Any other error
     /// fails the test: it must not read as "no rows".
-    fn count(&self) -> u64 {
+    pub(super) fn count(&self) -> u64 {
         match self.psql(&format!("SELECT count(*) FROM {}", self.table)) {
             Ok(text) => text
                 .parse()
