@@ -417,6 +417,9 @@ struct Loop<'g, H> {
     refusals: HashMap<EntryId, u32>,
     /// Entries whose settlement was put back into `pending` after a failed send.
     requeued: HashSet<EntryId>,
+    /// Settlements in the flush in flight: they count towards the bound on unsent ones,
+    /// since a failed send puts them back.
+    flushing_len: usize,
     /// Whether a resync re-delivery counts as a delivery: yes at startup (a crash may have
     /// cut a handler call short), no after a reconnect (this process never started them).
     resync_counts: bool,
@@ -474,6 +477,7 @@ impl<'g, H: Handler> Loop<'g, H> {
             probe_claims: false,
             refusals: HashMap::new(),
             requeued: HashSet::new(),
+            flushing_len: 0,
             resync_counts: true,
             circuit_refresh_at: now,
             buffer: Vec::new(),
@@ -622,7 +626,7 @@ impl<'g, H: Handler> Loop<'g, H> {
     /// Slots left for new entries: none while the queue of unsent settlements is full
     /// (Redis is refusing or unreachable), so memory stays bounded.
     fn free(&self, running: usize) -> usize {
-        if self.pending.len() >= self.max_unsent() {
+        if self.pending.len() + self.flushing_len >= self.max_unsent() {
             return 0;
         }
         let free = self.concurrency().saturating_sub(running + self.reserved);
@@ -751,6 +755,7 @@ impl<'g, H: Handler> Loop<'g, H> {
         if self.flushing.is_none() && !self.pending.is_empty() && now >= self.flush_at {
             let batch = std::mem::take(&mut self.pending);
             self.requeued.clear();
+            self.flushing_len = batch.len();
             self.flushing = Some(Box::pin(settle::flush(
                 self.g.client.clone(),
                 self.target.clone(),
@@ -1275,6 +1280,7 @@ impl<'g, H: Handler> Loop<'g, H> {
 
     /// Acts on what a flush achieved: metrics and logs, and what to send again.
     fn on_flush(&mut self, mut flushed: Flushed) {
+        self.flushing_len = 0;
         let cfg = &self.g.config;
         let metrics = &self.g.metrics;
         let now = SystemTime::now();
