@@ -23,11 +23,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run every group in the configuration until SIGTERM or SIGINT.
+    /// Run every group in the configuration (or those named by --groups) until SIGTERM or
+    /// SIGINT. Groups with `enabled = false` are skipped.
+    #[command(
+        after_help = "Examples:\n  streamworker run -c streamworker.toml\n  streamworker run -c streamworker.toml --groups billing,audit   # one Deployment per group set"
+    )]
     Run {
         /// The TOML configuration file.
         #[arg(short, long, env = "STREAMWORKER_CONFIG")]
         config: PathBuf,
+        /// Run only these groups of the file (comma-separated), e.g. `billing,audit`.
+        #[arg(long, value_delimiter = ',', value_name = "GROUP,…")]
+        groups: Vec<String>,
     },
     /// Validate a configuration, report every problem at once, and print it resolved
     /// (defaults filled in, environment overrides applied, secrets redacted).
@@ -170,6 +177,27 @@ enum Command {
         /// Move the group; without it, print what would happen and exit 2.
         #[arg(long)]
         yes: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause a group on every replica: within a claim_interval each stops reading and
+    /// reclaiming; entries in flight finish and are settled. Lag grows until `resume`.
+    #[command(
+        after_help = "Examples:\n  streamworker pause  -c streamworker.toml --group billing\n  streamworker status -c streamworker.toml          # STATE shows paused\n  streamworker resume -c streamworker.toml --group billing"
+    )]
+    Pause {
+        #[command(flatten)]
+        target: DlqTarget,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resume a paused group: every replica reads again within a claim_interval.
+    #[command(after_help = "Example:\n  streamworker resume -c streamworker.toml --group billing")]
+    Resume {
+        #[command(flatten)]
+        target: DlqTarget,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -340,7 +368,7 @@ fn main() -> ExitCode {
 
     match cli.command {
         Command::Check { config } => check(&config),
-        Command::Run { config } => run(&config),
+        Command::Run { config, groups } => run(&config, &groups),
         Command::Status { config, json } => admin(&config, |client, config| {
             Box::pin(async move {
                 let text = streamworker::admin::status::run(&client, &config, json).await?;
@@ -402,6 +430,8 @@ fn main() -> ExitCode {
                 Ok(())
             })
         }),
+        Command::Pause { target, json } => pause(target, json, true),
+        Command::Resume { target, json } => pause(target, json, false),
         Command::Bench {
             entries,
             runs,
@@ -774,10 +804,40 @@ fn check(path: &Path) -> ExitCode {
     }
 }
 
-fn run(path: &Path) -> ExitCode {
-    let config = match load(path) {
+fn pause(target: DlqTarget, json: bool, pause: bool) -> ExitCode {
+    on_group(target, move |client, config, group| {
+        Box::pin(async move {
+            let outcome = streamworker::admin::pause::run(
+                &client,
+                &group,
+                config.worker.claim_interval,
+                pause,
+            )
+            .await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&outcome).expect("serializes")
+                );
+            } else {
+                print!("{}", outcome.render());
+            }
+            Ok(())
+        })
+    })
+}
+
+fn run(path: &Path, only: &[String]) -> ExitCode {
+    let mut config = match load(path) {
         Ok(c) => c,
         Err(code) => return code,
+    };
+    let skipped = match supervisor::select_groups(&mut config, only) {
+        Ok(skipped) => skipped,
+        Err(e) => {
+            eprintln!("error: {}: {e}", path.display());
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
     };
     let telemetry = match streamworker::telemetry::init(&config.telemetry) {
         Ok(t) => t,
@@ -786,6 +846,9 @@ fn run(path: &Path) -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
+    for (group, why) in skipped {
+        tracing::info!(group = %group, reason = why, "not running this group");
+    }
     let outcome = serve(config);
     // Traces buffered in the exporter go out before the process ends.
     telemetry.shutdown();

@@ -48,6 +48,60 @@ struct Shared {
     shutdown: Shutdown,
 }
 
+/// Why `run` has no group to run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SelectError {
+    #[error("--groups names {unknown}, which the file does not configure; its groups: {known}")]
+    Unknown { unknown: String, known: String },
+    #[error(
+        "no group to run: {disabled} {verb} enabled = false; set enabled = true in the group's table, or run other groups"
+    )]
+    NothingEnabled {
+        disabled: String,
+        verb: &'static str,
+    },
+}
+
+/// Keeps the groups this process runs: those named by `run --groups` (all when empty),
+/// without those with `enabled = false`. Answers the groups left out and why, for the log.
+pub fn select_groups(
+    config: &mut Config,
+    only: &[String],
+) -> Result<Vec<(String, &'static str)>, SelectError> {
+    let unknown: Vec<&str> = only
+        .iter()
+        .filter(|name| !config.groups.contains_key(*name))
+        .map(String::as_str)
+        .collect();
+    if !unknown.is_empty() {
+        return Err(SelectError::Unknown {
+            unknown: unknown.join(", "),
+            known: config.groups.keys().cloned().collect::<Vec<_>>().join(", "),
+        });
+    }
+    let mut skipped = Vec::new();
+    let mut disabled = Vec::new();
+    config.groups.retain(|name, group| {
+        if !only.is_empty() && !only.contains(name) {
+            skipped.push((name.clone(), "not named by --groups"));
+            false
+        } else if !group.enabled {
+            skipped.push((name.clone(), "enabled = false"));
+            disabled.push(name.clone());
+            false
+        } else {
+            true
+        }
+    });
+    if config.groups.is_empty() {
+        return Err(SelectError::NothingEnabled {
+            verb: if disabled.len() == 1 { "has" } else { "have" },
+            disabled: disabled.join(", "),
+        });
+    }
+    Ok(skipped)
+}
+
 /// Runs every group until shutdown.
 pub async fn run(config: Config, shutdown: Shutdown, metrics: Metrics, health: Health) -> Outcome {
     let Some(client) = connect(&config, &shutdown, &metrics).await else {

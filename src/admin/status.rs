@@ -45,6 +45,11 @@ pub fn render(reports: &[StreamReport]) -> String {
                     } else {
                         "-".into()
                     },
+                    match (g.managed, g.paused) {
+                        (false, _) => "-".into(),
+                        (true, true) => "paused".into(),
+                        (true, false) => "running".into(),
+                    },
                 ]
             })
             .collect();
@@ -58,6 +63,7 @@ pub fn render(reports: &[StreamReport]) -> String {
                 "DEAD LETTERS",
                 "CONSUMERS",
                 "CIRCUIT",
+                "STATE",
             ],
             &rows,
         );

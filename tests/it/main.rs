@@ -19,6 +19,7 @@ mod learning;
 mod observability;
 mod operate;
 mod ops_guards;
+mod pause;
 mod promises;
 mod scenarios;
 mod shutdown;
