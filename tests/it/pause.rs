@@ -3,6 +3,8 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::support::*;
@@ -45,25 +47,54 @@ fn cli(args: &[&str], config: &Path) -> (i32, String, String) {
     run_cli(&all, &[])
 }
 
-/// Two replicas; `pause` lets the calls in flight finish and settle, then nothing is read
-/// while entries arrive (the lag grows), `status` and the gauge say paused; `resume`
+/// The ACL rules the README documents (`user streamworker on >PASSWORD …`), from the
+/// README itself.
+fn readme_acl_rules() -> Vec<String> {
+    const PREFIX: &str = "user streamworker on >PASSWORD ";
+    let line = include_str!("../../README.md")
+        .lines()
+        .find(|l| l.starts_with(PREFIX))
+        .expect("README documents the ACL user");
+    std::iter::once("on")
+        .chain(line[PREFIX.len()..].split_whitespace())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Two replicas (as the README's least-privilege ACL user); `pause` lets the calls in
+/// flight finish and settle, then nothing is read while entries arrive (the lag grows),
+/// not by a replica started meanwhile either; `status` and the gauge say paused; `resume`
 /// handles everything that waited.
 #[test]
 fn pause_holds_every_replica_and_resume_handles_what_waited() {
     let redis = RedisServer::start();
-    let hook = WebhookServer::start_with(|_| (200, Duration::from_millis(1500)));
+    // Calls are counted when they arrive (the hook records a hit when it answers).
+    let started = Arc::new(AtomicUsize::new(0));
+    let counter = started.clone();
+    let hook = WebhookServer::start_with(move |_| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        (200, Duration::from_secs(3))
+    });
     let mut con = redis.connection();
-    let (cfg1, http1) = config_with_http(&redis.url(), "r1", &webhook_group(&hook.url("r1")));
-    let (cfg2, http2) = config_with_http(&redis.url(), "r2", &webhook_group(&hook.url("r2")));
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("streamworker")
+        .arg(">acl-pw")
+        .arg(readme_acl_rules())
+        .query(&mut con)
+        .expect("ACL SETUSER with the README's rules");
+    let url = format!("redis://streamworker:acl-pw@127.0.0.1:{}/0", redis.port);
+    let (cfg1, http1) = config_with_http(&url, "r1", &webhook_group(&hook.url("r1")));
+    let (cfg2, http2) = config_with_http(&url, "r2", &webhook_group(&hook.url("r2")));
     let r1 = Daemon::start(&cfg1);
-    let _r2 = Daemon::start(&cfg2);
+    let r2 = Daemon::start(&cfg2);
     wait_until(
         Duration::from_secs(20),
         "both replicas report the group running",
         || paused_gauge(&http1) == Some(0.0) && paused_gauge(&http2) == Some(0.0),
     );
 
-    // Four calls in flight (each held 1.5 s), then the pause.
+    // Four calls in flight (each held 3 s), then the pause.
     let first = produce(
         &mut con,
         "orders",
@@ -74,7 +105,7 @@ fn pause_holds_every_replica_and_resume_handles_what_waited() {
     wait_until(
         Duration::from_secs(10),
         "four handler calls in flight",
-        || hook.count() == 4,
+        || started.load(Ordering::SeqCst) == 4,
     );
     let (code, out, err) = cli(&["pause", "--group", "billing"], &r1.config_path);
     assert_eq!(code, 0, "pause failed: {out}{err}");
@@ -87,6 +118,10 @@ fn pause_holds_every_replica_and_resume_handles_what_waited() {
         "both replicas hold the group paused",
         || paused_gauge(&http1) == Some(1.0) && paused_gauge(&http2) == Some(1.0),
     );
+    assert!(
+        hook.count() < 4,
+        "the calls finished before the pause took hold; nothing was in flight to finish"
+    );
     // The calls in flight finish and their acknowledgements go out while paused.
     wait_until(
         Duration::from_secs(15),
@@ -97,6 +132,20 @@ fn pause_holds_every_replica_and_resume_handles_what_waited() {
     assert!(
         first.iter().all(|id| handled.get(id) == Some(&1)),
         "{handled:?}"
+    );
+    let key_exists: bool = redis::cmd("EXISTS")
+        .arg("{orders}:streamworker:paused:billing")
+        .query(&mut con)
+        .unwrap();
+    assert!(key_exists, "the pause key is not where the docs say");
+
+    // A replica started while paused reads nothing either.
+    let (cfg3, http3) = config_with_http(&url, "r3", &webhook_group(&hook.url("r3")));
+    let r3 = Daemon::start(&cfg3);
+    wait_until(
+        Duration::from_secs(20),
+        "the new replica holds the group paused",
+        || paused_gauge(&http3) == Some(1.0),
     );
 
     // Entries produced while paused are not read by either replica: the lag grows.
@@ -109,7 +158,11 @@ fn pause_holds_every_replica_and_resume_handles_what_waited() {
     );
     // A negative: give both loops several claim_intervals (200 ms) and a whole `block`.
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(hook.count(), 4, "a paused group called its handler");
+    assert_eq!(
+        started.load(Ordering::SeqCst),
+        4,
+        "a paused group called its handler"
+    );
     assert_eq!(
         group_info(&mut con, "orders", "billing"),
         Some((0, Some(20)))
@@ -140,13 +193,16 @@ fn pause_holds_every_replica_and_resume_handles_what_waited() {
         out.contains("resumed group billing on stream orders"),
         "{out}"
     );
+    let cli_took = resumed_at.elapsed();
     wait_until(
         Duration::from_secs(10),
         "the first call after resume",
-        || hook.count() > 4,
+        || started.load(Ordering::SeqCst) > 4,
     );
     let first_call = resumed_at.elapsed();
-    eprintln!("first handler call {first_call:?} after resume (claim_interval 200 ms)");
+    eprintln!(
+        "first handler call {first_call:?} after `resume` started ({cli_took:?} of it the command itself; claim_interval 200 ms)"
+    );
     wait_until(
         Duration::from_secs(30),
         "everything produced while paused handled",
@@ -156,7 +212,14 @@ fn pause_holds_every_replica_and_resume_handles_what_waited() {
                 && group_info(&mut con, "orders", "billing") == Some((0, Some(0)))
         },
     );
-    assert!(paused_gauge(&http1) == Some(0.0) && paused_gauge(&http2) == Some(0.0));
+    assert!(
+        [&http1, &http2, &http3]
+            .iter()
+            .all(|http| paused_gauge(http) == Some(0.0))
+    );
+    for daemon in [&r1, &r2, &r3] {
+        assert!(!daemon.logs().contains("NOPERM"), "{}", daemon.logs());
+    }
     let (_, out, _) = cli(&["status"], &r1.config_path);
     assert!(
         out.lines()
