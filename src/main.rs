@@ -828,12 +828,12 @@ fn pause(target: DlqTarget, json: bool, pause: bool) -> ExitCode {
 }
 
 fn run(path: &Path, only: &[String]) -> ExitCode {
-    let mut config = match load(path) {
+    let config = match load(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let skipped = match supervisor::select_groups(&mut config, only) {
-        Ok(skipped) => skipped,
+    let selection = match supervisor::select_groups(&config, only) {
+        Ok(selection) => selection,
         Err(e) => {
             eprintln!("error: {}: {e}", path.display());
             return ExitCode::from(EXIT_BAD_CONFIG);
@@ -846,10 +846,10 @@ fn run(path: &Path, only: &[String]) -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
-    for (group, why) in skipped {
+    for (group, why) in &selection.skipped {
         tracing::info!(group = %group, reason = why, "not running this group");
     }
-    let outcome = serve(config);
+    let outcome = serve(config, selection.run);
     // Traces buffered in the exporter go out before the process ends.
     telemetry.shutdown();
     match outcome {
@@ -869,7 +869,10 @@ fn run(path: &Path, only: &[String]) -> ExitCode {
     }
 }
 
-fn serve(config: config::Config) -> anyhow::Result<Outcome> {
+fn serve(
+    config: config::Config,
+    groups: std::collections::BTreeSet<String>,
+) -> anyhow::Result<Outcome> {
     // Multi-threaded: measured faster than a single thread for draining (the connection
     // drivers parse while the groups' loops run), see BENCHMARKS.md.
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -898,7 +901,7 @@ fn serve(config: config::Config) -> anyhow::Result<Outcome> {
             })?;
             tracing::info!(address = %addr, "serving /metrics, /livez and /readyz");
         }
-        Ok(supervisor::run(config, shutdown, metrics, health).await)
+        Ok(supervisor::run_groups(config, groups, shutdown, metrics, health).await)
     })
 }
 

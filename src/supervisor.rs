@@ -2,6 +2,7 @@
 //! logged and restarted with capped backoff, and never takes the other groups down. Also
 //! owns the process-wide pieces: the Redis client, the readiness probe and the exit status.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,12 +63,16 @@ pub enum SelectError {
     },
 }
 
-/// Keeps the groups this process runs: those named by `run --groups` (all when empty),
-/// without those with `enabled = false`. Answers the groups left out and why, for the log.
-pub fn select_groups(
-    config: &mut Config,
-    only: &[String],
-) -> Result<Vec<(String, &'static str)>, SelectError> {
+/// The groups `run` runs, and those it leaves out with the reason, for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selection {
+    pub run: BTreeSet<String>,
+    pub skipped: Vec<(String, &'static str)>,
+}
+
+/// Picks the groups this process runs: those named by `run --groups` (all when empty),
+/// without those with `enabled = false`.
+pub fn select_groups(config: &Config, only: &[String]) -> Result<Selection, SelectError> {
     let unknown: Vec<&str> = only
         .iter()
         .filter(|name| !config.groups.contains_key(*name))
@@ -79,31 +84,54 @@ pub fn select_groups(
             known: config.groups.keys().cloned().collect::<Vec<_>>().join(", "),
         });
     }
-    let mut skipped = Vec::new();
+    let mut selection = Selection {
+        run: BTreeSet::new(),
+        skipped: Vec::new(),
+    };
     let mut disabled = Vec::new();
-    config.groups.retain(|name, group| {
+    for (name, group) in &config.groups {
         if !only.is_empty() && !only.contains(name) {
-            skipped.push((name.clone(), "not named by --groups"));
-            false
+            selection
+                .skipped
+                .push((name.clone(), "not named by --groups"));
         } else if !group.enabled {
-            skipped.push((name.clone(), "enabled = false"));
+            selection.skipped.push((name.clone(), "enabled = false"));
             disabled.push(name.clone());
-            false
         } else {
-            true
+            selection.run.insert(name.clone());
         }
-    });
-    if config.groups.is_empty() {
+    }
+    if selection.run.is_empty() {
         return Err(SelectError::NothingEnabled {
             verb: if disabled.len() == 1 { "has" } else { "have" },
             disabled: disabled.join(", "),
         });
     }
-    Ok(skipped)
+    Ok(selection)
 }
 
-/// Runs every group until shutdown.
+/// Runs every enabled group until shutdown.
 pub async fn run(config: Config, shutdown: Shutdown, metrics: Metrics, health: Health) -> Outcome {
+    let groups = config
+        .groups
+        .iter()
+        .filter(|(_, g)| g.enabled)
+        .map(|(name, _)| name.clone())
+        .collect();
+    run_groups(config, groups, shutdown, metrics, health).await
+}
+
+/// Runs `groups` of the configuration until shutdown. Housekeeping covers every enabled
+/// group of the file, not only these: with one Deployment per group, retention must still
+/// wait for the groups the other Deployments have not created yet.
+pub async fn run_groups(
+    mut config: Config,
+    groups: BTreeSet<String>,
+    shutdown: Shutdown,
+    metrics: Metrics,
+    health: Health,
+) -> Outcome {
+    config.groups.retain(|_, g| g.enabled);
     let Some(client) = connect(&config, &shutdown, &metrics).await else {
         return match shutdown.is_triggered() {
             true => Outcome::Clean,
@@ -117,7 +145,7 @@ pub async fn run(config: Config, shutdown: Shutdown, metrics: Metrics, health: H
     health.set_redis_up(true);
     let consumer = config.worker.consumer_name();
     tracing::info!(
-        consumer = %consumer, redis = %client.display_url, groups = config.groups.len(),
+        consumer = %consumer, redis = %client.display_url, groups = groups.len(),
         "streamworker started"
     );
     let shared = Shared {
@@ -151,7 +179,7 @@ pub async fn run(config: Config, shutdown: Shutdown, metrics: Metrics, health: H
     ));
     let tracker = TaskTracker::new();
     let mut outcomes = Vec::new();
-    for group in config.groups.values() {
+    for group in config.groups.values().filter(|g| groups.contains(&g.name)) {
         let stall_after =
             Duration::from_secs(10).max(group.block * 2 + config.worker.claim_interval * 2);
         // Lag is read every housekeeping turn; a healthy loop fetches or settles something

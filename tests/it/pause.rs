@@ -237,6 +237,10 @@ struct Run {
 
 impl Run {
     fn start(config: &str, args: &[&str]) -> Self {
+        Self::start_logging(config, args, "info")
+    }
+
+    fn start_logging(config: &str, args: &[&str], rust_log: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("streamworker.toml");
         std::fs::write(&path, config).expect("write config");
@@ -247,7 +251,7 @@ impl Run {
             .arg("-c")
             .arg(&path)
             .args(args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", rust_log)
             .stdout(file.try_clone().unwrap())
             .stderr(file)
             .stdin(Stdio::null())
@@ -377,4 +381,71 @@ fn check_checks_disabled_groups() {
         "a disabled group's problems must still be reported: {err}"
     );
     assert!(err.contains("groups.b"), "{err}");
+}
+
+/// With one Deployment per group, retention on a shared stream waits for the groups the
+/// other Deployments run (not yet created), but not for a group with `enabled = false`.
+#[test]
+fn retention_waits_for_groups_another_deployment_runs() {
+    let redis = RedisServer::start();
+    let mut con = redis.connection();
+    let ids = produce(
+        &mut con,
+        "events",
+        &(0..100)
+            .map(|i| vec![("n", i.to_string())])
+            .collect::<Vec<_>>(),
+    );
+    let groups = r#"
+[streams.events]
+retention = { max_len = 10 }
+
+[groups.a]
+stream = "events"
+handler = "noop"
+
+[groups.b]
+stream = "events"
+handler = "noop"
+enabled = false
+
+[groups.c]
+stream = "events"
+handler = "noop"
+"#;
+    let xlen =
+        |con: &mut redis::Connection| redis::cmd("XLEN").arg("events").query::<u64>(con).unwrap();
+    let waits = |run: &Run| {
+        run.logs()
+            .lines()
+            .filter(|l| l.contains("retention waits until every configured group exists"))
+            .filter(|l| l.contains(r#""group":"c""#))
+            .count()
+    };
+    let a = Run::start_logging(
+        &config(&redis.url(), "a1", groups),
+        &["--groups", "a"],
+        "info,streamworker::maintenance=debug",
+    );
+    wait_until(
+        Duration::from_secs(20),
+        "group a handled everything",
+        || group_info(&mut con, "events", "a") == Some((0, Some(0))),
+    );
+    let before = waits(&a);
+    wait_until(
+        Duration::from_secs(20),
+        "a retention pass after group a caught up",
+        || waits(&a) > before,
+    );
+    assert_eq!(xlen(&mut con), 100, "trimmed before group c existed");
+
+    let _c = Run::start(&config(&redis.url(), "c1", groups), &["--groups", "c"]);
+    wait_until(
+        Duration::from_secs(30),
+        "trimmed to max_len once c caught up",
+        || xlen(&mut con) == 10,
+    );
+    assert_eq!(entries(&mut con, "events")[0].0, ids[90]);
+    assert_eq!(group_info(&mut con, "events", "b"), None);
 }
