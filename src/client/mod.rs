@@ -1289,5 +1289,34 @@ mod tests {
         assert_eq!(c.next, Some(EntryId::new(7, 0)));
         assert_eq!(c.entries[0].delivery_count, 4);
         assert_eq!(c.deleted, vec![EntryId::new(2, 0)]);
+        assert!(
+            !c.paused,
+            "own_pending.lua's three-part reply is never paused"
+        );
+    }
+
+    #[test]
+    fn a_paused_claim_reply_says_so_and_holds_nothing() {
+        let reply = Value::Array(vec![
+            bulk("0-0"),
+            Value::Array(vec![]),
+            Value::Array(vec![]),
+            Value::Int(1),
+        ]);
+        let c = parse_claimed(reply, "test").unwrap();
+        assert!(c.paused);
+        assert!(c.entries.is_empty() && c.deleted.is_empty());
+    }
+
+    #[test]
+    fn the_pause_key_is_in_the_streams_slot() {
+        assert_eq!(
+            pause_key("orders", "billing"),
+            "{orders}:streamworker:paused:billing"
+        );
+        assert_eq!(
+            pause_key("{orders}:events", "billing"),
+            "{orders}:streamworker:paused:billing"
+        );
     }
 }
