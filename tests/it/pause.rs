@@ -449,3 +449,52 @@ handler = "noop"
     assert_eq!(entries(&mut con, "events")[0].0, ids[90]);
     assert_eq!(group_info(&mut con, "events", "b"), None);
 }
+
+/// A paused group with lag is waiting on purpose: `/livez` stays 200 past the
+/// `2 × handler_timeout + 30s` after which a loop that fetches nothing while its group has
+/// lag counts as stalled (Kubernetes would otherwise restart every paused pod).
+#[test]
+fn a_paused_group_with_lag_stays_live() {
+    let redis = RedisServer::start();
+    let groups = r#"
+[groups.billing]
+stream = "orders"
+handler = "noop"
+handler_timeout = "1s"
+claim_idle = "5s"
+block = "500ms"
+"#;
+    let (cfg, http) = config_with_http(&redis.url(), "r1", groups);
+    let daemon = Daemon::start(&cfg);
+    wait_until(Duration::from_secs(20), "live", || {
+        http_get(&http, "/livez").map(|(s, _)| s) == Some(200)
+    });
+    let (code, out, err) = cli(&["pause", "--group", "billing"], &daemon.config_path);
+    assert_eq!(code, 0, "{out}{err}");
+    wait_until(Duration::from_secs(10), "paused", || {
+        paused_gauge(&http) == Some(1.0)
+    });
+    let mut con = redis.connection();
+    produce(
+        &mut con,
+        "orders",
+        &(0..10)
+            .map(|i| vec![("n", i.to_string())])
+            .collect::<Vec<_>>(),
+    );
+    // 2 × 1 s + 30 s, plus a housekeeping turn (5 s) to see the lag, plus slack.
+    let until = Instant::now() + Duration::from_secs(42);
+    while Instant::now() < until {
+        let live = http_get(&http, "/livez");
+        assert_eq!(
+            live.as_ref().map(|(s, _)| *s),
+            Some(200),
+            "a paused group was reported stalled: {live:?}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert_eq!(
+        group_info(&mut con, "orders", "billing"),
+        Some((0, Some(10)))
+    );
+}
