@@ -173,6 +173,7 @@ mod tests {
                 dead_letter_stream: None,
                 dead_letter_length: None,
                 circuits: Vec::new(),
+                paused: false,
             }],
         }]
     }

@@ -40,6 +40,9 @@ pub struct GroupReport {
     pub dead_letter_length: Option<u64>,
     /// Replicas whose circuit breaker is not closed: (consumer, state).
     pub circuits: Vec<CircuitReport>,
+    /// Paused by `streamworker pause` (every replica stops reading within a
+    /// `claim_interval`); always false for a group not configured in this file.
+    pub paused: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -107,6 +110,10 @@ pub async fn inspect(client: &Client, config: &Config) -> Result<Vec<StreamRepor
             } else {
                 None
             };
+            let paused = match configured {
+                Some(_) => client.paused_since(&stream, &info.name).await?.is_some(),
+                None => false,
+            };
             let (dead_letter_stream, dead_letter_length, circuits) = match configured {
                 Some(g) => {
                     let dlq = g.dead_letter_stream();
@@ -139,6 +146,7 @@ pub async fn inspect(client: &Client, config: &Config) -> Result<Vec<StreamRepor
                 dead_letter_stream,
                 dead_letter_length,
                 circuits,
+                paused,
             });
         }
         reports.push(StreamReport {

@@ -28,14 +28,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run every group in the configuration until SIGTERM or SIGINT.
+    /// Run every group in the configuration (or those named by --groups) until SIGTERM or
+    /// SIGINT. Groups with `enabled = false` are skipped.
     #[command(
-        after_help = "Example:\n  streamworker run -c streamworker.toml\n  STREAMWORKER_CONFIG=/etc/streamworker.toml streamworker run"
+        after_help = "Examples:\n  streamworker run -c streamworker.toml\n  STREAMWORKER_CONFIG=/etc/streamworker.toml streamworker run\n  streamworker run -c streamworker.toml --groups billing,audit   # one Deployment per group set"
     )]
     Run {
         /// The TOML configuration file.
         #[arg(short, long, env = "STREAMWORKER_CONFIG")]
         config: PathBuf,
+        /// Run only these groups of the file (comma-separated), e.g. `billing,audit`.
+        #[arg(long, value_delimiter = ',', value_name = "GROUP,…")]
+        groups: Vec<String>,
     },
     /// Validate a configuration, report every problem at once, and print it resolved
     /// (defaults filled in, environment overrides applied, secrets redacted).
@@ -254,6 +258,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Pause a group on every replica: within a claim_interval each stops reading and
+    /// reclaiming; entries in flight finish and are settled. Lag grows until `resume`.
+    #[command(
+        after_help = "Examples:\n  streamworker pause  -c streamworker.toml --group billing\n  streamworker status -c streamworker.toml          # STATE shows paused\n  streamworker resume -c streamworker.toml --group billing"
+    )]
+    Pause {
+        #[command(flatten)]
+        target: DlqTarget,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resume a paused group: every replica reads again within a claim_interval.
+    #[command(after_help = "Example:\n  streamworker resume -c streamworker.toml --group billing")]
+    Resume {
+        #[command(flatten)]
+        target: DlqTarget,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// What a group's handler has aggregated, read from its aggregates in Redis (analytics:
     /// entries, errors and error rate, event types, sums, latency percentiles, top values
     /// of each dimension).
@@ -430,7 +455,7 @@ fn main() -> ExitCode {
             addr,
             timeout,
         } => healthcheck(config.as_deref(), ready, addr.as_deref(), timeout),
-        Command::Run { config } => run(&config),
+        Command::Run { config, groups } => run(&config, &groups),
         Command::Status {
             config,
             json,
@@ -526,6 +551,8 @@ fn main() -> ExitCode {
                 Ok(())
             })
         }),
+        Command::Pause { target, json } => pause(target, json, true),
+        Command::Resume { target, json } => pause(target, json, false),
         Command::Bench {
             entries,
             runs,
@@ -1073,10 +1100,40 @@ fn healthcheck(
     }
 }
 
-fn run(path: &Path) -> ExitCode {
+fn pause(target: DlqTarget, json: bool, pause: bool) -> ExitCode {
+    on_group(target, move |client, config, group| {
+        Box::pin(async move {
+            let outcome = streamworker::admin::pause::run(
+                &client,
+                &group,
+                config.worker.claim_interval,
+                pause,
+            )
+            .await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&outcome).expect("serializes")
+                );
+            } else {
+                print!("{}", outcome.render());
+            }
+            Ok(())
+        })
+    })
+}
+
+fn run(path: &Path, only: &[String]) -> ExitCode {
     let config = match load(path) {
         Ok(c) => c,
         Err(code) => return code,
+    };
+    let selection = match supervisor::select_groups(&config, only) {
+        Ok(selection) => selection,
+        Err(e) => {
+            eprintln!("error: {}: {e}", path.display());
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
     };
     let telemetry = match streamworker::telemetry::init(&config.telemetry) {
         Ok(t) => t,
@@ -1085,7 +1142,10 @@ fn run(path: &Path) -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
-    let outcome = serve(config);
+    for (group, why) in &selection.skipped {
+        tracing::info!(group = %group, reason = why, "not running this group");
+    }
+    let outcome = serve(config, selection.run);
     // Traces buffered in the exporter go out before the process ends.
     telemetry.shutdown();
     match outcome {
@@ -1105,7 +1165,10 @@ fn run(path: &Path) -> ExitCode {
     }
 }
 
-fn serve(config: config::Config) -> anyhow::Result<Outcome> {
+fn serve(
+    config: config::Config,
+    groups: std::collections::BTreeSet<String>,
+) -> anyhow::Result<Outcome> {
     // Multi-threaded: measured faster than a single thread for draining (the connection
     // drivers parse while the groups' loops run), see BENCHMARKS.md.
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -1134,7 +1197,7 @@ fn serve(config: config::Config) -> anyhow::Result<Outcome> {
             })?;
             tracing::info!(address = %addr, "serving /metrics, /livez and /readyz");
         }
-        Ok(supervisor::run(config, shutdown, metrics, health).await)
+        Ok(supervisor::run_groups(config, groups, shutdown, metrics, health).await)
     })
 }
 

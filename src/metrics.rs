@@ -65,6 +65,7 @@ pub struct Metrics {
     group_recreated: Family<GroupLabels, Counter>,
     dead_letter_refused: Family<GroupLabels, Counter>,
     circuit_open: Family<GroupLabels, Gauge>,
+    group_paused: Family<GroupLabels, Gauge>,
     redis_errors: Family<ErrorLabels, Counter>,
     pub up: Gauge,
     group_lag: Family<GroupLabels, Gauge>,
@@ -138,6 +139,12 @@ impl Metrics {
             "1 while this replica's circuit breaker for the group is open or half-open",
             circuit_open.clone(),
         );
+        let group_paused = Family::<GroupLabels, Gauge>::default();
+        registry.register(
+            "streamworker_group_paused",
+            "1 while this replica holds the group paused (`streamworker pause`): in-flight entries finish, nothing new is read or reclaimed",
+            group_paused.clone(),
+        );
         let redis_errors = Family::<ErrorLabels, Counter>::default();
         registry.register(
             "streamworker_redis_errors",
@@ -209,6 +216,7 @@ impl Metrics {
             group_recreated,
             dead_letter_refused,
             circuit_open,
+            group_paused,
             redis_errors,
             up,
             group_lag,
@@ -297,6 +305,7 @@ impl Metrics {
             group_recreated: self.group_recreated.get_or_create(&labels).clone(),
             dead_letter_refused: self.dead_letter_refused.get_or_create(&labels).clone(),
             circuit_open: self.circuit_open.get_or_create(&labels).clone(),
+            paused: self.group_paused.get_or_create(&labels).clone(),
             redis_errors: self.redis_errors.clone(),
         }
     }
@@ -342,6 +351,7 @@ pub struct GroupMetrics {
     pub group_recreated: Counter,
     pub dead_letter_refused: Counter,
     pub circuit_open: Gauge,
+    pub paused: Gauge,
     redis_errors: Family<ErrorLabels, Counter>,
 }
 

@@ -2,6 +2,7 @@
 //! logged and restarted with capped backoff, and never takes the other groups down. Also
 //! owns the process-wide pieces: the Redis client, the readiness probe and the exit status.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,8 +49,89 @@ struct Shared {
     shutdown: Shutdown,
 }
 
-/// Runs every group until shutdown.
+/// Why `run` has no group to run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SelectError {
+    #[error("--groups names {unknown}, which the file does not configure; its groups: {known}")]
+    Unknown { unknown: String, known: String },
+    #[error(
+        "no group to run: {disabled} {verb} enabled = false; set enabled = true in the group's table, or run other groups"
+    )]
+    NothingEnabled {
+        disabled: String,
+        verb: &'static str,
+    },
+}
+
+/// The groups `run` runs, and those it leaves out with the reason, for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selection {
+    pub run: BTreeSet<String>,
+    pub skipped: Vec<(String, &'static str)>,
+}
+
+/// Picks the groups this process runs: those named by `run --groups` (all when empty),
+/// without those with `enabled = false`.
+pub fn select_groups(config: &Config, only: &[String]) -> Result<Selection, SelectError> {
+    let unknown: Vec<&str> = only
+        .iter()
+        .filter(|name| !config.groups.contains_key(*name))
+        .map(String::as_str)
+        .collect();
+    if !unknown.is_empty() {
+        return Err(SelectError::Unknown {
+            unknown: unknown.join(", "),
+            known: config.groups.keys().cloned().collect::<Vec<_>>().join(", "),
+        });
+    }
+    let mut selection = Selection {
+        run: BTreeSet::new(),
+        skipped: Vec::new(),
+    };
+    let mut disabled = Vec::new();
+    for (name, group) in &config.groups {
+        if !only.is_empty() && !only.contains(name) {
+            selection
+                .skipped
+                .push((name.clone(), "not named by --groups"));
+        } else if !group.enabled {
+            selection.skipped.push((name.clone(), "enabled = false"));
+            disabled.push(name.clone());
+        } else {
+            selection.run.insert(name.clone());
+        }
+    }
+    if selection.run.is_empty() {
+        return Err(SelectError::NothingEnabled {
+            verb: if disabled.len() == 1 { "has" } else { "have" },
+            disabled: disabled.join(", "),
+        });
+    }
+    Ok(selection)
+}
+
+/// Runs every enabled group until shutdown.
 pub async fn run(config: Config, shutdown: Shutdown, metrics: Metrics, health: Health) -> Outcome {
+    let groups = config
+        .groups
+        .iter()
+        .filter(|(_, g)| g.enabled)
+        .map(|(name, _)| name.clone())
+        .collect();
+    run_groups(config, groups, shutdown, metrics, health).await
+}
+
+/// Runs `groups` of the configuration until shutdown. Housekeeping covers every enabled
+/// group of the file, not only these: with one Deployment per group, retention must still
+/// wait for the groups the other Deployments have not created yet.
+pub async fn run_groups(
+    mut config: Config,
+    groups: BTreeSet<String>,
+    shutdown: Shutdown,
+    metrics: Metrics,
+    health: Health,
+) -> Outcome {
+    config.groups.retain(|_, g| g.enabled);
     let Some(client) = connect(&config, &shutdown, &metrics).await else {
         return match shutdown.is_triggered() {
             true => Outcome::Clean,
@@ -63,7 +145,7 @@ pub async fn run(config: Config, shutdown: Shutdown, metrics: Metrics, health: H
     health.set_redis_up(true);
     let consumer = config.worker.consumer_name();
     tracing::info!(
-        consumer = %consumer, redis = %client.display_url, groups = config.groups.len(),
+        consumer = %consumer, redis = %client.display_url, groups = groups.len(),
         "streamworker started"
     );
     let shared = Shared {
@@ -97,7 +179,7 @@ pub async fn run(config: Config, shutdown: Shutdown, metrics: Metrics, health: H
     ));
     let tracker = TaskTracker::new();
     let mut outcomes = Vec::new();
-    for group in config.groups.values() {
+    for group in config.groups.values().filter(|g| groups.contains(&g.name)) {
         let stall_after =
             Duration::from_secs(10).max(group.block * 2 + config.worker.claim_interval * 2);
         // Lag is read every housekeeping turn; a healthy loop fetches or settles something

@@ -1,7 +1,9 @@
-//! The commands operators reach for: `status`, `dlq`, `stats`, `pending` and `rewind`.
+//! The commands operators reach for: `status`, `dlq`, `stats`, `pending`, `rewind` and
+//! `pause`/`resume`.
 //! They read and change Redis only through `client`, like the daemon.
 
 pub mod dlq;
+pub mod pause;
 pub mod pending;
 pub mod rewind;
 pub mod stats;

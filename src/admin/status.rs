@@ -128,6 +128,11 @@ pub fn render(reports: &[StreamReport]) -> String {
                     } else {
                         "-".into()
                     },
+                    match (g.managed, g.paused) {
+                        (false, _) => "-".into(),
+                        (true, true) => "paused".into(),
+                        (true, false) => "running".into(),
+                    },
                 ]
             })
             .collect();
@@ -141,6 +146,7 @@ pub fn render(reports: &[StreamReport]) -> String {
                 "DEAD LETTERS",
                 "CONSUMERS",
                 "CIRCUIT",
+                "STATE",
             ],
             &rows,
         );

@@ -57,6 +57,8 @@ pub struct Claimed {
     /// Entries deleted or trimmed from the stream while pending: Redis removed them from
     /// the pending list; there is nothing left to handle.
     pub deleted: Vec<EntryId>,
+    /// The group is paused (`streamworker pause`): nothing was claimed (`claim.lua` only).
+    pub paused: bool,
 }
 
 /// Why talking to Redis failed, sorted by what the caller should do about it.
@@ -191,6 +193,14 @@ pub struct Retained {
 pub fn circuit_key(stream: &str, group: &str) -> String {
     format!(
         "streamworker:circuit:{}:{group}",
+        streamworker_handlers::slot_tag(stream)
+    )
+}
+
+/// The key whose presence pauses a group on every replica (`streamworker pause`).
+pub fn pause_key(stream: &str, group: &str) -> String {
+    format!(
+        "{}:streamworker:paused:{group}",
         streamworker_handlers::slot_tag(stream)
     )
 }
@@ -425,6 +435,7 @@ impl Client {
             .scripts
             .claim
             .key(stream)
+            .key(pause_key(stream, group))
             .arg(group)
             .arg(consumer)
             .arg(min_idle.as_millis() as u64)
@@ -745,6 +756,40 @@ impl Client {
                 (consumer, state, at)
             })
             .collect())
+    }
+
+    /// Pauses (`true`) or resumes a group on every replica; answers whether that changed
+    /// anything. The key holds when the pause began (unix ms), for `status`.
+    pub async fn set_paused(&self, stream: &str, group: &str, paused: bool) -> Result<bool> {
+        let key = pause_key(stream, group);
+        if paused {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis() as u64;
+            let set: Option<String> = redis::cmd("SET")
+                .arg(&key)
+                .arg(now)
+                .arg("NX")
+                .query_async(&mut self.commands())
+                .await?;
+            Ok(set.is_some())
+        } else {
+            let deleted: i64 = redis::cmd("DEL")
+                .arg(&key)
+                .query_async(&mut self.commands())
+                .await?;
+            Ok(deleted > 0)
+        }
+    }
+
+    /// Since when (unix ms) the group has been paused, `None` when it is not.
+    pub async fn paused_since(&self, stream: &str, group: &str) -> Result<Option<u64>> {
+        let value: Option<String> = redis::cmd("GET")
+            .arg(pause_key(stream, group))
+            .query_async(&mut self.commands())
+            .await?;
+        Ok(value.map(|v| v.parse().unwrap_or(0)))
     }
 
     /// The server's clock (TIME) in unix milliseconds: the clock entry ids are stamped with.
@@ -1138,6 +1183,7 @@ fn parse_claimed(reply: Value, command: &'static str) -> Result<Claimed> {
             claimed.deleted.push(parse_id(&id, command)?);
         }
     }
+    claimed.paused = matches!(parts.next(), Some(Value::Int(1)));
     Ok(claimed)
 }
 
@@ -1243,5 +1289,34 @@ mod tests {
         assert_eq!(c.next, Some(EntryId::new(7, 0)));
         assert_eq!(c.entries[0].delivery_count, 4);
         assert_eq!(c.deleted, vec![EntryId::new(2, 0)]);
+        assert!(
+            !c.paused,
+            "own_pending.lua's three-part reply is never paused"
+        );
+    }
+
+    #[test]
+    fn a_paused_claim_reply_says_so_and_holds_nothing() {
+        let reply = Value::Array(vec![
+            bulk("0-0"),
+            Value::Array(vec![]),
+            Value::Array(vec![]),
+            Value::Int(1),
+        ]);
+        let c = parse_claimed(reply, "test").unwrap();
+        assert!(c.paused);
+        assert!(c.entries.is_empty() && c.deleted.is_empty());
+    }
+
+    #[test]
+    fn the_pause_key_is_in_the_streams_slot() {
+        assert_eq!(
+            pause_key("orders", "billing"),
+            "{orders}:streamworker:paused:billing"
+        );
+        assert_eq!(
+            pause_key("{orders}:events", "billing"),
+            "{orders}:streamworker:paused:billing"
+        );
     }
 }

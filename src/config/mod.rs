@@ -331,6 +331,8 @@ impl Default for CircuitBreakerConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GroupSettings {
+    /// `false`: `run` skips the group (`check` still checks it).
+    pub enabled: bool,
     pub stream: String,
     pub start_id: StartId,
     pub concurrency: usize,
@@ -355,6 +357,7 @@ pub struct GroupSettings {
 impl Default for GroupSettings {
     fn default() -> Self {
         Self {
+            enabled: true,
             stream: String::new(),
             start_id: StartId::Beginning,
             concurrency: 64,

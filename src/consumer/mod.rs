@@ -430,6 +430,13 @@ struct Loop<'g, H> {
     buffer_since: Option<Instant>,
     /// Entries in batches being handled.
     batched: usize,
+    /// Whether the group is paused (`streamworker pause`); `None` until first looked up,
+    /// and nothing is fetched before it is known.
+    paused: Option<bool>,
+    /// A lookup of the pause key. Reclaims report it too (`claim.lua`), so this runs only
+    /// when no reclaim did for a `claim_interval`: while paused, or with no slot free.
+    pause_checking: Option<BoxFuture<'static, crate::client::Result<Option<u64>>>>,
+    pause_check_at: Instant,
 }
 
 impl<'g, H: Handler> Loop<'g, H> {
@@ -483,6 +490,9 @@ impl<'g, H: Handler> Loop<'g, H> {
             buffer: Vec::new(),
             buffer_since: None,
             batched: 0,
+            paused: None,
+            pause_checking: None,
+            pause_check_at: now,
         }
     }
 
@@ -496,8 +506,13 @@ impl<'g, H: Handler> Loop<'g, H> {
         let mut batches = FuturesUnordered::new();
         loop {
             g.heartbeat.beat();
-            if self.draining || self.outage_logged || !self.breaker.is_closed() {
-                // Waiting on purpose (an outage, an open circuit, shutdown) is not a stall.
+            if self.draining
+                || self.outage_logged
+                || !self.breaker.is_closed()
+                || self.paused == Some(true)
+            {
+                // Waiting on purpose (an outage, an open circuit, a pause, shutdown) is not
+                // a stall.
                 g.heartbeat.progress();
             }
             let now = Instant::now();
@@ -593,6 +608,17 @@ impl<'g, H: Handler> Loop<'g, H> {
                     self.unblocking = None;
                     Vec::new()
                 }
+                result = maybe(&mut self.pause_checking) => {
+                    self.pause_checking = None;
+                    match result {
+                        Ok(since) => self.set_paused(since.is_some()),
+                        Err(e) if e.is_unavailable() => tracing::debug!(stream = %g.config.stream, group = %g.config.name, error = %e, "could not look up whether the group is paused; trying again"),
+                        // Not knowing, the loop does not read (a refused GET, e.g. an ACL
+                        // without +get, would otherwise stall the group without a word).
+                        Err(e) => tracing::warn!(stream = %g.config.stream, group = %g.config.name, key = %crate::client::pause_key(&g.config.stream, &g.config.name), error = %e, "cannot read the group's pause key; not reading until it can (the ACL user needs +get)"),
+                    }
+                    Vec::new()
+                }
                 _ = sleep_until(wake) => Vec::new(),
             };
             for raw in admitted {
@@ -651,11 +677,14 @@ impl<'g, H: Handler> Loop<'g, H> {
             .batch_size
             .min(self.concurrency())
             .min(limit.unwrap_or(usize::MAX));
+        // A paused group (or one not yet known not to be) fetches nothing either; what is
+        // in flight finishes and is settled as usual.
+        let paused = self.paused != Some(false);
         if !self.draining && limit != Some(0) {
             if self.reader.is_none() && self.connecting.is_none() && now >= self.connect_at {
                 self.start_connect();
             }
-            let connected = self.reader.is_some();
+            let connected = self.reader.is_some() && !paused;
             // A fresh page only when a good share of a batch fits, so that slow handlers
             // do not turn into a stream of one-entry reads.
             let roomy = |free: usize| free >= want.div_ceil(2) || (free > 0 && running == 0);
@@ -742,15 +771,29 @@ impl<'g, H: Handler> Loop<'g, H> {
                     }
                 }
             }
-        } else if self.draining
+        }
+        if (self.draining || self.paused == Some(true))
             && !self.reads.is_empty()
             && self.unblocking.is_none()
             && now >= self.unblock_at
         {
-            // A blocked read would hold shutdown for up to `block`: wake it. Repeat while
-            // reads remain, since a second pipelined read blocks after the first returns.
+            // A blocked read would hold shutdown (or read on into a pause) for up to
+            // `block`: wake it. Repeat while reads remain, since a second pipelined read
+            // blocks after the first returns.
             self.start_unblock();
             self.unblock_at = now + Duration::from_millis(100);
+        }
+        if !self.draining
+            && self.pause_checking.is_none()
+            && self.claiming.is_none()
+            && now >= self.pause_check_at
+        {
+            self.pause_check_at = now + self.g.claim_interval;
+            let client = self.g.client.clone();
+            let t = self.target.clone();
+            self.pause_checking = Some(Box::pin(async move {
+                client.paused_since(&t.stream, &t.group).await
+            }));
         }
         if self.flushing.is_none() && !self.pending.is_empty() && now >= self.flush_at {
             let batch = std::mem::take(&mut self.pending);
@@ -804,6 +847,12 @@ impl<'g, H: Handler> Loop<'g, H> {
             if let Some(deadline) = self.g.shutdown.deadline() {
                 wake = wake.min(deadline);
             }
+        }
+        if !self.draining && self.pause_checking.is_none() && self.claiming.is_none() {
+            wake = wake.min(self.pause_check_at);
+        }
+        if self.paused == Some(true) && !self.reads.is_empty() {
+            wake = wake.min(self.unblock_at);
         }
         if self.flushing.is_none() && !self.pending.is_empty() {
             wake = wake.min(self.flush_at);
@@ -963,6 +1012,11 @@ impl<'g, H: Handler> Loop<'g, H> {
                 // Keep going at once through a long pending list (a dead replica's), else
                 // look again next interval.
                 let more = claimed.next.is_some() && claimed.entries.len() == count;
+                self.pause_check_at = now + self.g.claim_interval;
+                if claimed.paused {
+                    self.set_paused(true);
+                    return Ok(Vec::new());
+                }
                 self.claim_cursor = claimed.next.unwrap_or(EntryId::ZERO);
                 self.claim_at = if more {
                     now
@@ -1259,6 +1313,27 @@ impl<'g, H: Handler> Loop<'g, H> {
             .circuit_open
             .set(i64::from(!self.breaker.is_closed()));
         self.report_circuit();
+    }
+
+    /// Acts on what the pause key says: stop fetching (in-flight entries finish) or start
+    /// again at once.
+    fn set_paused(&mut self, paused: bool) {
+        let was = self.paused.replace(paused);
+        if was == Some(paused) {
+            return;
+        }
+        let cfg = &self.g.config;
+        self.g.metrics.paused.set(i64::from(paused));
+        let now = Instant::now();
+        if paused {
+            self.unblock_at = now;
+            tracing::info!(stream = %cfg.stream, group = %cfg.name, consumer = %self.g.consumer, "group paused (streamworker pause): in-flight entries finish, nothing new is read or reclaimed");
+        } else {
+            self.claim_at = now;
+            if was.is_some() {
+                tracing::info!(stream = %cfg.stream, group = %cfg.name, consumer = %self.g.consumer, "group resumed (streamworker resume): reading again");
+            }
+        }
     }
 
     /// Records this replica's circuit state in Redis for `streamworker status`; refreshed

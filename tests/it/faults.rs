@@ -368,7 +368,7 @@ fn cpu_share(pid: i32, window: Duration) -> f64 {
 }
 
 /// The loop sleeps until something can change: with Redis down, with the circuit open,
-/// and with every handler slot busy while a claim is due. The target is under 1 % of a
+/// with the group paused, and with every handler slot busy while a claim is due. The target is under 1 % of a
 /// core; the bound leaves room for a loaded machine and still catches a polling loop.
 #[test]
 fn an_idle_loop_does_not_poll() {
@@ -432,6 +432,36 @@ fn an_idle_loop_does_not_poll() {
         share * 100.0
     );
     drop(open);
+
+    // Paused (`streamworker pause`) while entries wait: the loop only looks at the pause
+    // key once per claim_interval.
+    let redis = RedisServer::start();
+    let hook = WebhookServer::start();
+    let paused = Daemon::start(&config(
+        &redis.url(),
+        "r4",
+        &webhook_group(&hook.url("r4"), ""),
+    ));
+    let config_path = paused.config_path.to_str().unwrap().to_owned();
+    let (code, out, err) = run_cli(&["pause", "-c", &config_path, "--group", "billing"], &[]);
+    assert_eq!(code, 0, "pause: {out}{err}");
+    paused.wait_for_log(Duration::from_secs(10), "group paused");
+    let mut con = redis.connection();
+    produce(
+        &mut con,
+        "orders",
+        &(0..50)
+            .map(|i| vec![("n", i.to_string())])
+            .collect::<Vec<_>>(),
+    );
+    let share = cpu_share(paused.pid(), window);
+    eprintln!(
+        "paused with 50 entries waiting: {:.2} % of a core",
+        share * 100.0
+    );
+    assert_eq!(hook.count(), 0, "a paused group called its handler");
+    assert!(share < BOUND, "paused: {:.1} % of a core", share * 100.0);
+    drop(paused);
 
     // Redis down.
     let mut redis = RedisServer::start();

@@ -21,6 +21,7 @@ mod learning;
 mod observability;
 mod operate;
 mod ops_guards;
+mod pause;
 mod pg_tls;
 mod promises;
 mod scenarios;

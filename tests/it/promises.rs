@@ -395,7 +395,8 @@ fn dlq_list_show_replay_since_and_purge_select_what_they_name() {
     add_dead_letter(&mut con, &format!("{old}-0"), "old-1", "1-1");
     add_dead_letter(&mut con, &format!("{old}-1"), "old-2", "1-2");
     for n in 1..=3 {
-        add_dead_letter(&mut con, "*", &format!("new-{n}"), &format!("2-{n}"));
+        // Origin ids no stream id of this test can contain by chance.
+        add_dead_letter(&mut con, "*", &format!("new-{n}"), &format!("77777-{n}"));
     }
     let dlq = |args: &[&str]| {
         let mut all = vec!["dlq"];
@@ -416,7 +417,7 @@ fn dlq_list_show_replay_since_and_purge_select_what_they_name() {
         out.contains(&format!("{old}-0")) && out.contains(&format!("{old}-1")),
         "{out}"
     );
-    assert!(!out.contains("2-1"), "only the oldest two: {out}");
+    assert!(!out.contains("77777-1"), "only the oldest two: {out}");
 
     // --json: every field a machine needs.
     let (out, _) = dlq(&["list", "--json"]);
@@ -438,7 +439,7 @@ fn dlq_list_show_replay_since_and_purge_select_what_they_name() {
     let replayed = fields_of(&mut con, "orders");
     let orders: Vec<&str> = replayed.iter().map(|f| f["order"].as_str()).collect();
     assert_eq!(orders, ["new-1", "new-2", "new-3"]);
-    assert_eq!(replayed[0]["dlq_replay_of"], "2-1");
+    assert_eq!(replayed[0]["dlq_replay_of"], "77777-1");
     assert_eq!(replayed[0]["dlq_replay_group"], "billing");
     let left: Vec<String> = fields_of(&mut con, "{orders}:dlq:billing")
         .into_iter()
@@ -447,8 +448,8 @@ fn dlq_list_show_replay_since_and_purge_select_what_they_name() {
     assert_eq!(left, ["old-1", "old-2"]);
 
     // purge --before 2h: only what is older; --id: exactly that one; --all: the rest.
-    add_dead_letter(&mut con, "*", "new-4", "2-4");
-    add_dead_letter(&mut con, "*", "new-5", "2-5");
+    add_dead_letter(&mut con, "*", "new-4", "77777-4");
+    add_dead_letter(&mut con, "*", "new-5", "77777-5");
     let (out, _) = dlq(&["purge", "--yes", "--before", "2h"]);
     assert!(
         out.contains("purged 2 dead letters from {orders}:dlq:billing"),
