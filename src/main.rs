@@ -38,7 +38,7 @@ enum Command {
         #[arg(short, long, env = "STREAMWORKER_CONFIG")]
         config: PathBuf,
         /// Run only these groups of the file (comma-separated), e.g. `billing,audit`.
-        #[arg(long, value_delimiter = ',', value_name = "GROUP,…")]
+        #[arg(long, value_delimiter = ',', value_name = "GROUP,...")]
         groups: Vec<String>,
     },
     /// Validate a configuration, report every problem at once, and print it resolved

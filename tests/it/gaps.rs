@@ -1866,9 +1866,10 @@ fn a_warehouse_that_cannot_set_its_marker_does_not_write_the_line_again() {
         .collect::<Vec<_>>()
         .join(" ");
     // Every key but the markers, which it may only read: keys not starting with `{`
-    // (the stream, the lease), the dead letters, and `{events}:warehouse:*` read-only.
+    // (the stream, the lease), the dead letters, the group's pause switch (a script key, so read and write), and
+    // `{events}:warehouse:*` read-only.
     let rules = format!(
-        "sw on >pw resetkeys ~[^{{]* ~{{events}}:dlq:* %R~{{events}}:warehouse:* resetchannels {commands}"
+        "sw on >pw resetkeys ~[^{{]* ~{{events}}:dlq:* ~{{events}}:streamworker:paused:* %R~{{events}}:warehouse:* resetchannels {commands}"
     );
     let _: () = redis::cmd("ACL")
         .arg("SETUSER")
