@@ -7,11 +7,11 @@
 //! session is encrypted is read from the server's own `pg_stat_ssl`, over the Unix socket.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 
+use crate::support::postgres::PgCluster;
 use crate::support::*;
 
 /// A CA and a server certificate it signed, as PEM.
@@ -46,43 +46,13 @@ fn make_pki() -> Pki {
     }
 }
 
-fn postgres_bin() -> PathBuf {
-    let on_path = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
-        .find(|d| d.join("initdb").is_file() && d.join("pg_ctl").is_file());
-    if let Some(dir) = on_path {
-        return dir;
-    }
-    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let version = e.file_name().to_string_lossy().parse().ok()?;
-            let bin = e.path().join("bin");
-            bin.join("initdb").is_file().then_some((version, bin))
-        })
-        .collect();
-    versions.sort();
-    versions.pop().map(|(_, bin)| bin).expect(
-        "PostgreSQL is not installed (no initdb on PATH or under /usr/lib/postgresql/*/bin); scripts/test installs it",
-    )
-}
-
 /// The password of user `postgres` over TCP (SCRAM, as managed databases ask).
 const PASSWORD: &str = "tls-test-secret";
 
 /// A private cluster with `ssl=on` (unless started `plain`), serving the certificate of
 /// `pki`; TCP clients log in with SCRAM, which binds the login to the TLS channel.
 struct TlsCluster {
-    ssl: bool,
-    bin: PathBuf,
-    dir: tempfile::TempDir,
-    port: u16,
-    /// initdb and postgres refuse to run as root: run them as this user then.
-    user: Option<String>,
+    pg: PgCluster,
     /// The CA that signed the server's certificate.
     ca_file: PathBuf,
 }
@@ -93,143 +63,51 @@ impl TlsCluster {
     }
 
     fn start_with(pki: &Pki, ssl: bool) -> Self {
-        let bin = postgres_bin();
-        let user = (unsafe { libc::geteuid() } == 0).then(|| "postgres".to_owned());
-        let dir = tempfile::tempdir().expect("temp dir");
-        let ca_file = dir.path().join("ca.pem");
-        std::fs::write(&ca_file, &pki.ca_pem).unwrap();
-        let cert = dir.path().join("server.crt");
-        let key = dir.path().join("server.key");
-        let pwfile = dir.path().join("pwfile");
-        std::fs::write(&pwfile, PASSWORD).unwrap();
-        std::fs::write(&cert, &pki.server_pem).unwrap();
-        std::fs::write(&key, &pki.server_key_pem).unwrap();
-        // PostgreSQL refuses a key others can read.
-        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .unwrap();
-        if let Some(user) = &user {
-            let status = Command::new("chown")
-                .arg(format!("{user}:"))
-                .arg(dir.path())
-                .arg(&pwfile)
-                .arg(&cert)
-                .arg(&key)
-                .status()
-                .expect("chown runs");
-            assert!(
-                status.success(),
-                "cannot hand {} to user {user} (running as root, initdb needs another user; the postgresql package creates `postgres`)",
-                dir.path().display()
+        let mut ca_file = PathBuf::new();
+        let pg = PgCluster::start(|dir| {
+            ca_file = dir.join("ca.pem");
+            std::fs::write(&ca_file, &pki.ca_pem).unwrap();
+            let cert = dir.join("server.crt");
+            let key = dir.join("server.key");
+            let pwfile = dir.join("pwfile");
+            std::fs::write(&pwfile, PASSWORD).unwrap();
+            std::fs::write(&cert, &pki.server_pem).unwrap();
+            std::fs::write(&key, &pki.server_key_pem).unwrap();
+            // PostgreSQL refuses a key others can read.
+            std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .unwrap();
+            let auth = vec![
+                format!("--pwfile={}", pwfile.display()),
+                "--auth-local=trust".into(),
+                "--auth-host=scram-sha-256".into(),
+            ];
+            let ssl = if ssl { "on" } else { "off" };
+            let settings = format!(
+                "-c ssl={ssl} -c ssl_cert_file={} -c ssl_key_file={}",
+                cert.display(),
+                key.display()
             );
-        }
-        let mut cluster = Self {
-            ssl,
-            bin,
-            dir,
-            port: 0,
-            user,
-            ca_file,
-        };
-        let out = cluster
-            .command("initdb")
-            .arg("-D")
-            .arg(cluster.data())
-            .arg(format!("--pwfile={}", pwfile.display()))
-            .args([
-                "-U",
-                "postgres",
-                "--auth-local=trust",
-                "--auth-host=scram-sha-256",
-                "-E",
-                "UTF8",
-                "--locale=C",
-                "--no-sync",
-            ])
-            .output()
-            .expect("initdb runs");
-        assert!(
-            out.status.success(),
-            "initdb failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        for _ in 0..10 {
-            cluster.port = free_port();
-            if cluster.pg_ctl("start") {
-                return cluster;
-            }
-        }
-        panic!(
-            "PostgreSQL did not start: {}",
-            std::fs::read_to_string(cluster.dir.path().join("log")).unwrap_or_default()
-        );
-    }
-
-    fn command(&self, program: &str) -> Command {
-        let path = self.bin.join(program);
-        match &self.user {
-            Some(user) => {
-                let mut c = Command::new("runuser");
-                c.args(["-u", user, "--"]).arg(path);
-                c
-            }
-            None => Command::new(path),
-        }
-    }
-
-    fn data(&self) -> PathBuf {
-        self.dir.path().join("data")
-    }
-
-    fn pg_ctl(&self, action: &str) -> bool {
-        let d = self.dir.path().display();
-        let ssl = if self.ssl { "on" } else { "off" };
-        let options = format!(
-            "-p {} -k {d} -c listen_addresses=127.0.0.1 -c ssl={ssl} -c ssl_cert_file={d}/server.crt -c ssl_key_file={d}/server.key",
-            self.port
-        );
-        let mut c = self.command("pg_ctl");
-        c.arg("-D")
-            .arg(self.data())
-            .arg("-l")
-            .arg(self.dir.path().join("log"));
-        match action {
-            "start" => c.args(["-w", "-t", "20", "-o", &options, "start"]),
-            _ => c.args(["-w", "-m", "immediate", "stop"]),
-        };
-        c.stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
+            (auth, settings)
+        });
+        Self { pg, ca_file }
     }
 
     /// A TCP URL to `host` with the query `params`.
     fn url(&self, host: &str, params: &str) -> String {
         format!(
             "postgres://postgres:{PASSWORD}@{host}:{}/postgres?{params}",
-            self.port
+            self.pg.port
         )
     }
 
     /// Runs SQL with psql over the Unix socket (no TLS involved); unaligned, tuples only.
     fn psql(&self, sql: &str) -> Result<String, String> {
-        let psql = Some(self.bin.join("psql"))
-            .filter(|p| p.is_file())
-            .unwrap_or_else(|| PathBuf::from("psql"));
-        let out = Command::new(psql)
-            .arg(format!(
-                "host={} port={} user=postgres dbname=postgres",
-                self.dir.path().display(),
-                self.port
-            ))
-            .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
-            .output()
-            .map_err(|e| format!("psql: {e}"))?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
+        let conninfo = format!(
+            "host={} port={} user=postgres dbname=postgres",
+            self.pg.dir.path().display(),
+            self.pg.port
+        );
+        PgCluster::psql(Some(&self.pg.bin), &conninfo, sql)
     }
 
     /// Rows in `table`; 0 while it does not exist yet.
@@ -253,12 +131,6 @@ impl TlsCluster {
             ))
             .expect("pg_stat_ssl");
         text.lines().map(|l| l == "t").collect()
-    }
-}
-
-impl Drop for TlsCluster {
-    fn drop(&mut self) {
-        self.pg_ctl("stop");
     }
 }
 

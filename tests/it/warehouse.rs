@@ -9,11 +9,11 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
+use crate::support::postgres::PgCluster;
 use crate::support::*;
 
 // ---------------------------------------------------------------------------------------
@@ -26,142 +26,22 @@ pub(super) struct Postgres {
     cluster: Option<Cluster>,
 }
 
-/// A private cluster: `initdb` in a temporary directory, `pg_ctl` on a free port.
-struct Cluster {
-    bin: PathBuf,
-    dir: tempfile::TempDir,
-    port: u16,
-    /// initdb and postgres refuse to run as root: run them as this user then.
-    user: Option<String>,
-}
-
-fn postgres_bin() -> PathBuf {
-    let on_path = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
-        .find(|d| d.join("initdb").is_file() && d.join("pg_ctl").is_file());
-    if let Some(dir) = on_path {
-        return dir;
-    }
-    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let version = e.file_name().to_string_lossy().parse().ok()?;
-            let bin = e.path().join("bin");
-            bin.join("initdb").is_file().then_some((version, bin))
-        })
-        .collect();
-    versions.sort();
-    versions.pop().map(|(_, bin)| bin).expect(
-        "PostgreSQL is not installed (no initdb on PATH or under /usr/lib/postgresql/*/bin); scripts/test installs it, or set DATABASE_URL",
-    )
-}
+/// A private cluster: initdb with trust authentication.
+struct Cluster(PgCluster);
 
 impl Cluster {
-    fn command(&self, program: &str) -> Command {
-        let path = self.bin.join(program);
-        match &self.user {
-            Some(user) => {
-                let mut c = Command::new("runuser");
-                c.args(["-u", user, "--"]).arg(path);
-                c
-            }
-            None => Command::new(path),
-        }
-    }
-
-    fn data(&self) -> PathBuf {
-        self.dir.path().join("data")
-    }
-
     fn start() -> Self {
-        let bin = postgres_bin();
-        let user = (unsafe { libc::geteuid() } == 0).then(|| "postgres".to_owned());
-        let dir = tempfile::tempdir().expect("temp dir");
-        if let Some(user) = &user {
-            let status = Command::new("chown")
-                .arg(format!("{user}:"))
-                .arg(dir.path())
-                .status()
-                .expect("chown runs");
-            assert!(
-                status.success(),
-                "cannot hand {} to user {user} (running as root, initdb needs another user; the postgresql package creates `postgres`)",
-                dir.path().display()
-            );
-        }
-        let mut cluster = Self {
-            bin,
-            dir,
-            port: 0,
-            user,
-        };
-        let out = cluster
-            .command("initdb")
-            .arg("-D")
-            .arg(cluster.data())
-            .args([
-                "-U",
-                "postgres",
-                "-A",
-                "trust",
-                "-E",
-                "UTF8",
-                "--locale=C",
-                "--no-sync",
-            ])
-            .output()
-            .expect("initdb runs");
-        assert!(
-            out.status.success(),
-            "initdb failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        for _ in 0..10 {
-            cluster.port = free_port();
-            if cluster.run_pg_ctl("start") {
-                return cluster;
-            }
-        }
-        panic!(
-            "PostgreSQL did not start: {}",
-            std::fs::read_to_string(cluster.dir.path().join("log")).unwrap_or_default()
-        );
+        Self(PgCluster::start(|_| {
+            (vec!["-A".into(), "trust".into()], String::new())
+        }))
     }
 
     fn run_pg_ctl(&self, action: &str) -> bool {
-        let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1",
-            self.port,
-            self.dir.path().display()
-        );
-        let mut c = self.command("pg_ctl");
-        c.arg("-D")
-            .arg(self.data())
-            .arg("-l")
-            .arg(self.dir.path().join("log"));
-        match action {
-            "start" => c.args(["-w", "-t", "20", "-o", &options, "start"]),
-            _ => c.args(["-w", "-m", "immediate", "stop"]),
-        };
-        c.stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
+        self.0.pg_ctl(action)
     }
 
     fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        self.run_pg_ctl("stop");
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.0.port)
     }
 }
 
@@ -189,22 +69,8 @@ impl Postgres {
 
     /// Runs SQL with psql; the output unaligned, tuples only.
     fn psql(&self, sql: &str) -> Result<String, String> {
-        let psql = self
-            .cluster
-            .as_ref()
-            .map(|c| c.bin.join("psql"))
-            .filter(|p| p.is_file())
-            .unwrap_or_else(|| PathBuf::from("psql"));
-        let out = Command::new(psql)
-            .arg(&self.url)
-            .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
-            .output()
-            .map_err(|e| format!("psql: {e}"))?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
+        let bin = self.cluster.as_ref().map(|c| c.0.bin.as_path());
+        PgCluster::psql(bin, &self.url, sql)
     }
 
     /// The rows of a query as JSON objects.

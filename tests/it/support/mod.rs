@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod otlp;
+pub mod postgres;
 pub mod proxy;
 pub mod topology;
 pub mod webhook;
