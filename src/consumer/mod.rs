@@ -1215,10 +1215,15 @@ impl<'g, H: Handler> Loop<'g, H> {
             if let Err(e) = &result {
                 crate::telemetry::finish_span(&span, "retried", Some(e.reason()));
             }
+            // Never below 1: reclaimed, the entry then counts at least 2, so it is never
+            // taken for a first delivery. Otherwise poison given back while the circuit was
+            // open would come back looking fresh, bunched, and open the circuit again (seen
+            // in the fault matrix's Redis restart without persistence). An outage so costs
+            // an entry at most one attempt.
             self.pending.parks.push(Release {
                 id: entry.id,
                 idle: park_idle(cfg.claim_idle, after),
-                delivery_count: Some(entry.delivery_count.saturating_sub(1)),
+                delivery_count: Some(entry.delivery_count.saturating_sub(1).max(1)),
             });
             return;
         }
