@@ -315,19 +315,7 @@ to = "{orders}:out"
         .arg("{orders}:out")
         .query(&mut con)
         .unwrap();
-    let (code, out, err) = run_cli(
-        &[
-            "dlq",
-            "replay",
-            "-c",
-            daemon.config_path.to_str().unwrap(),
-            "--group",
-            "fwd",
-            "--all",
-        ],
-        &[],
-    );
-    assert_eq!(code, 0, "{out}\n{err}");
+    dlq_replay_all(&daemon.config_path, "fwd");
     wait_until(Duration::from_secs(20), "every entry forwarded", || {
         let n: u64 = redis::cmd("XLEN")
             .arg("{orders}:out")

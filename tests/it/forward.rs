@@ -439,19 +439,7 @@ fn a_target_redis_refuses_is_dead_lettered_and_forwarded_once_when_fixed_and_rep
         group_info(&mut con, RAW, "normalize").map(|(pending, _)| pending) == Some(0)
     });
     let _: () = redis::cmd("DEL").arg(NORMALIZED).query(&mut con).unwrap();
-    let (code, out, err) = run_cli(
-        &[
-            "dlq",
-            "replay",
-            "-c",
-            daemon.config_path.to_str().unwrap(),
-            "--group",
-            "normalize",
-            "--all",
-        ],
-        &[],
-    );
-    assert_eq!(code, 0, "{out}\n{err}");
+    dlq_replay_all(&daemon.config_path, "normalize");
     wait_until(Duration::from_secs(15), "every entry forwarded", || {
         source_ids(&mut con).len() >= ids.len()
     });

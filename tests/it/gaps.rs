@@ -399,19 +399,7 @@ fn a_replayed_dead_letter_is_forwarded_without_its_replay_markers() {
         !entries(&mut con, "{in}:dlq:fwd").is_empty()
     });
     let _: () = redis::cmd("DEL").arg("out").query(&mut con).unwrap();
-    let (code, out, err) = run_cli(
-        &[
-            "dlq",
-            "replay",
-            "-c",
-            daemon.config_path.to_str().unwrap(),
-            "--group",
-            "fwd",
-            "--all",
-        ],
-        &[],
-    );
-    assert_eq!(code, 0, "{out}\n{err}");
+    dlq_replay_all(&daemon.config_path, "fwd");
     // The replayed copy carries the markers on the source stream...
     let replayed = stream_strings(&mut con, "in");
     assert_eq!(replayed.len(), 2, "{replayed:?}");
@@ -1238,19 +1226,7 @@ fn a_replayed_dead_letter_counts_at_its_original_time() {
             .query(&mut con)
             .unwrap();
     }
-    let (code, out, err) = run_cli(
-        &[
-            "dlq",
-            "replay",
-            "-c",
-            daemon.config_path.to_str().unwrap(),
-            "--group",
-            "alerts",
-            "--all",
-        ],
-        &[],
-    );
-    assert_eq!(code, 0, "{out}\n{err}");
+    dlq_replay_all(&daemon.config_path, "alerts");
     wait_until(Duration::from_secs(10), "both replays settled", || {
         group_info(&mut con, "logs", "alerts") == Some((0, Some(0)))
     });
@@ -1942,19 +1918,7 @@ max_wait = "50ms"
         .arg("~{events}:warehouse:*")
         .query(&mut con)
         .unwrap();
-    let (code, out, err) = run_cli(
-        &[
-            "dlq",
-            "replay",
-            "-c",
-            daemon.config_path.to_str().unwrap(),
-            "--group",
-            "archive",
-            "--all",
-        ],
-        &[],
-    );
-    assert_eq!(code, 0, "{out}{err}");
+    dlq_replay_all(&daemon.config_path, "archive");
     wait_until(Duration::from_secs(20), "the replays acknowledged", || {
         group_info(&mut con, "events", "archive") == Some((0, Some(0)))
             && entries(&mut con, dlq).is_empty()

@@ -148,19 +148,7 @@ dead_letter_stream = "{DLQ}"
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("streamworker.toml");
     std::fs::write(&path, cfg).unwrap();
-    let (code, out, err) = run_cli(
-        &[
-            "dlq",
-            "replay",
-            "-c",
-            path.to_str().unwrap(),
-            "--group",
-            "bury",
-            "--all",
-        ],
-        &[],
-    );
-    assert_eq!(code, 0, "{out}\n{err}");
+    let (out, err) = dlq_replay_all(&path, "bury");
     assert!(err.contains("replayed 2 dead letters"), "{out}\n{err}");
     assert_eq!(
         redis::cmd("XLEN").arg(DLQ).query::<u64>(&mut con).unwrap(),

@@ -607,3 +607,22 @@ pub fn acl_refusals(con: &mut redis::Connection) -> Vec<String> {
         })
         .collect()
 }
+
+/// `streamworker dlq replay -c CONFIG --group GROUP --all`, which must succeed; returns
+/// (stdout, stderr).
+pub fn dlq_replay_all(config: &Path, group: &str) -> (String, String) {
+    let (code, out, err) = run_cli(
+        &[
+            "dlq",
+            "replay",
+            "-c",
+            config.to_str().expect("a UTF-8 path"),
+            "--group",
+            group,
+            "--all",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "dlq replay --all --group {group}: {out}\n{err}");
+    (out, err)
+}
