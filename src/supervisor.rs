@@ -365,6 +365,7 @@ async fn run_group(
             shutdown: shared.shutdown.clone(),
             heartbeat: heartbeat.clone(),
             lease_token: shared.lease_token.clone(),
+            events: None,
         }
     }
     match &config.handler {
