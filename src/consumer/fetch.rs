@@ -14,6 +14,8 @@ use tokio::time::Instant;
 use super::{GroupError, Loop, LoopEvent, Source};
 use crate::client::{Claimed, ClientError, RawEntry, Reader};
 
+/// Waits between reconnects (and between sends of settlements during an outage): capped
+/// exponential backoff with jitter, so replicas do not reconnect in step.
 pub(super) fn reconnect_delays() -> impl Iterator<Item = Duration> {
     use backon::BackoffBuilder;
     backon::ExponentialBuilder::default()
@@ -25,6 +27,7 @@ pub(super) fn reconnect_delays() -> impl Iterator<Item = Duration> {
         .build()
 }
 
+/// A read in flight: the slots it reserved, and its reply.
 pub(super) type Read = BoxFuture<'static, (usize, crate::client::Result<Vec<RawEntry>>)>;
 
 /// Re-reading this consumer's own pending entries, at startup and after a reconnect.
@@ -174,7 +177,7 @@ impl<H: Handler> Loop<'_, H> {
 
     /// Wakes this group's blocked read (CLIENT UNBLOCK from the command connection); the
     /// read returns as if its `block` had run out.
-    pub(super) fn start_unblock(&mut self) {
+    fn start_unblock(&mut self) {
         if let Some(reader) = &self.reader {
             let reader = reader.clone();
             self.unblocking = Some(Box::pin(async move {
@@ -189,7 +192,7 @@ impl<H: Handler> Loop<'_, H> {
         self.breaker.is_closed() || self.probe_claims
     }
 
-    pub(super) fn start_connect(&mut self) {
+    fn start_connect(&mut self) {
         let client = self.g.client.clone();
         let cfg = Arc::clone(&self.g.config);
         let recreate = self.recreate;
@@ -230,11 +233,7 @@ impl<H: Handler> Loop<'_, H> {
 
     /// Handles a failed command: outages back off and reconnect; NOGROUP recreates the
     /// group; anything else ends the loop (the supervisor restarts it).
-    pub(super) fn redis_trouble(
-        &mut self,
-        error: ClientError,
-        now: Instant,
-    ) -> Result<(), GroupError> {
+    fn redis_trouble(&mut self, error: ClientError, now: Instant) -> Result<(), GroupError> {
         self.g.metrics.redis_error(error.kind());
         match error {
             ClientError::Unavailable(_) => {

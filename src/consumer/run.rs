@@ -91,11 +91,11 @@ pub(super) async fn call_batch<H: Handler>(
         .collect()
 }
 
-pub(super) fn panicked(panic: &(dyn std::any::Any + Send)) -> HandlerError {
+fn panicked(panic: &(dyn std::any::Any + Send)) -> HandlerError {
     HandlerError::retry(format!("handler panicked: {}", panic_message(panic)))
 }
 
-pub(super) fn timed_out(timeout: Duration) -> HandlerError {
+fn timed_out(timeout: Duration) -> HandlerError {
     HandlerError::retry(format!(
         "handler timed out after {}",
         streamworker_handlers::duration::format(timeout)

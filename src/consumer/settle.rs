@@ -458,10 +458,10 @@ pub fn dead_letter_fields(
 
 /// How often Redis may refuse an entry's settlement before the entry is dead-lettered with
 /// the refusal (issue: a forward target of the wrong type retried without end).
-pub(super) const MAX_REFUSALS: u32 = 3;
+const MAX_REFUSALS: u32 = 3;
 
 /// The wait before sending a refused settlement again.
-pub(super) const REFUSAL_RETRY: Duration = Duration::from_millis(250);
+const REFUSAL_RETRY: Duration = Duration::from_millis(250);
 
 impl<H: Handler> Loop<'_, H> {
     /// Sends what is decided, when no flush is in flight and the backoff after a failed
@@ -625,7 +625,7 @@ impl<H: Handler> Loop<'_, H> {
     /// A new decision about `id` replaces one put back after a failed send (the entry was
     /// reclaimed and handled again meanwhile), so the queue never holds an entry twice.
     /// Costs a lookup in an empty set unless sends are failing.
-    pub(super) fn supersede(&mut self, id: EntryId) {
+    fn supersede(&mut self, id: EntryId) {
         if !self.requeued.is_empty() && self.requeued.remove(&id) {
             self.pending.retain(|queued| queued != id);
         }
