@@ -2,8 +2,9 @@
 //! container engine or a cluster: that the files parse, that they agree with each other and
 //! with the daemon (ports, paths, durations, group names, environment overrides), that the
 //! configurations they ship pass `streamworker check`, and that the image's HEALTHCHECK
-//! command tells a healthy daemon from an unhealthy one. Also that README's defaults tables
-//! are what `check` resolves for a minimal configuration.
+//! command tells a healthy daemon from an unhealthy one. Also that the defaults tables of
+//! docs/configuration.md are what `check` resolves for a minimal configuration, and that
+//! README's first configuration is valid as written.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{SocketAddr, TcpListener};
@@ -2316,7 +2317,7 @@ fn every_shipped_configuration_runs_in_the_images_layout_as_its_user() {
     }
 }
 
-// ---- README's defaults ----------------------------------------------------------------------
+// ---- docs/configuration.md's defaults ------------------------------------------------------
 
 /// The value at a dotted path of a TOML table (`groups.g1.block`).
 fn toml_at<'a>(t: &'a toml::Table, path: &[&str]) -> Option<&'a toml::Value> {
@@ -2328,7 +2329,7 @@ fn toml_at<'a>(t: &'a toml::Table, path: &[&str]) -> Option<&'a toml::Value> {
     table.get(*last)
 }
 
-/// A scalar as README writes it: strings bare, numbers and booleans as TOML prints them.
+/// A scalar as the docs write it: strings bare, numbers and booleans as TOML prints them.
 fn as_written(v: &toml::Value) -> String {
     match v {
         toml::Value::String(s) => s.clone(),
@@ -2336,12 +2337,12 @@ fn as_written(v: &toml::Value) -> String {
     }
 }
 
-/// README's tables of `[redis]`, `[worker]`, `[http]`/`[telemetry]`, `[groups.<name>]` and
+/// docs/configuration.md's tables of `[redis]`, `[worker]`, `[http]`/`[telemetry]`, `[groups.<name>]` and
 /// `[streams.<name>]` give, for each key, the default `check` resolves for a configuration
 /// that sets nothing but a group's stream and handler; and every key `check` prints there
 /// has a row.
 #[test]
-fn the_readme_defaults_tables_are_what_check_prints() {
+fn the_configuration_defaults_tables_are_what_check_prints() {
     let (stream, group) = ("orders", "g1");
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("minimal.toml");
@@ -2352,7 +2353,7 @@ fn the_readme_defaults_tables_are_what_check_prints() {
     .unwrap();
     let resolved = check_passes("a minimal configuration", &file, &BTreeMap::new());
 
-    let readme = read("README.md");
+    let readme = read("docs/configuration.md");
     // (table header, [(key, default)]) for every table whose second column is "default".
     let mut tables: Vec<(String, Vec<(String, String)>)> = Vec::new();
     let mut in_table = false;
@@ -2385,7 +2386,9 @@ fn the_readme_defaults_tables_are_what_check_prints() {
             "`[http]` / `[telemetry]`" => "",
             "`[groups.<name>]`" => "groups.g1",
             "`[streams.<name>]`" => "streams.orders",
-            other => panic!("README has a defaults table this test does not know: {other}"),
+            other => panic!(
+                "docs/configuration.md has a defaults table this test does not know: {other}"
+            ),
         };
         for (key, default) in rows {
             let path = if prefix.is_empty() {
@@ -2408,19 +2411,23 @@ fn the_readme_defaults_tables_are_what_check_prints() {
                 "required" => assert!(got.is_some(), "{path} is required yet not printed"),
                 "—" => assert!(
                     got.is_none(),
-                    "README: {path} has no default; check prints {got:?}"
+                    "docs/configuration.md: {path} has no default; check prints {got:?}"
                 ),
                 "{}" => assert!(
                     got.is_none_or(|v| v.as_table().is_some_and(|t| t.is_empty())),
-                    "README: {path} defaults to {{}}; check prints {got:?}"
+                    "docs/configuration.md: {path} defaults to {{}}; check prints {got:?}"
                 ),
                 inline if inline.starts_with("{ ") => {
                     let expected = parse_toml(
-                        &format!("README's default of {path}"),
+                        &format!("docs/configuration.md's default of {path}"),
                         &format!("v = {inline}"),
                     )["v"]
                         .clone();
-                    assert_eq!(got, Some(&expected), "README's default of {path}");
+                    assert_eq!(
+                        got,
+                        Some(&expected),
+                        "docs/configuration.md's default of {path}"
+                    );
                 }
                 scalar => {
                     let expected = scalar
@@ -2430,7 +2437,7 @@ fn the_readme_defaults_tables_are_what_check_prints() {
                     assert_eq!(
                         got.map(as_written),
                         Some(expected),
-                        "README's default of {path}"
+                        "docs/configuration.md's default of {path}"
                     );
                 }
             }
@@ -2449,12 +2456,58 @@ fn the_readme_defaults_tables_are_what_check_prints() {
             }
             assert!(
                 documented.contains(key),
-                "check prints {section}.{key}, which README's defaults table does not list"
+                "check prints {section}.{key}, which docs/configuration.md's defaults table does not list"
             );
         }
     }
     assert!(
         sections.len() >= 5,
-        "README's defaults tables were not found: {sections:?}"
+        "docs/configuration.md's defaults tables were not found: {sections:?}"
+    );
+}
+
+/// README's "A first configuration": the TOML block is valid as written, and `check` prints
+/// the two values README says it derives (the webhook's `timeout` from `handler_timeout`,
+/// the backoff's `max` from `claim_idle`) marked as derived.
+#[test]
+fn the_readme_first_configuration_passes_check_and_marks_what_it_derived() {
+    let readme = read("README.md");
+    let section = &readme[readme
+        .find("## A first configuration")
+        .expect("README has \"## A first configuration\"")..];
+    let start = section.find("```toml\n").expect("a TOML block") + "```toml\n".len();
+    let example = &section[start..start + section[start..].find("```").unwrap()];
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("streamworker.toml");
+    std::fs::write(&file, example).unwrap();
+    let out = check(&file, &BTreeMap::new());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "README's first configuration is refused:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let resolved = parse_toml("the configuration `check` prints", &stdout);
+    let group = |key: &str| toml_at(&resolved, &["groups", "orders", key]).map(as_written);
+    assert_eq!(group("stream").as_deref(), Some("orders"));
+    assert_eq!(group("handler").as_deref(), Some("webhook"));
+    assert_eq!(
+        toml_at(&resolved, &["groups", "orders", "options", "timeout"]).map(as_written),
+        Some("1s".to_owned()),
+        "the webhook's timeout is derived from handler_timeout:\n{stdout}"
+    );
+    for line in ["timeout = ", "max = "] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.trim_start().starts_with(line) && l.contains("# derived from")),
+            "`check` marks {line:?} as derived:\n{stdout}"
+        );
+    }
+    assert!(
+        !stdout
+            .lines()
+            .any(|l| l.trim_start().starts_with("claim_idle") && l.contains("derived")),
+        "a value README sets is not derived:\n{stdout}"
     );
 }

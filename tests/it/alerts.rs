@@ -680,7 +680,7 @@ kind = "ratio"
 
 #[test]
 fn the_readme_example_is_valid() {
-    let readme = include_str!("../../README.md");
+    let readme = include_str!("../../docs/handlers.md");
     let section = &readme[readme.find("### alerts").expect("an alerts section")..];
     let start = section.find("```toml\n").expect("a TOML example") + "```toml\n".len();
     let example = &section[start..start + section[start..].find("```").unwrap()];

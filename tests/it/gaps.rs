@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use crate::support::*;
 
-fn readme() -> String {
-    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README.md")
+/// A page of the documentation (`README.md`, `docs/handlers.md`, …).
+fn doc(path: &str) -> String {
+    std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path))
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
 /// Fields as (name, value) strings, in order.
@@ -153,7 +155,7 @@ timeout = "1s"
 fn block_after<'a>(text: &'a str, marker: &str) -> &'a str {
     let rest = &text[text
         .find(marker)
-        .unwrap_or_else(|| panic!("README has {marker:?}"))..];
+        .unwrap_or_else(|| panic!("the page has {marker:?}"))..];
     let start = rest.find("```").expect("a code block") + 3;
     let rest = &rest[start..];
     let rest = &rest[rest.find('\n').unwrap() + 1..];
@@ -177,8 +179,10 @@ fn shown_fields(block: &str) -> Vec<(String, String)> {
 /// `1733047201000-0`) into exactly the fields shown, in that order.
 #[test]
 fn the_readme_forward_example_is_what_the_daemon_writes() {
-    let text = readme();
-    let section = &text[text.find("### forward").expect("README has ### forward")..];
+    let text = doc("docs/handlers.md");
+    let section = &text[text
+        .find("### forward")
+        .expect("docs/handlers.md has ### forward")..];
     let toml_block = block_after(section, "```toml");
     assert!(toml_block.contains("[groups.normalize]"), "{toml_block}");
     let input = shown_fields(block_after(section, "\nturns"));
@@ -986,10 +990,10 @@ fn increments(con: &mut redis::Connection) -> u64 {
 /// present)."
 #[test]
 fn an_analytics_entry_costs_the_documented_number_of_writes() {
-    let text = readme();
+    let text = doc("docs/handlers.md");
     let section = &text[text
         .find("### analytics")
-        .expect("README has ### analytics")..];
+        .expect("docs/handlers.md has ### analytics")..];
     let example = block_after(section, "```toml");
     assert!(example.contains("[groups.llm-usage]"), "{example}");
     let redis = RedisServer::start();
@@ -1833,10 +1837,10 @@ fn config_user_activity_writes_every_key_check_prints_with_its_value() {
 fn a_warehouse_that_cannot_set_its_marker_does_not_write_the_line_again() {
     let redis = RedisServer::start();
     let mut con = redis.connection();
-    let commands = readme()
+    let commands = doc("docs/configuration.md")
         .lines()
         .find_map(|l| l.strip_prefix("user streamworker on >PASSWORD "))
-        .expect("README's ACL line")
+        .expect("docs/configuration.md's ACL line")
         .split(' ')
         .filter(|r| r.starts_with('+') || r.starts_with('-') || r.starts_with('&'))
         .collect::<Vec<_>>()

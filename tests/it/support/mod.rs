@@ -577,15 +577,15 @@ pub fn config_with_http(redis_url: &str, consumer: &str, groups: &str) -> (Strin
     (text, addr)
 }
 
-/// The ACL rule the README documents (`user streamworker on >PASSWORD …`), read from the
-/// README itself, so the tests exercise exactly what users are told to configure: `on`
+/// The ACL rule the docs document (`user streamworker on >PASSWORD …`), read from
+/// docs/configuration.md itself, so the tests exercise exactly what users are told to configure: `on`
 /// followed by the rule's selectors and permissions.
 pub fn readme_acl_rules() -> String {
     const PREFIX: &str = "user streamworker on >PASSWORD ";
-    let line = include_str!("../../../README.md")
+    let line = include_str!("../../../docs/configuration.md")
         .lines()
         .find(|l| l.starts_with(PREFIX))
-        .expect("README documents the ACL user");
+        .expect("docs/configuration.md documents the ACL user");
     format!("on {}", &line[PREFIX.len()..])
 }
 
