@@ -13,7 +13,6 @@ pub mod topology;
 pub mod webhook;
 
 use std::io::Read;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -33,27 +32,8 @@ pub fn server_binary() -> String {
     std::env::var("STREAMWORKER_TEST_SERVER").unwrap_or_else(|_| "redis-server".into())
 }
 
-/// A port nobody listens on right now. Ports are handed out from a counter (starting at a
-/// random point below the kernel's ephemeral range), so two tests of this process never get
-/// the same one; there is still a window before the caller binds it, and callers that start
-/// servers retry on failure.
-pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let _ = NEXT.compare_exchange(
-        0,
-        20_000 + fastrand::u32(0..10_000),
-        Ordering::SeqCst,
-        Ordering::SeqCst,
-    );
-    loop {
-        let port = NEXT.fetch_add(1, Ordering::SeqCst);
-        let port = 20_000 + (port - 20_000) % 12_000;
-        if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
-            return port as u16;
-        }
-    }
-}
+/// A port nobody listens on right now (shared with the asset tests: `tests/common`).
+pub use crate::common::free_port;
 
 /// Polls `check` until it returns true or `timeout` passes.
 pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
