@@ -243,14 +243,7 @@ fn wait_for_exit(child: &mut std::process::Child, timeout: Duration) -> Option<i
 fn status_watch_json_prints_a_document_per_interval_until_ctrl_c() {
     let redis = RedisServer::start();
     let mut con = redis.connection();
-    redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg("orders")
-        .arg("billing")
-        .arg("0")
-        .arg("MKSTREAM")
-        .query::<()>(&mut con)
-        .unwrap();
+    create_group(&mut con, "orders", "billing", "0");
     produce(
         &mut con,
         "orders",
