@@ -6,12 +6,6 @@ use std::time::{Duration, Instant};
 
 use crate::support::*;
 
-fn write_config(dir: &tempfile::TempDir, text: &str) -> String {
-    let path = dir.path().join("streamworker.toml");
-    std::fs::write(&path, text).unwrap();
-    path.display().to_string()
-}
-
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}):\n{text}"))
 }

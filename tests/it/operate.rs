@@ -5,12 +5,6 @@ use std::time::Duration;
 
 use crate::support::*;
 
-fn write_config(dir: &tempfile::TempDir, text: &str) -> String {
-    let path = dir.path().join("streamworker.toml");
-    std::fs::write(&path, text).unwrap();
-    path.display().to_string()
-}
-
 fn xadd(con: &mut redis::Connection, stream: &str, fields: &[(&[u8], &[u8])]) -> String {
     let mut cmd = redis::cmd("XADD");
     cmd.arg(stream).arg("*");

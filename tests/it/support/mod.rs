@@ -373,6 +373,14 @@ pub fn produce(
     ids
 }
 
+/// Writes `text` as `streamworker.toml` in `dir` (a temporary directory the test owns) and
+/// returns its path, for `-c`.
+pub fn write_config(dir: impl AsRef<Path>, text: &str) -> String {
+    let path = dir.as_ref().join("streamworker.toml");
+    std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    path.display().to_string()
+}
+
 /// Creates `group` on `stream` (and the stream if missing) from `start` (`0`, `$` or an id):
 /// a group made by an operator or another service before the daemon starts.
 pub fn create_group(con: &mut redis::Connection, stream: &str, group: &str, start: &str) {
