@@ -53,6 +53,23 @@ claim_idle = "2s"
 consumer_ttl = "1m"
 retry_backoff = { initial = "100ms", max = "1s" }"#;
 
+/// The `billing` group on `orders`, calling the webhook at `url` with `timeout`, with the
+/// FAST timings and `extra` group keys (one per line).
+fn billing(url: String, timeout: &str, extra: &str) -> String {
+    format!(
+        r#"
+[groups.billing]
+stream = "orders"
+handler = "webhook"
+{extra}
+{FAST}
+[groups.billing.options]
+url = "{url}"
+timeout = "{timeout}"
+"#
+    )
+}
+
 // ---------------------------------------------------------------------------------------
 // Refused dead letters
 
@@ -72,18 +89,7 @@ fn a_dead_letter_redis_refuses_leaves_the_entry_pending_counted_and_logged() {
         .unwrap();
     // Every call is a permanent failure: each delivery goes straight to the dead letter.
     let hook = WebhookServer::start_with(|_| (400, Duration::ZERO));
-    let group = format!(
-        r#"
-[groups.billing]
-stream = "orders"
-handler = "webhook"
-{FAST}
-[groups.billing.options]
-url = "{}"
-timeout = "1s"
-"#,
-        hook.url("r1")
-    );
+    let group = billing(hook.url("r1"), "1s", "");
     let (cfg, http) = config_with_http(&redis.url(), "r1", &group);
     let daemon = Daemon::start(&cfg);
     let ids = produce(&mut con, "orders", &[vec![("n", "1".into())]]);
@@ -649,18 +655,7 @@ fn a_daemon_started_before_its_redis_waits_and_then_handles_entries() {
     let port = free_port();
     let url = format!("redis://127.0.0.1:{port}/0");
     let hook = WebhookServer::start_with(|_| (200, Duration::ZERO));
-    let group = format!(
-        r#"
-[groups.billing]
-stream = "orders"
-handler = "webhook"
-{FAST}
-[groups.billing.options]
-url = "{}"
-timeout = "500ms"
-"#,
-        hook.url("r1")
-    );
+    let group = billing(hook.url("r1"), "500ms", "");
     let mut daemon = Daemon::start(&config(&url, "r1", &group));
     // It has tried and failed to connect at least twice, and is still running.
     wait_until(
@@ -718,19 +713,7 @@ fn a_busy_replica_runs_at_most_concurrency_calls_and_leaves_the_rest_as_lag() {
     let redis = RedisServer::start();
     let mut con = redis.connection();
     let hook = WebhookServer::start_with(|_| (200, Duration::from_millis(300)));
-    let group = format!(
-        r#"
-[groups.billing]
-stream = "orders"
-handler = "webhook"
-concurrency = 3
-{FAST}
-[groups.billing.options]
-url = "{}"
-timeout = "900ms"
-"#,
-        hook.url("r1")
-    );
+    let group = billing(hook.url("r1"), "900ms", "concurrency = 3");
     let _daemon = Daemon::start(&config(&redis.url(), "r1", &group));
     wait_until(Duration::from_secs(10), "the group created", || {
         group_info(&mut con, "orders", "billing").is_some()
@@ -1276,14 +1259,7 @@ fn a_replayed_dead_letter_counts_at_its_original_time() {
 fn lag_and_consumers_rules_on_a_group_that_vanished_change_nothing() {
     let redis = RedisServer::start();
     let mut con = redis.connection();
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg("jobs")
-        .arg("other")
-        .arg("0")
-        .arg("MKSTREAM")
-        .query(&mut con)
-        .unwrap();
+    create_group(&mut con, "jobs", "other", "0");
     produce(
         &mut con,
         "jobs",
@@ -1368,29 +1344,12 @@ fn rewinding_to_a_later_position_skips_the_entries_in_between_and_says_so() {
             .collect::<Vec<_>>(),
     );
     // The group exists and has delivered nothing yet.
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg("orders")
-        .arg("billing")
-        .arg("0")
-        .query(&mut con)
-        .unwrap();
+    create_group(&mut con, "orders", "billing", "0");
     let hook = WebhookServer::start();
     let cfg = config(
         &redis.url(),
         "r1",
-        &format!(
-            r#"
-[groups.billing]
-stream = "orders"
-handler = "webhook"
-{FAST}
-[groups.billing.options]
-url = "{}"
-timeout = "500ms"
-"#,
-            hook.url("billing")
-        ),
+        &billing(hook.url("billing"), "500ms", ""),
     );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("streamworker.toml");

@@ -353,6 +353,61 @@ pub fn produce(
     ids
 }
 
+/// Writes `text` as `streamworker.toml` in `dir` (a temporary directory the test owns) and
+/// returns its path, for `-c`.
+pub fn write_config(dir: impl AsRef<Path>, text: &str) -> String {
+    let path = dir.as_ref().join("streamworker.toml");
+    std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    path.display().to_string()
+}
+
+/// Creates `group` on `stream` (and the stream if missing) from `start` (`0`, `$` or an id):
+/// a group made by an operator or another service before the daemon starts.
+pub fn create_group(con: &mut redis::Connection, stream: &str, group: &str, start: &str) {
+    redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg(group)
+        .arg(start)
+        .arg("MKSTREAM")
+        .query::<()>(con)
+        .unwrap_or_else(|e| panic!("XGROUP CREATE {stream} {group} {start}: {e}"));
+}
+
+/// Reads up to `count` new entries (`usize::MAX`: all) as `consumer` of `group`, leaving
+/// them pending on it: a replica that read and died, or another service's consumer.
+pub fn read_as(
+    con: &mut redis::Connection,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    count: usize,
+) {
+    let mut cmd = redis::cmd("XREADGROUP");
+    cmd.arg("GROUP").arg(group).arg(consumer);
+    if count != usize::MAX {
+        cmd.arg("COUNT").arg(count);
+    }
+    cmd.arg("STREAMS").arg(stream).arg(">");
+    cmd.query::<redis::Value>(con)
+        .unwrap_or_else(|e| panic!("XREADGROUP {group} {consumer} {stream}: {e}"));
+}
+
+/// Acknowledges `ids` (one id or a slice) in `group`, as another consumer would.
+pub fn ack(
+    con: &mut redis::Connection,
+    stream: &str,
+    group: &str,
+    ids: impl redis::ToRedisArgs,
+) -> u64 {
+    redis::cmd("XACK")
+        .arg(stream)
+        .arg(group)
+        .arg(ids)
+        .query(con)
+        .unwrap_or_else(|e| panic!("XACK {stream} {group}: {e}"))
+}
+
 /// The pending count and lag of a group, from XINFO GROUPS; `None` when the stream or the
 /// group does not exist (yet). Any other failure (Redis unreachable, a wrong type, a reply
 /// without `pending`) fails the test: it must not read as an answer.
