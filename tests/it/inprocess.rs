@@ -67,13 +67,11 @@ impl InProcess {
     /// Starts the loop of group `billing` on stream `orders` with `handler`'s answers.
     async fn start(server: &RedisServer, extra: &str, script: Box<Script>) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("streamworker.toml");
-        std::fs::write(
-            &path,
-            support::config(&server.url(), "inproc-1", &group_toml(extra)),
-        )
-        .expect("config written");
-        let config = config::load(&path).expect("a valid configuration");
+        let path = support::write_config(
+            &dir,
+            &support::config(&server.url(), "inproc-1", &group_toml(extra)),
+        );
+        let config = config::load(path.as_ref()).expect("a valid configuration");
         let client = streamworker::client::Client::connect(&config.redis)
             .await
             .expect("Redis reachable");
@@ -182,19 +180,11 @@ fn add(con: &mut redis::Connection, fields: &[(&str, &str)]) -> EntryId {
     id.parse().expect("an entry id")
 }
 
+/// The group's pending count (XINFO GROUPS).
 fn pending_count(con: &mut redis::Connection) -> u64 {
-    let reply: redis::Value = redis::cmd("XPENDING")
-        .arg(STREAM)
-        .arg(GROUP)
-        .query(con)
-        .expect("XPENDING");
-    match reply {
-        redis::Value::Array(parts) => match parts.first() {
-            Some(redis::Value::Int(n)) => *n as u64,
-            other => panic!("XPENDING summary: {other:?}"),
-        },
-        other => panic!("XPENDING summary: {other:?}"),
-    }
+    support::group_info(con, STREAM, GROUP)
+        .expect("the group exists")
+        .0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
