@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use redis::Commands;
 use streamworker::consumer::{self, Fate, Group, GroupExit, LoopEvent, Source};
-use streamworker::handlers::{Effects, Entry, EntryId, Handler, HandlerError};
+use streamworker::handlers::{Batching, Effects, Entry, EntryId, Handler, HandlerError};
 use streamworker::{config, health::Health, metrics::Metrics, shutdown::Shutdown};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
@@ -24,6 +24,7 @@ type Script = dyn Fn(&Entry) -> Result<(), HandlerError> + Send + Sync;
 struct Scripted {
     script: Box<Script>,
     calls: Arc<AtomicU32>,
+    batching: Option<Batching>,
 }
 
 impl Handler for Scripted {
@@ -31,6 +32,10 @@ impl Handler for Scripted {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let result = (self.script)(entry).map(|()| Effects::new());
         async move { result }
+    }
+
+    fn batching(&self) -> Option<Batching> {
+        self.batching
     }
 }
 
@@ -64,8 +69,17 @@ retry_backoff = {{ initial = "100ms", max = "100ms", multiplier = 1.0, jitter = 
 }
 
 impl InProcess {
-    /// Starts the loop of group `billing` on stream `orders` with `handler`'s answers.
+    /// Starts the loop of group `billing` on stream `orders` with `script`'s answers.
     async fn start(server: &RedisServer, extra: &str, script: Box<Script>) -> Self {
+        Self::start_with(server, extra, script, None).await
+    }
+
+    async fn start_with(
+        server: &RedisServer,
+        extra: &str,
+        script: Box<Script>,
+        batching: Option<Batching>,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = support::write_config(
             &dir,
@@ -86,6 +100,7 @@ impl InProcess {
             handler: Scripted {
                 script,
                 calls: Arc::clone(&calls),
+                batching,
             },
             metrics: Metrics::new().group(STREAM, GROUP),
             shutdown: shutdown.clone(),
@@ -384,4 +399,68 @@ async fn an_undecodable_entry_is_dead_lettered_without_calling_the_handler() {
         "only the decodable entry reached the handler"
     );
     run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_fetched_but_never_started_are_handed_back_at_shutdown() {
+    let server = RedisServer::start();
+    let mut con = server.connection();
+    let ids: Vec<EntryId> = (0..2)
+        .map(|n| add(&mut con, &[("order", &n.to_string())]))
+        .collect();
+    // A batch handler that waits a minute for a full batch: the entries sit fetched, not
+    // started, when shutdown comes.
+    let mut run = InProcess::start_with(
+        &server,
+        "",
+        Box::new(|_| Ok(())),
+        Some(Batching {
+            max_entries: 10,
+            max_wait: Duration::from_secs(60),
+        }),
+    )
+    .await;
+    let mut fetched = Vec::new();
+    while fetched.len() < ids.len() {
+        let more = run
+            .next("the entries read", |e| match e {
+                LoopEvent::Fetched {
+                    from: Source::Read,
+                    ids,
+                } => Some(ids.clone()),
+                _ => None,
+            })
+            .await;
+        fetched.extend(more);
+    }
+    assert_eq!(fetched, ids);
+
+    run.shutdown.trigger();
+    for id in &ids {
+        assert_eq!(
+            run.fate(*id, 1).await,
+            Fate::HandBack {
+                idle: Duration::from_secs(2),
+                delivery_count: 0
+            }
+        );
+    }
+    let mut handed_back = 0;
+    while handed_back < ids.len() {
+        handed_back += run
+            .next("the hand-back reaching Redis", |e| match e {
+                LoopEvent::Flushed { handed_back, .. } => Some(*handed_back),
+                _ => None,
+            })
+            .await;
+    }
+    let calls = Arc::clone(&run.calls);
+    run.stop().await;
+
+    assert_eq!(calls.load(Ordering::SeqCst), 0, "no handler ran");
+    // Still pending (for any replica's next reclaim), the delivery that never ran given back.
+    let counts = support::delivery_counts(&mut con, STREAM, GROUP);
+    for id in &ids {
+        assert_eq!(counts.get(&id.to_string()), Some(&0), "{counts:?}");
+    }
 }
