@@ -369,6 +369,32 @@ pub(super) fn validate(config: &Config) -> Vec<(String, String)> {
             ),
         );
     }
+    if config.http.console && listen.is_empty() {
+        problem(
+            "http.console".into(),
+            "= true but http.listen = \"\" turns the listener off: set http.listen, e.g. \"0.0.0.0:9464\", or leave the console off".into(),
+        );
+    }
+    if let Some(path) = &config.http.console_token_file {
+        // Read now, so a missing or empty token fails `check` and startup rather than
+        // every action an operator tries later.
+        match std::fs::read_to_string(path) {
+            Ok(token) if token.trim().is_empty() => problem(
+                "http.console_token_file".into(),
+                format!(
+                    "= {path:?} is empty: write a long random token in it (e.g. `openssl rand -hex 32 > {}`), or leave the key out for a read-only console",
+                    path.display()
+                ),
+            ),
+            Ok(_) => {}
+            Err(e) => problem(
+                "http.console_token_file".into(),
+                format!(
+                    "= {path:?} cannot be read ({e}): create it with a long random token (e.g. `openssl rand -hex 32`), or leave the key out for a read-only console"
+                ),
+            ),
+        }
+    }
     let otlp = &config.telemetry.otlp_endpoint;
     if !(otlp.is_empty() || otlp.starts_with("http://") || otlp.starts_with("https://")) {
         problem(
