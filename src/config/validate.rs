@@ -998,4 +998,58 @@ mod tests {
         let dlq = crate::config::default_dead_letter_stream("{orders}:events", "billing");
         assert_eq!(dlq, "{orders}:dlq:billing");
     }
+
+    #[test]
+    fn the_console_token_file_must_exist_and_hold_a_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let group = "[groups.g]\nstream = \"s\"\nhandler = \"noop\"\n";
+        let with = |http: &str| load(&format!("[http]\n{http}\n{group}"));
+        let c = with("").unwrap();
+        assert!(!c.http.console, "off by default");
+        assert_eq!(c.http.console_token_file, None);
+
+        let missing = dir.path().join("missing");
+        let e = with(&format!(
+            "console = true\nconsole_token_file = {:?}",
+            missing.display().to_string()
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("http.console_token_file") && e.contains("cannot be read"),
+            "{e}"
+        );
+
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        let e = with(&format!(
+            "console = true\nconsole_token_file = {:?}",
+            empty.display().to_string()
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("http.console_token_file") && e.contains("is empty"),
+            "{e}"
+        );
+
+        let token = dir.path().join("token");
+        std::fs::write(&token, "s3cret\n").unwrap();
+        let c = with(&format!(
+            "console = true\nconsole_token_file = {:?}",
+            token.display().to_string()
+        ))
+        .unwrap();
+        assert!(c.http.console);
+        // check shows both keys (the path, never the token).
+        let shown = c.to_redacted_toml();
+        assert!(shown.contains("console = true"), "{shown}");
+        assert!(shown.contains("console_token_file"), "{shown}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+
+        let e = with("listen = \"\"\nconsole = true")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("http.console"), "{e}");
+    }
 }

@@ -35,7 +35,9 @@ impl Browser {
             });
         let address = format!("127.0.0.1:{port}");
         let deadline = Instant::now() + Duration::from_secs(20);
-        while http_get(&address, "/status").is_none_or(|(status, _)| status != 200) {
+        // chromedriver keeps connections open, so a plain GET would wait for the close: the
+        // open port is the sign it is up.
+        while std::net::TcpStream::connect(&address).is_err() {
             assert!(
                 Instant::now() < deadline,
                 "chromedriver did not answer on {address}"
@@ -171,6 +173,47 @@ fn http_post(addr: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u
     (status, body)
 }
 
+/// A GET's status line and headers.
+fn http_head(addr: &str, path: &str) -> String {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).unwrap();
+    raw.split_once("\r\n\r\n")
+        .map_or(raw.clone(), |(h, _)| h.to_owned())
+}
+
+#[test]
+fn without_http_console_the_listener_serves_no_console() {
+    let redis = RedisServer::start();
+    let (text, addr) = config_with_http(
+        &redis.url(),
+        "console-off",
+        "[groups.billing]\nstream = \"orders\"\nhandler = \"noop\"\n",
+    );
+    let _daemon = Daemon::start(&text);
+    wait_until(Duration::from_secs(20), "the listener answers", || {
+        http_get(&addr, "/livez").is_some()
+    });
+    for path in ["/", "/console/live", "/console/console.js"] {
+        assert_eq!(http_get(&addr, path).map(|(s, _)| s), Some(404), "{path}");
+    }
+    let (status, _) = http_post(
+        &addr,
+        "/console/groups/billing/pause",
+        &[("Authorization", "Bearer x")],
+        "",
+    );
+    assert_eq!(status, 404);
+}
+
 fn xlen(con: &mut redis::Connection, key: &str) -> u64 {
     redis::cmd("XLEN").arg(key).query(con).unwrap()
 }
@@ -191,10 +234,10 @@ fn save_screenshot(png: &[u8]) {
 }
 
 #[test]
-fn the_console_shows_a_group_live_and_replays_pauses_and_resumes_with_the_token() {
+fn the_console_shows_a_group_live_and_replays_purges_pauses_and_resumes_with_the_token() {
     let redis = RedisServer::start();
     let mut con = redis.connection();
-    // The webhook refuses (400: a permanent failure, dead-lettered at once) until told not to.
+    // The webhook refuses (400: a permanent failure, dead-lettered at once) while told to.
     let refuse = Arc::new(AtomicBool::new(true));
     let hook = {
         let refuse = refuse.clone();
@@ -229,28 +272,21 @@ url = "{}"
         xlen(&mut con, dlq) == 1
     });
 
-    // Cross-site and tokenless POSTs are refused before anything happens.
+    // Cross-site requests are refused before the token is looked at; tokenless ones too.
     let pause = "/console/groups/billing/pause";
     let (status, body) = http_post(&addr, pause, &[], "");
     assert_eq!(status, 401, "{body}");
     let bearer = format!("Bearer {TOKEN}");
-    let (status, body) = http_post(
-        &addr,
-        pause,
-        &[
-            ("Authorization", &bearer),
-            ("Origin", "https://evil.example"),
-        ],
-        "",
-    );
-    assert_eq!(status, 403, "{body}");
-    let (status, body) = http_post(
-        &addr,
-        pause,
-        &[("Authorization", &bearer), ("Sec-Fetch-Site", "cross-site")],
-        "",
-    );
-    assert_eq!(status, 403, "{body}");
+    for (name, value) in [
+        ("Origin", "https://evil.example"),
+        ("Sec-Fetch-Site", "cross-site"),
+    ] {
+        for auth in [bearer.as_str(), "Bearer wrong"] {
+            let (status, body) =
+                http_post(&addr, pause, &[("Authorization", auth), (name, value)], "");
+            assert_eq!(status, 403, "{name}: {value}: {body}");
+        }
+    }
     let (status, body) = http_post(&addr, pause, &[("Authorization", "Bearer wrong")], "");
     assert_eq!(status, 401, "{body}");
     let paused: Option<String> = redis::cmd("GET")
@@ -259,21 +295,32 @@ url = "{}"
         .unwrap_or(None);
     assert_eq!(paused, None, "a refused POST changed nothing");
 
-    runtime().block_on(async {
+    let dead_id = runtime().block_on(async {
         let browser = Browser::start().await;
         let b = &browser;
         b.client().goto(&format!("http://{addr}/")).await.unwrap();
         assert_eq!(b.client().title().await.unwrap(), "streamworker console");
         let row = r#"#groups tr[data-group="billing"]"#;
-        assert_eq!(b.text(&format!("{row} td.stream")).await, "orders");
-        assert_eq!(b.text(&format!("{row} td.lag")).await, "0");
-        assert_eq!(b.text(&format!("{row} td.dead")).await, "1");
-        assert_eq!(b.text(&format!("{row} td.state")).await, "running");
+        let cell = |name: &str| format!("{row} td.{name}");
+        assert_eq!(b.text(&cell("stream")).await, "orders");
+        assert_eq!(b.text(&cell("lag")).await, "0");
+        assert_eq!(b.text(&cell("dead")).await, "1");
+        assert_eq!(b.text(&cell("state")).await, "running");
+        assert_eq!(b.text(&cell("circuit")).await, "closed");
         let letter = b.text("article.letter").await;
         assert!(
-            letter.contains(&ids[0]),
-            "the dead letter names its origin id: {letter}"
+            letter.contains("dlq_origin_id") && letter.contains(&ids[0]),
+            "the dead letter's fields name its origin id: {letter}"
         );
+        let dead_id = b
+            .client()
+            .find(Locator::Css("article.letter"))
+            .await
+            .unwrap()
+            .attr("data-id")
+            .await
+            .unwrap()
+            .unwrap();
         assert!(
             letter.contains("A-1") && letter.contains("12.50"),
             "its fields: {letter}"
@@ -294,15 +341,7 @@ url = "{}"
             .send_keys(TOKEN)
             .await
             .unwrap();
-        b.client()
-            .find(Locator::Css(
-                r#"article.letter button[data-action="replay"]"#,
-            ))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(b, r#"article.letter button[data-action="replay"]"#).await;
         b.wait_text("#status", "the replay's outcome", |t| {
             t.contains("replayed 1 dead letter to orders")
         })
@@ -320,25 +359,12 @@ url = "{}"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        b.wait_text(&format!("{row} td.dead"), "no dead letters", |t| t == "0")
+        b.wait_text(&cell("dead"), "no dead letters", |t| t == "0")
             .await;
         assert_eq!(xlen(&mut con, dlq), 0);
 
-        // Pause: the state and then the lag change on the page without a reload.
-        b.client()
-            .find(Locator::Css(&format!(
-                r#"{row} button[data-action="pause"]"#
-            )))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
-        b.wait_text(&format!("{row} td.state"), "paused", |t| t == "paused")
-            .await;
-        // Longer than claim_interval and block: every read in flight has ended.
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let handled = hook.count();
+        // Purge a selection of two dead letters (of three); the page shows them live.
+        refuse.store(true, Ordering::SeqCst);
         produce(
             &mut con,
             "orders",
@@ -348,9 +374,89 @@ url = "{}"
                 vec![("order", "B-3".into())],
             ],
         );
-        b.wait_text(&format!("{row} td.lag"), "a lag of 3", |t| t == "3")
+        b.wait_text(&cell("dead"), "three dead letters", |t| t == "3")
             .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let letters = b
+            .client()
+            .find_all(Locator::Css("article.letter"))
+            .await
+            .unwrap();
+        assert_eq!(letters.len(), 3);
+        let mut picked = Vec::new();
+        for letter in &letters[..2] {
+            picked.push(letter.attr("data-id").await.unwrap().unwrap());
+            letter
+                .find(Locator::Css("input.pick"))
+                .await
+                .unwrap()
+                .click()
+                .await
+                .unwrap();
+        }
+        let hits_before = hook.count();
+        click(b, r#"button[data-action="purge"][data-selection]"#).await;
+        b.wait_text("#status", "the purge's outcome", |t| {
+            t.contains("purged 2 dead letters")
+        })
+        .await;
+        b.wait_text(&cell("dead"), "one dead letter", |t| t == "1")
+            .await;
+        let left: Vec<(String, Fields)> = entries(&mut con, dlq);
+        assert_eq!(left.len(), 1);
+        assert!(!picked.contains(&left[0].0), "the unselected one stays");
+        assert_eq!(
+            hook.count(),
+            hits_before,
+            "purged dead letters are not handled"
+        );
+
+        // Pause: the state, the lag and a pending entry show without a reload.
+        click(b, &format!(r#"{row} button[data-action="pause"]"#)).await;
+        b.wait_text(&cell("state"), "paused", |t| t == "paused")
+            .await;
+        // Longer than claim_interval and block: every read in flight has ended.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let handled = hook.count();
+        let late = produce(
+            &mut con,
+            "orders",
+            &[
+                vec![("order", "C-1".into())],
+                vec![("order", "C-2".into())],
+                vec![("order", "C-3".into())],
+            ],
+        );
+        // Another application's consumer takes one: it stays pending (claim_idle is 2m).
+        let _: redis::Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("billing")
+            .arg("pod-x")
+            .arg("COUNT")
+            .arg(1)
+            .arg("STREAMS")
+            .arg("orders")
+            .arg(">")
+            .query(&mut con)
+            .unwrap();
+        b.wait_text(&cell("lag"), "a lag of 2", |t| t == "2").await;
+        b.wait_text(&cell("pending"), "one pending", |t| t == "1")
+            .await;
+        b.wait_text("table.pending", "the pending entry and its holder", |t| {
+            t.contains(&late[0]) && t.contains("pod-x")
+        })
+        .await;
         assert_eq!(hook.count(), handled, "a paused group handles nothing");
+        // The chart and the rate need two samples (one every 10 s).
+        b.wait_text(&cell("rate"), "a rate", |t| t.ends_with("/s"))
+            .await;
+        let points = b
+            .js("return document.querySelector('polyline.lag').getAttribute('points');")
+            .await;
+        assert!(
+            points.as_str().unwrap_or_default().split(' ').count() >= 2,
+            "the chart draws the lag: {points}"
+        );
         assert_eq!(
             b.js("return window.notReloaded === true;").await,
             serde_json::json!(true)
@@ -358,26 +464,20 @@ url = "{}"
         let png = b.client().screenshot().await.unwrap();
         save_screenshot(&png);
 
-        b.client()
-            .find(Locator::Css(&format!(
-                r#"{row} button[data-action="resume"]"#
-            )))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
-        b.wait_text(&format!("{row} td.state"), "running", |t| t == "running")
+        refuse.store(false, Ordering::SeqCst);
+        click(b, &format!(r#"{row} button[data-action="resume"]"#)).await;
+        b.wait_text(&cell("state"), "running", |t| t == "running")
             .await;
-        b.wait_text(&format!("{row} td.lag"), "the lag drained", |t| t == "0")
+        b.wait_text(&cell("lag"), "the lag drained", |t| t == "0")
             .await;
         browser.close().await;
+        dead_id
     });
 
-    // Each action is logged with the token's id (never the token) and what it did.
+    // Each action is logged with the token's id (never the token), what and which ids.
     let logs = daemon.logs();
     let id = &sha256_hex(TOKEN)[..8];
-    for action in ["replay", "pause", "resume"] {
+    for action in ["replay", "purge", "pause", "resume"] {
         assert!(
             logs.lines().any(|l| l.contains("console action")
                 && l.contains(id)
@@ -385,7 +485,22 @@ url = "{}"
             "no log line for {action} by token {id}:\n{logs}"
         );
     }
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("console action") && l.contains(&dead_id)),
+        "the replay's log line names the dead letter's id:\n{logs}"
+    );
     assert!(!logs.contains(TOKEN), "the token never appears in the logs");
+}
+
+async fn click(b: &Browser, css: &str) {
+    b.client()
+        .find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("no {css}: {e}"))
+        .click()
+        .await
+        .unwrap();
 }
 
 #[test]
@@ -440,6 +555,21 @@ block = "200ms"
         !page.contains("<script>document"),
         "the field is escaped in the markup"
     );
+    // Every console response forbids everything but the console's own files.
+    for path in [
+        "/",
+        "/console/live",
+        "/console/console.js",
+        "/console/console.css",
+    ] {
+        let head = http_head(&addr, path);
+        assert!(
+            head.lines().any(|l| l
+                .to_ascii_lowercase()
+                .starts_with("content-security-policy: default-src 'self'")),
+            "{path}:\n{head}"
+        );
+    }
 
     runtime().block_on(async {
         let browser = Browser::start().await;
@@ -472,6 +602,14 @@ block = "200ms"
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         check().await;
+        // The policy is in force: an inline script slipped into the page does not run.
+        b.js("const s = document.createElement('script'); s.textContent = \"document.title = 'pwned'\"; document.body.appendChild(s); return null;").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            b.client().title().await.unwrap(),
+            "streamworker console",
+            "the CSP blocked the inline script"
+        );
         // The console's own script cannot act either.
         let status = b
             .js("const r = new XMLHttpRequest(); r.open('POST', '/console/groups/billing/pause', false); r.setRequestHeader('Authorization', 'Bearer x'); r.send(''); return r.status;")
