@@ -395,7 +395,14 @@ url = "{}"
                 .unwrap();
         }
         let hits_before = hook.count();
-        click(b, r#"button[data-action="purge"][data-selection]"#).await;
+        // A purge takes a second click on the same button.
+        let purge = r#"button[data-action="purge"][data-selection]"#;
+        click(b, purge).await;
+        b.wait_text(purge, "the purge armed", |t| t == "click again to purge 2")
+            .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(xlen(&mut con, dlq), 3, "one click purges nothing");
+        click(b, purge).await;
         b.wait_text("#status", "the purge's outcome", |t| {
             t.contains("purged 2 dead letters")
         })

@@ -19,9 +19,18 @@
     return input ? input.value.trim() : '';
   }
 
+  // A purge waits for a second click on the same button within a few seconds (no dialog);
+  // the page does not refresh meanwhile, so the button stays where it was.
+  const ARM_MS = 5000;
+  let armed = null;
+
+  function isArmed() {
+    return armed !== null && Date.now() < armed.until;
+  }
+
   let refreshing = false;
   async function refresh() {
-    if (refreshing) return;
+    if (refreshing || isArmed()) return;
     refreshing = true;
     try {
       const response = await fetch('/console/live', { cache: 'no-store', credentials: 'omit' });
@@ -65,6 +74,16 @@
         say('select dead letters first', true);
         return;
       }
+    }
+    if (action === 'purge') {
+      const key = group + '/' + (button.dataset.id || 'selection');
+      if (!isArmed() || armed.key !== key) {
+        armed = { key: key, until: Date.now() + ARM_MS };
+        button.textContent = 'click again to purge ' + ids.length;
+        say('click again within 5 s to purge ' + ids.length + ' dead letter(s) for good', false);
+        return;
+      }
+      armed = null;
     }
     say(action + ' ' + group + '…', false);
     try {
