@@ -559,118 +559,18 @@ impl Handler for Alerts {
 mod tests {
     use super::*;
     use crate::Limits;
-    use crate::{EntryId, PayloadFormat, StoreError, StoreFuture};
-    use std::collections::BTreeMap;
-    use std::sync::Mutex;
+    use crate::{EntryId, MemoryStore, PayloadFormat};
 
-    /// An in-memory store that applies effects as Redis would.
-    #[derive(Default)]
-    struct FakeStore {
-        hashes: Mutex<HashMap<String, BTreeMap<String, String>>>,
-        events: Mutex<Vec<Vec<(String, String)>>>,
-        published: Mutex<Vec<String>>,
-        lag: Mutex<HashMap<(String, String), u64>>,
-        consumers: Mutex<HashMap<(String, String), Consumers>>,
-    }
-
-    /// Each consumer's name and idle time, as XINFO CONSUMERS gives them.
-    type Consumers = Vec<(String, u64)>;
-
-    impl FakeStore {
-        fn run(&self, effects: &[Effect]) {
-            let mut hashes = self.hashes.lock().unwrap();
-            for e in effects {
-                match e {
-                    Effect::HashIncr { key, field, by } => {
-                        let v = hashes
-                            .entry(key.clone())
-                            .or_default()
-                            .entry(field.clone())
-                            .or_insert_with(|| "0".into());
-                        *v = (v.parse::<i64>().unwrap() + by).to_string();
-                    }
-                    Effect::HashSet { key, field, value } => {
-                        hashes
-                            .entry(key.clone())
-                            .or_default()
-                            .insert(field.clone(), value.clone());
-                    }
-                    Effect::StreamAdd { fields, .. } => self.events.lock().unwrap().push(
-                        fields
-                            .iter()
-                            .map(|(k, v)| {
-                                (
-                                    String::from_utf8_lossy(k).into_owned(),
-                                    String::from_utf8_lossy(v).into_owned(),
-                                )
-                            })
-                            .collect(),
-                    ),
-                    Effect::Publish { message, .. } => {
-                        self.published.lock().unwrap().push(message.clone())
-                    }
-                    Effect::Expire { .. } | Effect::HashIncrFloat { .. } => {}
-                }
-            }
-        }
-
-        fn states(&self) -> Vec<String> {
-            self.events
-                .lock()
-                .unwrap()
-                .iter()
-                .map(|e| {
-                    let get = |k: &str| e.iter().find(|(n, _)| n == k).unwrap().1.clone();
-                    format!("{}:{}", get("rule"), get("state"))
-                })
-                .collect()
-        }
-    }
-
-    impl Store for FakeStore {
-        fn apply(&self, effects: Vec<Effect>) -> StoreFuture<'_, ()> {
-            self.run(&effects);
-            Box::pin(async { Ok(()) })
-        }
-        fn hashes(&self, keys: Vec<String>) -> StoreFuture<'_, Vec<Vec<(String, String)>>> {
-            let hashes = self.hashes.lock().unwrap();
-            let out = keys
-                .iter()
-                .map(|k| {
-                    hashes
-                        .get(k)
-                        .map(|h| h.iter().map(|(a, b)| (a.clone(), b.clone())).collect())
-                        .unwrap_or_default()
-                })
-                .collect();
-            Box::pin(async { Ok(out) })
-        }
-        fn get(&self, _key: String) -> StoreFuture<'_, Option<String>> {
-            Box::pin(async { Ok(None) })
-        }
-        fn set(&self, _key: String, _value: String, _ttl: Option<Duration>) -> StoreFuture<'_, ()> {
-            Box::pin(async { Ok(()) })
-        }
-        fn mark(&self, _key: String, _ttl: Duration) -> StoreFuture<'_, bool> {
-            Box::pin(async { Err(StoreError("unused".into())) })
-        }
-        fn lag(&self, stream: String, group: String) -> StoreFuture<'_, Option<u64>> {
-            let lag = self.lag.lock().unwrap().get(&(stream, group)).copied();
-            Box::pin(async move { Ok(lag) })
-        }
-        fn consumers(
-            &self,
-            stream: String,
-            group: String,
-        ) -> StoreFuture<'_, Option<Vec<(String, u64)>>> {
-            let consumers = self
-                .consumers
-                .lock()
-                .unwrap()
-                .get(&(stream, group))
-                .cloned();
-            Box::pin(async move { Ok(consumers) })
-        }
+    /// "rule:state" of each event on the alerts stream, oldest first.
+    fn states(store: &MemoryStore) -> Vec<String> {
+        store
+            .stream("alerts")
+            .iter()
+            .map(|e| {
+                let get = |k: &str| e.iter().find(|(n, _)| n == k).unwrap().1.clone();
+                format!("{}:{}", get("rule"), get("state"))
+            })
+            .collect()
     }
 
     pub(super) fn options(toml_rules: &str) -> AlertsOptions {
@@ -741,7 +641,7 @@ kind = "absence"
 window = "10m"
 "#,
         );
-        let store = Arc::new(FakeStore::default());
+        let store = Arc::new(MemoryStore::new());
         let a = Alerts::new(&o, "ml_events", "alerts", store).unwrap();
         let json = PayloadFormat::Json("event".into());
         let t = 1_700_000_012_345;
@@ -803,12 +703,14 @@ min_events = 4
 cooldown = "5s"
 "#,
         );
-        let store = Arc::new(FakeStore::default());
+        let store = Arc::new(MemoryStore::new());
         let a = Alerts::new(&o, "logs", "alerts", store.clone()).unwrap();
         let t0: u64 = 1_700_000_000_000;
         let fields = PayloadFormat::Fields;
         let feed = |at: u64, kind: &str| {
-            store.run(&a.count(&entry(at, &[("event_type", kind)], &fields), at))
+            store
+                .commit(&a.count(&entry(at, &[("event_type", kind)], &fields), at))
+                .unwrap()
         };
         block_on(async {
             // Three errors: too few entries to judge.
@@ -843,12 +745,11 @@ cooldown = "5s"
             assert_eq!(resolved[0].change, Change::Resolved);
         });
         assert_eq!(
-            store.states(),
+            states(&store),
             vec!["error-rate:firing", "error-rate:resolved"]
         );
-        assert_eq!(store.published.lock().unwrap().len(), 2);
-        let json: serde_json::Value =
-            serde_json::from_str(&store.published.lock().unwrap()[1]).unwrap();
+        assert_eq!(store.published("live").len(), 2);
+        let json: serde_json::Value = serde_json::from_str(&store.published("live")[1]).unwrap();
         assert_eq!(json["state"], "resolved");
         assert_eq!(json["window"], "10s");
         assert!(
@@ -875,7 +776,7 @@ group = "analytics"
 threshold = 100
 "#,
         );
-        let store = Arc::new(FakeStore::default());
+        let store = Arc::new(MemoryStore::new());
         let a = Alerts::new(&o, "logs", "alerts", store.clone()).unwrap();
         let t0: u64 = 1_700_000_000_000;
         block_on(async {
@@ -885,15 +786,13 @@ threshold = 100
             let fired = a.evaluate(t0 + 5_000).await.unwrap();
             assert_eq!(fired[0].rule, "silence");
             assert_eq!(fired[0].change, Change::Firing);
-            store.run(&a.count(
-                &entry(t0 + 5_500, &[("x", "1")], &PayloadFormat::Fields),
-                t0 + 5_500,
-            ));
             store
-                .lag
-                .lock()
-                .unwrap()
-                .insert(("logs".into(), "analytics".into()), 150);
+                .commit(&a.count(
+                    &entry(t0 + 5_500, &[("x", "1")], &PayloadFormat::Fields),
+                    t0 + 5_500,
+                ))
+                .unwrap();
+            store.set_lag("logs", "analytics", Some(150));
             let changes = a.evaluate(t0 + 6_000).await.unwrap();
             let got: Vec<_> = changes
                 .iter()
@@ -930,12 +829,13 @@ cooldown = "0s"
             "{:?}",
             o.validate(&limits())
         );
-        let store = Arc::new(FakeStore::default());
+        let store = Arc::new(MemoryStore::new());
         let a = Alerts::new(&o, "logs", "alerts", store.clone()).unwrap();
         let set = |consumers: &[(&str, u64)]| {
-            store.consumers.lock().unwrap().insert(
-                ("user:feedback".into(), "learning".into()),
-                consumers.iter().map(|(n, i)| (n.to_string(), *i)).collect(),
+            store.set_consumers(
+                "user:feedback",
+                "learning",
+                Some(consumers.iter().map(|(n, i)| (n.to_string(), *i)).collect()),
             );
         };
         let t0: u64 = 1_700_000_000_000;
@@ -945,13 +845,7 @@ cooldown = "0s"
             set(&[("pod-a", 1_000)]);
             assert!(a.evaluate(t0 + 1_000).await.unwrap().is_empty());
             // The only reader went quiet, but nothing waits for it (a quiet stream): fine.
-            let lag = |n: u64| {
-                store
-                    .lag
-                    .lock()
-                    .unwrap()
-                    .insert(("user:feedback".into(), "learning".into()), n)
-            };
+            let lag = |n: u64| store.set_lag("user:feedback", "learning", Some(n));
             lag(0);
             set(&[("pod-a", 31_000), (crate::BACKOFF_CONSUMER, 10)]);
             assert!(a.evaluate(t0 + 1_500).await.unwrap().is_empty());
@@ -990,7 +884,7 @@ when = { a = "b" }
     #[test]
     fn an_alerts_stream_equal_to_the_source_is_refused() {
         let o = options(EXAMPLE);
-        let e = Alerts::new(&o, "alerts", "g", Arc::new(FakeStore::default())).unwrap_err();
+        let e = Alerts::new(&o, "alerts", "g", Arc::new(MemoryStore::new())).unwrap_err();
         assert!(e.to_string().contains("own stream"), "{e}");
     }
 }

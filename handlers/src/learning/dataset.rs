@@ -367,9 +367,10 @@ mod tests {
     use super::*;
     use crate::EntryId;
     use crate::Handler;
+    use crate::MemoryStore;
     use crate::learning::LearningOptions;
     use crate::learning::prompt_id;
-    use crate::learning::tests::{MemoryStore, entry, handler, rt, tempfile_dir};
+    use crate::learning::tests::{entry, handler, rt, tempfile_dir};
 
     fn lines(dir: &Path) -> Vec<serde_json::Value> {
         let mut out = Vec::new();
@@ -385,7 +386,7 @@ mod tests {
     #[test]
     fn dataset_lines_are_written_once_per_feedback() {
         let dir = tempfile_dir();
-        let store = Arc::new(MemoryStore::default());
+        let store = Arc::new(MemoryStore::new());
         let h = handler(&dir, Arc::clone(&store));
         let id = EntryId::new(1_700_000_000_000, 0);
         let e = entry(
@@ -413,13 +414,7 @@ mod tests {
                 "idempotency_id": "1700000000000-0", "time": "2023-11-14T22:13:20.000Z"
             })
         );
-        assert!(
-            store
-                .values
-                .lock()
-                .unwrap()
-                .contains_key(&h.keys.written(id))
-        );
+        assert!(store.value(&h.keys.written(id)).is_some());
 
         // A redelivery with the marker: no second line.
         let again = entry(id, 2, &[("rating", "2"), ("model", "m")]);
@@ -427,15 +422,11 @@ mod tests {
         assert_eq!(lines(&dir).len(), 1);
 
         // A redelivery after a crash between write and marker: found in the file.
-        store.values.lock().unwrap().clear();
+        store.remove(&h.keys.written(id));
         assert!(rt.block_on(h.handle(&again)).is_ok());
         assert_eq!(lines(&dir).len(), 1);
         assert!(
-            store
-                .values
-                .lock()
-                .unwrap()
-                .contains_key(&h.keys.written(id)),
+            store.value(&h.keys.written(id)).is_some(),
             "the marker is set for the line found on disk"
         );
 
@@ -469,7 +460,7 @@ mod tests {
             dataset_dir: file.to_string_lossy().into_owned(),
             ..Default::default()
         };
-        let store = Arc::new(MemoryStore::default());
+        let store = Arc::new(MemoryStore::new());
         let e = Learning::new(&options, "s", "g", store).unwrap_err();
         assert!(
             e.to_string().contains("dataset_dir: cannot write to"),

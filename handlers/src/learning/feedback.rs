@@ -178,7 +178,8 @@ impl Learning {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::learning::tests::{MemoryStore, entry, handler};
+    use crate::MemoryStore;
+    use crate::learning::tests::{entry, handler};
     use crate::learning::{Keys, LearningOptions, Totals, window_totals};
     use crate::{EntryId, PayloadFormat};
     use std::path::Path;
@@ -186,7 +187,7 @@ mod tests {
 
     #[test]
     fn thumbs_and_ratings_are_read_and_checked() {
-        let store = Arc::new(MemoryStore::default());
+        let store = Arc::new(MemoryStore::new());
         let h = handler(Path::new(""), store);
         let id = EntryId::new(1_700_000_000_000, 0);
         let f = |pairs: &[(&str, &str)]| {
@@ -228,7 +229,7 @@ mod tests {
 
     #[test]
     fn json_payloads_use_paths() {
-        let store = Arc::new(MemoryStore::default());
+        let store = Arc::new(MemoryStore::new());
         let options = LearningOptions {
             rating: "feedback.score".into(),
             model: "data.model".into(),
@@ -255,7 +256,7 @@ mod tests {
 
     #[test]
     fn effects_cover_model_prompt_index_and_minute() {
-        let store = Arc::new(MemoryStore::default());
+        let store = Arc::new(MemoryStore::new());
         let h = handler(Path::new(""), store);
         let e = entry(
             EntryId::new(120_000, 3),

@@ -396,63 +396,15 @@ impl Handler for Learning {
 mod tests {
     use super::*;
     use crate::Limits;
-    use crate::{PayloadFormat, StoreError, StoreFuture};
+    use crate::MemoryStore;
+    use crate::PayloadFormat;
     use math::MINUTE_MS;
-    use std::collections::HashMap;
     use std::path::PathBuf;
-    use std::sync::Mutex;
 
     pub(super) fn limits() -> Limits {
         Limits {
             handler_timeout: Duration::from_secs(30),
             claim_idle: Duration::from_secs(120),
-        }
-    }
-
-    /// A store that keeps strings and records applied effects.
-    #[derive(Default)]
-    pub(super) struct MemoryStore {
-        pub(super) values: Mutex<HashMap<String, String>>,
-        pub(super) applied: Mutex<Vec<Effect>>,
-        pub(super) hashes: Mutex<HashMap<String, Vec<(String, String)>>>,
-    }
-
-    impl Store for MemoryStore {
-        fn apply(&self, effects: Vec<Effect>) -> StoreFuture<'_, ()> {
-            self.applied.lock().unwrap().extend(effects);
-            Box::pin(async { Ok(()) })
-        }
-        fn hashes(&self, keys: Vec<String>) -> StoreFuture<'_, Vec<Vec<(String, String)>>> {
-            let h = self.hashes.lock().unwrap();
-            let out = keys
-                .iter()
-                .map(|k| h.get(k).cloned().unwrap_or_default())
-                .collect();
-            Box::pin(async move { Ok(out) })
-        }
-        fn get(&self, key: String) -> StoreFuture<'_, Option<String>> {
-            let v = self.values.lock().unwrap().get(&key).cloned();
-            Box::pin(async move { Ok(v) })
-        }
-        fn set(&self, key: String, value: String, _ttl: Option<Duration>) -> StoreFuture<'_, ()> {
-            self.values.lock().unwrap().insert(key, value);
-            Box::pin(async { Ok(()) })
-        }
-        fn mark(&self, key: String, _ttl: Duration) -> StoreFuture<'_, bool> {
-            let mut v = self.values.lock().unwrap();
-            let new = !v.contains_key(&key);
-            v.entry(key).or_insert_with(|| "1".into());
-            Box::pin(async move { Ok(new) })
-        }
-        fn lag(&self, _stream: String, _group: String) -> StoreFuture<'_, Option<u64>> {
-            Box::pin(async { Err(StoreError("not here".into())) })
-        }
-        fn consumers(
-            &self,
-            _stream: String,
-            _group: String,
-        ) -> StoreFuture<'_, Option<Vec<(String, u64)>>> {
-            Box::pin(async { Err(StoreError("not here".into())) })
         }
     }
 
@@ -485,7 +437,7 @@ mod tests {
 
     #[test]
     fn the_tick_sends_one_event_per_crossing() {
-        let store = Arc::new(MemoryStore::default());
+        let store = Arc::new(MemoryStore::new());
         let options = LearningOptions {
             dataset_dir: String::new(),
             min_feedback: 3,
@@ -497,21 +449,21 @@ mod tests {
             .duration_since(UNIX_EPOCH)
             .unwrap()
             .as_millis() as u64;
-        store.hashes.lock().unwrap().insert(
-            h.keys.minute(now / MINUTE_MS),
-            vec![
-                ("count:bad".into(), "4".into()),
-                ("rating_sum:bad".into(), "8".into()),
-                ("count:good".into(), "4".into()),
-                ("rating_sum:good".into(), "18".into()),
-                ("count:few".into(), "2".into()),
-                ("rating_sum:few".into(), "2".into()),
+        store.set_hash(
+            &h.keys.minute(now / MINUTE_MS),
+            [
+                ("count:bad", "4"),
+                ("rating_sum:bad", "8"),
+                ("count:good", "4"),
+                ("rating_sum:good", "18"),
+                ("count:few", "2"),
+                ("rating_sum:few", "2"),
             ],
         );
         let rt = rt();
         rt.block_on(h.tick()).unwrap();
         rt.block_on(h.tick()).unwrap();
-        let applied = store.applied.lock().unwrap().clone();
+        let applied = store.applied();
         assert_eq!(applied.len(), 1, "{applied:?}");
         let Effect::StreamAdd { key, fields, .. } = &applied[0] else {
             panic!("{applied:?}")
@@ -528,7 +480,7 @@ mod tests {
         assert_eq!(get("feedback").as_deref(), Some("4"));
         assert_eq!(get("window").as_deref(), Some("10m"));
         let state: ModelState =
-            serde_json::from_str(&store.values.lock().unwrap()[&h.keys.state("bad")]).unwrap();
+            serde_json::from_str(&store.value(&h.keys.state("bad")).unwrap()).unwrap();
         assert!(state.low && state.emitted);
     }
 

@@ -410,55 +410,10 @@ fn sync_directory(directory: &Path) -> io::Result<()> {
 mod tests {
     use super::*;
     use crate::warehouse::Context;
-    use crate::{Effect, PayloadFormat, StoreError, StoreFuture};
-    use std::collections::HashMap;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use crate::{MemoryStore, PayloadFormat, StoreCall};
+    use std::sync::atomic::Ordering;
 
-    /// An in-memory store whose marks can be made to fail.
-    #[derive(Default)]
-    struct Memory {
-        values: Mutex<HashMap<String, String>>,
-        fail_marks: AtomicBool,
-    }
-
-    impl Store for Memory {
-        fn apply(&self, _effects: Vec<Effect>) -> StoreFuture<'_, ()> {
-            Box::pin(async { Ok(()) })
-        }
-        fn hashes(&self, keys: Vec<String>) -> StoreFuture<'_, Vec<Vec<(String, String)>>> {
-            Box::pin(async move { Ok(vec![Vec::new(); keys.len()]) })
-        }
-        fn get(&self, key: String) -> StoreFuture<'_, Option<String>> {
-            Box::pin(async move { Ok(self.values.lock().unwrap().get(&key).cloned()) })
-        }
-        fn set(&self, key: String, value: String, _ttl: Option<Duration>) -> StoreFuture<'_, ()> {
-            Box::pin(async move {
-                self.values.lock().unwrap().insert(key, value);
-                Ok(())
-            })
-        }
-        fn mark(&self, key: String, _ttl: Duration) -> StoreFuture<'_, bool> {
-            Box::pin(async move {
-                if self.fail_marks.load(Ordering::SeqCst) {
-                    return Err(StoreError("connection refused".into()));
-                }
-                let mut values = self.values.lock().unwrap();
-                Ok(values.insert(key, "1".into()).is_none())
-            })
-        }
-        fn lag(&self, _stream: String, _group: String) -> StoreFuture<'_, Option<u64>> {
-            Box::pin(async { Ok(None) })
-        }
-        fn consumers(
-            &self,
-            _stream: String,
-            _group: String,
-        ) -> StoreFuture<'_, Option<Vec<(String, u64)>>> {
-            Box::pin(async { Err(StoreError("not here".into())) })
-        }
-    }
-
-    fn sink(dir: &Path, store: Arc<Memory>, rotate_bytes: u64) -> FileSink {
+    fn sink(dir: &Path, store: Arc<MemoryStore>, rotate_bytes: u64) -> FileSink {
         let options = WarehouseOptions {
             directory: Some(dir.to_path_buf()),
             rotate_bytes: Some(rotate_bytes),
@@ -521,17 +476,15 @@ mod tests {
     #[test]
     fn writes_marks_and_skips_what_is_marked() {
         let dir = tempfile_dir();
-        let store = Arc::new(Memory::default());
+        let store = Arc::new(MemoryStore::new());
         let s = sink(dir.path(), Arc::clone(&store), 1 << 20);
         let rt = runtime();
         let results = rt.block_on(s.write_batch(&entries(&[1, 2, 3])));
         assert!(results.iter().all(Result::is_ok), "{results:?}");
         assert!(
             store
-                .values
-                .lock()
-                .unwrap()
-                .contains_key("{user:logs}:warehouse:warehouse:seen:2-0")
+                .value("{user:logs}:warehouse:warehouse:seen:2-0")
+                .is_some()
         );
         // Delivered again, with one new entry and a duplicate inside the batch.
         let results = rt.block_on(s.write_batch(&entries(&[2, 4, 4])));
@@ -557,7 +510,7 @@ mod tests {
     #[test]
     fn rotation_keeps_files_under_rotate_bytes() {
         let dir = tempfile_dir();
-        let s = sink(dir.path(), Arc::new(Memory::default()), 300);
+        let s = sink(dir.path(), Arc::new(MemoryStore::new()), 300);
         let rt = runtime();
         let ids: Vec<u64> = (1..=10).collect();
         let results = rt.block_on(s.write_batch(&entries(&ids)));
@@ -587,13 +540,13 @@ mod tests {
     #[test]
     fn a_failed_marker_is_retried_without_writing_again() {
         let dir = tempfile_dir();
-        let store = Arc::new(Memory::default());
+        let store = Arc::new(MemoryStore::new());
         let s = sink(dir.path(), Arc::clone(&store), 1 << 20);
         let rt = runtime();
-        store.fail_marks.store(true, Ordering::SeqCst);
+        store.fail(StoreCall::Mark, true);
         let results = rt.block_on(s.write_batch(&entries(&[7])));
         assert!(matches!(&results[0], Err(HandlerError::Retry(r)) if r.contains("marker")));
-        store.fail_marks.store(false, Ordering::SeqCst);
+        store.fail(StoreCall::Mark, false);
         let results = rt.block_on(s.write_batch(&entries(&[7])));
         assert!(results[0].is_ok(), "{results:?}");
         assert_eq!(all_lines(dir.path()).len(), 1);
