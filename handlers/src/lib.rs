@@ -13,6 +13,7 @@ mod effect;
 mod entry;
 mod error;
 pub mod forward;
+mod jsonl;
 pub mod learning;
 pub mod noop;
 pub mod redact;

@@ -3,8 +3,8 @@
 //! is reported done, and written once per entry (markers, then a search of the day's file).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::fs::File;
+use std::io::{self, BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -14,6 +14,7 @@ use serde::Serialize;
 use super::Learning;
 use super::feedback::{Feedback, Thumbs};
 use super::math::day;
+use crate::jsonl::JsonlFile;
 use crate::{Effects, Entry, HandlerError, ResultExt};
 
 /// One dataset line.
@@ -63,14 +64,7 @@ pub(super) fn path_component(name: &str) -> String {
 pub(super) struct Dataset {
     pub(super) dir: PathBuf,
     /// The file most recently appended to, kept open.
-    current: Mutex<Option<OpenFile>>,
-}
-
-struct OpenFile {
-    day: String,
-    file: File,
-    /// The file does not end with a newline (a torn write): start with one.
-    needs_newline: bool,
+    current: Mutex<Option<(String, JsonlFile)>>,
 }
 
 impl Dataset {
@@ -85,64 +79,23 @@ impl Dataset {
         self.dir.join(format!("feedback-{day}.jsonl"))
     }
 
-    fn open(&self, day: &str) -> io::Result<OpenFile> {
-        let path = self.path(day);
-        let existed = path.exists();
-        if !existed {
-            std::fs::create_dir_all(&self.dir)?;
-        }
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
-        if !existed {
-            // The new name must survive a power loss as well as the lines in it.
-            File::open(&self.dir)?.sync_all()?;
-        }
-        let needs_newline = match file.metadata()?.len() {
-            0 => false,
-            len => {
-                let mut reader = File::open(&path)?;
-                reader.seek(SeekFrom::Start(len - 1))?;
-                let mut last = [0u8; 1];
-                reader.read_exact(&mut last)?;
-                last[0] != b'\n'
-            }
-        };
-        Ok(OpenFile {
-            day: day.to_owned(),
-            file,
-            needs_newline,
-        })
-    }
-
-    /// Appends `lines` (whole lines) to the day's file in one write, then fsyncs.
+    /// Appends `lines` (whole lines) to the day's file in one write, then fsyncs. The
+    /// file is shared with the replicas that use the same `dataset_dir`.
     fn append(&self, day: &str, lines: &[u8]) -> io::Result<()> {
         let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        if current.as_ref().is_none_or(|c| c.day != day) {
+        if current.as_ref().is_none_or(|(d, _)| d != day) {
             *current = None;
-            *current = Some(self.open(day)?);
+            *current = Some((day.to_owned(), JsonlFile::open_shared(self.path(day))?));
         }
-        let Some(open) = current.as_mut() else {
+        let Some((_, file)) = current.as_mut() else {
             return Err(io::Error::other("no open dataset file"));
         };
-        let result = if open.needs_newline {
-            let mut buf = Vec::with_capacity(lines.len() + 1);
-            buf.push(b'\n');
-            buf.extend_from_slice(lines);
-            open.file.write_all(&buf)
-        } else {
-            open.file.write_all(lines)
+        let result = file.append(lines);
+        if result.is_err() {
+            // Reopen next time, which looks at how the file ends.
+            *current = None;
         }
-        .and_then(|()| open.file.sync_data());
-        match result {
-            Ok(()) => {
-                open.needs_newline = false;
-                Ok(())
-            }
-            Err(e) => {
-                // Reopen next time, which looks at how the file ends.
-                *current = None;
-                Err(e)
-            }
-        }
+        result
     }
 
     /// Which of `ids` (idempotency ids) have a complete line in the day's file.
@@ -371,6 +324,7 @@ mod tests {
     use crate::learning::LearningOptions;
     use crate::learning::prompt_id;
     use crate::learning::tests::{entry, handler, rt, tempfile_dir};
+    use std::io::Write;
 
     fn lines(dir: &Path) -> Vec<serde_json::Value> {
         let mut out = Vec::new();

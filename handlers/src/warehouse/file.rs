@@ -37,15 +37,15 @@
 //! that is written again.
 
 use std::collections::HashSet;
-use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use std::io;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::future::join_all;
 
 use super::{Context, Recorder, WarehouseOptions};
+use crate::jsonl::JsonlFile;
 use crate::{Effects, Entry, EntryId, HandlerError, Store};
 
 /// Ids written but not yet marked are remembered up to this many (beyond, the memory is
@@ -269,10 +269,7 @@ struct Writer {
 }
 
 struct Current {
-    file: File,
-    path: PathBuf,
-    /// Bytes on disk (synced).
-    len: u64,
+    file: JsonlFile,
     /// Lines for this file not yet written, and how many.
     pending: Vec<u8>,
     pending_lines: usize,
@@ -292,7 +289,7 @@ impl Writer {
         let mut committed = 0;
         for line in lines {
             let rotate = self.current.as_ref().is_some_and(|c| {
-                let size = c.len + c.pending.len() as u64;
+                let size = c.file.len() + c.pending.len() as u64;
                 (size > 0 && size + line.len() as u64 > self.rotate_bytes)
                     || now.duration_since(c.opened_at) >= self.rotate_interval
             });
@@ -330,28 +327,18 @@ impl Writer {
         if c.pending.is_empty() {
             return Ok(0);
         }
-        let result = c
-            .file
-            .write_all(&c.pending)
-            .and_then(|()| c.file.sync_data());
-        match result {
+        match c.file.append(&c.pending) {
             Ok(()) => {
-                c.len += c.pending.len() as u64;
                 c.pending.clear();
                 Ok(std::mem::take(&mut c.pending_lines))
             }
             Err(e) => {
+                // The append cut the file back to its last synced length; give it up
+                // (the next batch starts a new file).
                 let c = self.current.take().expect("checked above");
-                let cut = c.file.set_len(c.len).and_then(|()| c.file.sync_data());
                 Err(io::Error::new(
                     e.kind(),
-                    match cut {
-                        Ok(()) => format!("writing {}: {e}", c.path.display()),
-                        Err(cut) => format!(
-                            "writing {}: {e} (cutting the partial lines off failed too: {cut}; its last line may be incomplete)",
-                            c.path.display()
-                        ),
-                    },
+                    format!("writing {}: {e}", c.file.path().display()),
                 ))
             }
         }
@@ -375,16 +362,10 @@ impl Writer {
             let path = self
                 .directory
                 .join(format!("{}.{start}-{:04}.jsonl", self.base, self.opened));
-            match OpenOptions::new().append(true).create_new(true).open(&path) {
+            match JsonlFile::create_new(path.clone()) {
                 Ok(file) => {
-                    // The new name must survive a crash as much as the lines in it.
-                    sync_directory(&self.directory).map_err(|e| {
-                        io::Error::new(e.kind(), format!("{}: {e}", path.display()))
-                    })?;
                     return Ok(Current {
                         file,
-                        path,
-                        len: 0,
                         pending: Vec::new(),
                         pending_lines: 0,
                         opened_at: now,
@@ -402,15 +383,12 @@ impl Writer {
     }
 }
 
-fn sync_directory(directory: &Path) -> io::Result<()> {
-    File::open(directory)?.sync_all()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::warehouse::Context;
     use crate::{MemoryStore, PayloadFormat, StoreCall};
+    use std::path::Path;
     use std::sync::atomic::Ordering;
 
     fn sink(dir: &Path, store: Arc<MemoryStore>, rotate_bytes: u64) -> FileSink {
