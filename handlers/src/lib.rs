@@ -8,6 +8,7 @@
 
 pub mod alerts;
 pub mod analytics;
+mod batch_wait;
 pub mod duration;
 mod effect;
 mod entry;

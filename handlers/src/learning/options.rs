@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::math::MINUTE_MS;
-use crate::{Derived, Limits, Needs, OptionProblem};
+use crate::{Derived, Limits, Needs, OptionProblem, batch_wait};
 
 /// `[groups.<name>.options]` for `handler = "learning"`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -105,10 +105,8 @@ impl LearningOptions {
     /// (the rules in `validate`).
     pub(crate) fn needs(&self, is_set: &dyn Fn(&str) -> bool) -> Needs {
         Needs {
-            claim_idle_margin: self.max_wait,
-            claim_idle_margin_key: is_set("max_wait").then_some("max_wait"),
             claim_idle_below: is_set("marker_ttl").then_some((self.marker_ttl, "marker_ttl")),
-            ..Needs::default()
+            ..batch_wait::needs(self.max_wait, is_set)
         }
     }
 
@@ -178,14 +176,7 @@ impl LearningOptions {
             self.marker_ttl = limits.claim_idle.saturating_mul(2);
             derive("marker_ttl", "claim_idle");
         }
-        if !is_set("max_wait")
-            && limits.claim_idle > limits.handler_timeout
-            && limits.claim_idle <= limits.handler_timeout + self.max_wait
-        {
-            self.max_wait =
-                crate::duration::whole_ms((limits.claim_idle - limits.handler_timeout) / 2);
-            derive("max_wait", "claim_idle");
-        }
+        derived.extend(batch_wait::derive(&mut self.max_wait, limits, is_set));
         derived
     }
 
@@ -303,17 +294,7 @@ impl LearningOptions {
                 format!("= {}: must be between 1 and 10000", self.max_batch),
             );
         }
-        if limits.claim_idle <= limits.handler_timeout + self.max_wait {
-            problem(
-                "max_wait",
-                format!(
-                    "({}) plus the group's handler_timeout ({}) reaches claim_idle ({}): an entry waiting for its batch could be reclaimed by another replica while it is handled; lower max_wait or handler_timeout, or raise claim_idle",
-                    d(self.max_wait),
-                    d(limits.handler_timeout),
-                    d(limits.claim_idle)
-                ),
-            );
-        }
+        problems.extend(batch_wait::check(self.max_wait, limits));
         problems
     }
 
