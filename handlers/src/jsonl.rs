@@ -150,27 +150,44 @@ fn sync_parent(path: &Path) -> io::Result<()> {
     }
 }
 
+/// A temporary directory for the tests that write files, without a dev-dependency:
+/// unique per process and call, removed on drop.
+#[cfg(test)]
+pub(crate) struct TempDir(PathBuf);
+
+#[cfg(test)]
+impl TempDir {
+    pub(crate) fn new(name: &str) -> Self {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "streamworker-{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "streamworker-jsonl-{name}-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
-
     #[test]
     fn an_exclusive_file_is_new_and_counts_what_it_holds() {
-        let dir = dir("exclusive");
-        let path = dir.join("a.jsonl");
+        let dir = TempDir::new("jsonl");
+        let path = dir.path().join("a.jsonl");
         let mut f = JsonlFile::create_new(path.clone()).unwrap();
         f.append(b"{\"a\":1}\n").unwrap();
         f.append(b"{\"a\":2}\n{\"a\":3}\n").unwrap();
@@ -182,13 +199,12 @@ mod tests {
         );
         let again = JsonlFile::create_new(path).unwrap_err();
         assert_eq!(again.kind(), io::ErrorKind::AlreadyExists);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn a_shared_file_is_created_with_its_directory_and_a_torn_line_is_not_glued_to() {
-        let dir = dir("shared");
-        let path = dir.join("day").join("feedback.jsonl");
+        let dir = TempDir::new("jsonl");
+        let path = dir.path().join("day").join("feedback.jsonl");
         let mut f = JsonlFile::open_shared(path.clone()).unwrap();
         f.append(b"1\n").unwrap();
         // Another replica appends to the same file meanwhile, and its write is torn.
@@ -208,6 +224,5 @@ mod tests {
             std::fs::read_to_string(&path).unwrap(),
             "1\n2\n{\"torn\n3\n4\n"
         );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

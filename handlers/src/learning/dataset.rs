@@ -321,9 +321,10 @@ mod tests {
     use crate::EntryId;
     use crate::Handler;
     use crate::MemoryStore;
+    use crate::jsonl::TempDir;
     use crate::learning::LearningOptions;
     use crate::learning::prompt_id;
-    use crate::learning::tests::{entry, handler, rt, tempfile_dir};
+    use crate::learning::tests::{entry, handler, rt};
     use std::io::Write;
 
     fn lines(dir: &Path) -> Vec<serde_json::Value> {
@@ -339,9 +340,9 @@ mod tests {
 
     #[test]
     fn dataset_lines_are_written_once_per_feedback() {
-        let dir = tempfile_dir();
+        let dir = TempDir::new("learning");
         let store = Arc::new(MemoryStore::new());
-        let h = handler(&dir, Arc::clone(&store));
+        let h = handler(dir.path(), Arc::clone(&store));
         let id = EntryId::new(1_700_000_000_000, 0);
         let e = entry(
             id,
@@ -357,7 +358,7 @@ mod tests {
         let rt = rt();
         let r = rt.block_on(h.handle_batch(std::slice::from_ref(&e)));
         assert!(r[0].is_ok(), "{r:?}");
-        let got = lines(&dir);
+        let got = lines(dir.path());
         assert_eq!(got.len(), 1);
         assert_eq!(
             got[0],
@@ -373,12 +374,12 @@ mod tests {
         // A redelivery with the marker: no second line.
         let again = entry(id, 2, &[("rating", "2"), ("model", "m")]);
         assert!(rt.block_on(h.handle(&again)).is_ok());
-        assert_eq!(lines(&dir).len(), 1);
+        assert_eq!(lines(dir.path()).len(), 1);
 
         // A redelivery after a crash between write and marker: found in the file.
         store.remove(&h.keys.written(id));
         assert!(rt.block_on(h.handle(&again)).is_ok());
-        assert_eq!(lines(&dir).len(), 1);
+        assert_eq!(lines(dir.path()).len(), 1);
         assert!(
             store.value(&h.keys.written(id)).is_some(),
             "the marker is set for the line found on disk"
@@ -402,13 +403,12 @@ mod tests {
             .collect();
         assert_eq!(whole.len(), 2, "{text}");
         assert!(whole[1].contains("\"idempotency_id\":\"1700000000000-1\""));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn an_unwritable_dataset_dir_fails_at_startup() {
-        let dir = tempfile_dir();
-        let file = dir.join("not-a-dir");
+        let dir = TempDir::new("learning");
+        let file = dir.path().join("not-a-dir");
         std::fs::write(&file, b"x").unwrap();
         let options = LearningOptions {
             dataset_dir: file.to_string_lossy().into_owned(),
@@ -420,6 +420,5 @@ mod tests {
             e.to_string().contains("dataset_dir: cannot write to"),
             "{e}"
         );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -399,7 +399,6 @@ mod tests {
     use crate::MemoryStore;
     use crate::PayloadFormat;
     use math::MINUTE_MS;
-    use std::path::PathBuf;
 
     pub(super) fn limits() -> Limits {
         Limits {
@@ -482,18 +481,5 @@ mod tests {
         let state: ModelState =
             serde_json::from_str(&store.value(&h.keys.state("bad")).unwrap()).unwrap();
         assert!(state.low && state.emitted);
-    }
-
-    pub(super) fn tempfile_dir() -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "streamworker-learning-{}-{}",
-            std::process::id(),
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
     }
 }

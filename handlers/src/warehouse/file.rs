@@ -386,10 +386,10 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::jsonl::TempDir;
     use crate::warehouse::Context;
     use crate::{MemoryStore, PayloadFormat, StoreCall};
     use std::path::Path;
-    use std::sync::atomic::Ordering;
 
     fn sink(dir: &Path, store: Arc<MemoryStore>, rotate_bytes: u64) -> FileSink {
         let options = WarehouseOptions {
@@ -453,7 +453,7 @@ mod tests {
 
     #[test]
     fn writes_marks_and_skips_what_is_marked() {
-        let dir = tempfile_dir();
+        let dir = TempDir::new("warehouse");
         let store = Arc::new(MemoryStore::new());
         let s = sink(dir.path(), Arc::clone(&store), 1 << 20);
         let rt = runtime();
@@ -487,7 +487,7 @@ mod tests {
 
     #[test]
     fn rotation_keeps_files_under_rotate_bytes() {
-        let dir = tempfile_dir();
+        let dir = TempDir::new("warehouse");
         let s = sink(dir.path(), Arc::new(MemoryStore::new()), 300);
         let rt = runtime();
         let ids: Vec<u64> = (1..=10).collect();
@@ -517,7 +517,7 @@ mod tests {
 
     #[test]
     fn a_failed_marker_is_retried_without_writing_again() {
-        let dir = tempfile_dir();
+        let dir = TempDir::new("warehouse");
         let store = Arc::new(MemoryStore::new());
         let s = sink(dir.path(), Arc::clone(&store), 1 << 20);
         let rt = runtime();
@@ -532,7 +532,7 @@ mod tests {
 
     #[test]
     fn interval_rotation() {
-        let dir = tempfile_dir();
+        let dir = TempDir::new("warehouse");
         let mut w = Writer {
             directory: dir.path().to_path_buf(),
             base: "s.g.c".into(),
@@ -570,28 +570,5 @@ mod tests {
             std::fs::read_to_string(dir.path().join(&names[0])).unwrap(),
             "a\nb\n"
         );
-    }
-
-    /// A temporary directory without a dev-dependency: removed on drop.
-    struct TempDir(PathBuf);
-    impl TempDir {
-        fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    fn tempfile_dir() -> TempDir {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "streamworker-warehouse-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
     }
 }
