@@ -65,7 +65,12 @@ pub struct FileSink {
 
 /// The marker key of an entry: in the stream's hash slot.
 pub fn marker_key(stream: &str, group: &str, id: EntryId) -> String {
-    format!("{}:warehouse:{group}:seen:{id}", crate::slot_tag(stream))
+    format!("{}{id}", marker_prefix(stream, group))
+}
+
+/// `{<stream>}:warehouse:<group>:seen:`, the start of every marker key of a group.
+fn marker_prefix(stream: &str, group: &str) -> String {
+    format!("{}:warehouse:{group}:seen:", crate::slot_tag(stream))
 }
 
 /// What happens to one entry of the batch.
@@ -99,11 +104,7 @@ impl FileSink {
         );
         Ok(Self {
             store: Arc::clone(&context.store),
-            marker_prefix: format!(
-                "{}:warehouse:{}:seen:",
-                crate::slot_tag(&context.stream),
-                context.group
-            ),
+            marker_prefix: marker_prefix(&context.stream, &context.group),
             dedupe_window: options.dedupe_window(),
             recorder,
             writer: Arc::new(Mutex::new(Writer {
@@ -459,11 +460,9 @@ mod tests {
         let rt = runtime();
         let results = rt.block_on(s.write_batch(&entries(&[1, 2, 3])));
         assert!(results.iter().all(Result::is_ok), "{results:?}");
-        assert!(
-            store
-                .value("{user:logs}:warehouse:warehouse:seen:2-0")
-                .is_some()
-        );
+        let marker = marker_key("user:logs", "warehouse", EntryId::new(2, 0));
+        assert_eq!(marker, "{user:logs}:warehouse:warehouse:seen:2-0");
+        assert!(store.value(&marker).is_some());
         // Delivered again, with one new entry and a duplicate inside the batch.
         let results = rt.block_on(s.write_batch(&entries(&[2, 4, 4])));
         assert!(
