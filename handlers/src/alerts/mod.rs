@@ -23,10 +23,10 @@
 //!
 //! # Layout
 //!
-//! - [`options`]: `[groups.<name>.options]`, their checks and redaction;
-//! - [`buckets`]: the bucket widths windows are counted in, and bucket families;
-//! - [`state`]: a rule's state machine and what one evaluation observes;
-//! - [`notify`]: the events, messages and webhook posts of a transition;
+//! - `options.rs`: `[groups.<name>.options]`, their checks and redaction;
+//! - `buckets.rs`: the bucket widths windows are counted in, and bucket families;
+//! - `state.rs`: a rule's state machine and what one evaluation observes;
+//! - `notify.rs`: the events, messages and webhook posts of a transition;
 //! - this file: the handler (counting entries, evaluating the rules).
 
 mod buckets;

@@ -95,11 +95,11 @@
 //!
 //! # Layout
 //!
-//! - [`options`]: `[groups.<name>.options]`, derived values and checks;
-//! - [`feedback`]: reading one feedback event from an entry, and its aggregate effects;
-//! - [`math`]: prompt ids, the rolling window's minutes, totals over buckets, formats;
-//! - [`state`]: a model's adaptation state and the judgement of one tick;
-//! - [`dataset`]: the JSON Lines dataset and its once-per-entry writes;
+//! - `options.rs`: `[groups.<name>.options]`, derived values and checks;
+//! - `feedback.rs`: reading one feedback event from an entry, and its aggregate effects;
+//! - `math.rs`: prompt ids, the rolling window's minutes, totals over buckets, formats;
+//! - `state.rs`: a model's adaptation state and the judgement of one tick;
+//! - `dataset.rs`: the JSON Lines dataset and its once-per-entry writes;
 //! - this file: the key layout, the handler and its tick.
 
 mod dataset;
