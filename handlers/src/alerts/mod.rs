@@ -625,6 +625,7 @@ kind = "lag"
 group = "analytics"
 threshold = 10000
 "#;
+
     #[test]
     fn entries_only_count_matching_rules_into_their_bucket() {
         let o = options(
