@@ -8,6 +8,7 @@ pub mod bench;
 pub mod circuit;
 pub mod client;
 pub mod config;
+pub mod console;
 pub mod consumer;
 pub mod demo;
 pub mod health;

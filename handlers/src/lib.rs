@@ -8,11 +8,13 @@
 
 pub mod alerts;
 pub mod analytics;
+mod batch_wait;
 pub mod duration;
 mod effect;
 mod entry;
 mod error;
 pub mod forward;
+mod jsonl;
 pub mod learning;
 pub mod noop;
 pub mod redact;
@@ -33,7 +35,7 @@ pub use error::{HandlerError, ResultExt, one_line};
 pub use slot::{hash_input, slot_tag, slot_tag_reaches};
 pub use spec::{Derived, HandlerSpec, Limits, Needs, OptionProblem};
 
-pub use store::{Store, StoreError, StoreFuture};
+pub use store::{MemoryStore, Store, StoreCall, StoreError, StoreFuture};
 
 /// The consumer that holds entries waiting out a retry backoff. Any replica's reclaim takes
 /// them from it once their idle time reaches `claim_idle`; this consumer's own re-reads

@@ -12,6 +12,7 @@ mod analytics;
 mod chaos;
 mod cli;
 mod cli_more;
+mod console;
 mod defaults;
 mod delivery;
 mod demo;
