@@ -20,20 +20,16 @@
 //! Ordinary entries keep the one-script path; only an XADD with more than
 //! [`MAX_SCRIPT_ARGS`] arguments comes here.
 
-use std::sync::LazyLock;
-
-use redis::{Pipeline, Script, Value};
+use redis::{Pipeline, Value};
 use streamworker_handlers::{Effect, EntryId};
 
-use super::{Client, ClientError, Result, protocol};
+use super::Client;
+use super::error::{ClientError, Result, protocol};
+use super::scripts::{RANGE_IDS, REPLAY_LARGE as REPLAY, SETTLE_LARGE as SETTLE};
 
 /// The most arguments a script passes to one command: Lua's C stack holds 8,000 values
 /// (LUAI_MAXCSTACK), minus what the script itself keeps there.
 pub const MAX_SCRIPT_ARGS: usize = 7_000;
-
-const SETTLE: &str = include_str!("settle_large.lua");
-const REPLAY: &str = include_str!("replay_large.lua");
-static RANGE_IDS: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("range_ids.lua")));
 
 /// How many arguments `effect`'s command takes, without building them (a forwarded
 /// entry's values may be megabytes).

@@ -126,11 +126,7 @@ async fn tick<H: Handler>(g: &Group<H>, stop: &tokio_util::sync::CancellationTok
     };
     let mut cut = false;
     let cfg = &g.config;
-    let key = format!(
-        "streamworker:tick:{}:{}",
-        streamworker_handlers::slot_tag(&cfg.stream),
-        cfg.name
-    );
+    let key = crate::keys::tick_key(&cfg.stream, &cfg.name);
     // A tick in progress at shutdown may run until the shutdown deadline, then it is
     // dropped: shutdown keeps its deadline whatever the handler's periodic work does.
     let past_deadline = async {
