@@ -1143,7 +1143,7 @@ impl<'g, H: Handler> Loop<'g, H> {
         if entry
             .fields
             .last()
-            .is_some_and(|(name, _)| name.starts_with(b"dlq_"))
+            .is_some_and(|(name, _)| crate::dead_letter::is_own_field(name))
             && let Some(target) = entry.field(REPLAY_GROUP_FIELD)
             && target != cfg.name.as_bytes()
         {
