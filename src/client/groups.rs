@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use redis::RedisResult;
-use redis::streams::{StreamInfoConsumersReply, StreamInfoGroupsReply};
+use redis::streams::{StreamInfoConsumersReply, StreamInfoGroup, StreamInfoGroupsReply};
 
 use super::error::Result;
 use super::{Client, scripts};
@@ -21,6 +21,20 @@ pub struct GroupInfo {
     pub entries_read: Option<u64>,
     /// `None` when Redis cannot tell (e.g. after XDEL or a trim below the group).
     pub lag: Option<u64>,
+}
+
+// redis-rs's reply has every field we need, `lag` and `entries-read` included (Redis 7.0+).
+impl From<StreamInfoGroup> for GroupInfo {
+    fn from(g: StreamInfoGroup) -> Self {
+        Self {
+            name: g.name,
+            consumers: g.consumers as u64,
+            pending: g.pending as u64,
+            last_delivered_id: g.last_delivered_id,
+            entries_read: g.entries_read.map(|n| n as u64),
+            lag: g.lag.map(|n| n as u64),
+        }
+    }
 }
 
 /// One consumer of a group, as XINFO CONSUMERS reports it.
@@ -60,18 +74,7 @@ impl Client {
             }
             other => other?,
         };
-        Ok(reply
-            .groups
-            .into_iter()
-            .map(|g| GroupInfo {
-                name: g.name,
-                consumers: g.consumers as u64,
-                pending: g.pending as u64,
-                last_delivered_id: g.last_delivered_id,
-                entries_read: g.entries_read.map(|n| n as u64),
-                lag: g.lag.map(|n| n as u64),
-            })
-            .collect())
+        Ok(reply.groups.into_iter().map(GroupInfo::from).collect())
     }
 
     /// XINFO CONSUMERS; `None` when the stream or the group does not exist.

@@ -249,7 +249,7 @@ impl Client {
 mod tests {
     use super::*;
     use crate::config::RedisConfig;
-    use crate::local_redis::LocalRedis;
+    use crate::tools::local_redis::LocalRedis;
     use redis::AsyncCommands;
 
     const STREAM: &str = "{s}.in";

@@ -37,6 +37,7 @@ mod large;
 mod replies;
 mod scripts;
 mod streams;
+mod tools;
 mod wire;
 
 pub use connection::Reader;
@@ -44,6 +45,7 @@ pub use error::{ClientError, Result};
 pub use groups::{ConsumerInfo, GroupInfo, Retained};
 pub use replies::{Claimed, RawEntry, StreamEntry};
 pub use streams::{Applied, Release};
+pub use tools::{Probe, Producer};
 // The keys' owner is `crate::keys`; kept here for the consumer loop's existing path.
 pub use crate::keys::pause_key;
 
