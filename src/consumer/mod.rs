@@ -37,6 +37,7 @@ use crate::lease::{Lease, LeaseError};
 use crate::metrics::GroupMetrics;
 use crate::retry::{self, Fate};
 use crate::shutdown::Shutdown;
+use crate::telemetry::panic_message;
 
 /// Everything one group needs to run.
 pub struct Group<H> {
@@ -344,16 +345,6 @@ fn timed_out(timeout: Duration) -> HandlerError {
         "handler timed out after {}",
         streamworker_handlers::duration::format(timeout)
     ))
-}
-
-pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-string panic payload".to_owned()
-    }
 }
 
 type Read = BoxFuture<'static, (usize, crate::client::Result<Vec<RawEntry>>)>;
