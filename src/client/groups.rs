@@ -52,6 +52,7 @@ pub struct Retained {
     /// Groups that hold back trimming (unacknowledged or undelivered entries).
     pub blocking: Vec<String>,
 }
+
 impl Client {
     /// XLEN: how many entries the stream holds (0 when it does not exist).
     pub async fn xlen(&self, key: &str) -> Result<u64> {
@@ -245,5 +246,57 @@ impl Client {
             inv.arg(*name);
         }
         Ok(inv.invoke_async(&mut self.commands()).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use redis::{FromRedisValue, Value};
+
+    use super::*;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    /// XINFO GROUPS as Redis 7 sends it over RESP2 (a flat array per group), with the lag
+    /// Redis cannot tell after an XDEL (nil): every field the gauges and `status` use.
+    #[test]
+    fn xinfo_groups_replies_keep_lag_and_entries_read() {
+        let group = |name: &str, lag: Value| {
+            Value::Array(vec![
+                bulk("name"),
+                bulk(name),
+                bulk("consumers"),
+                Value::Int(2),
+                bulk("pending"),
+                Value::Int(3),
+                bulk("last-delivered-id"),
+                bulk("5-0"),
+                bulk("entries-read"),
+                Value::Int(5),
+                bulk("lag"),
+                lag,
+            ])
+        };
+        let reply = Value::Array(vec![group("a", Value::Int(7)), group("b", Value::Nil)]);
+        let groups: Vec<GroupInfo> = StreamInfoGroupsReply::from_redis_value(reply)
+            .unwrap()
+            .groups
+            .into_iter()
+            .map(GroupInfo::from)
+            .collect();
+        assert_eq!(
+            groups[0],
+            GroupInfo {
+                name: "a".into(),
+                consumers: 2,
+                pending: 3,
+                last_delivered_id: "5-0".into(),
+                entries_read: Some(5),
+                lag: Some(7),
+            }
+        );
+        assert_eq!(groups[1].lag, None);
     }
 }
