@@ -46,8 +46,6 @@ pub use groups::{ConsumerInfo, GroupInfo, Retained};
 pub use replies::{Claimed, RawEntry, StreamEntry};
 pub use streams::{Applied, Release};
 pub use tools::{Probe, Producer};
-// The keys' owner is `crate::keys`; kept here for the consumer loop's existing path.
-pub use crate::keys::pause_key;
 
 use connection::{Commands, Deployment};
 use replies::text_of;
