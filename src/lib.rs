@@ -29,6 +29,7 @@
 //! - [`inspect`]: what Redis says about streams and groups, for `status` and the gauges;
 //! - [`admin`]: the operator's commands (`status`, `dlq`, `stats`, `pending`, `rewind`,
 //!   `pause`);
+//! - [`console`]: the web console over the same views and commands (`http.console`);
 //! - [`tools`]: `produce`, `demo`, `bench`: around the daemon, never inside it.
 
 // The daemon, in the order an entry meets it.
@@ -74,6 +75,8 @@ pub mod inspect;
 
 // Operators.
 pub mod admin;
+
+pub mod console;
 
 // Around the daemon.
 pub mod tools;
