@@ -3,7 +3,7 @@
 //!
 //! - [`produce`]: `streamworker produce`, the seed scenarios' events at a rate;
 //! - [`demo`]: `streamworker demo`, the built-in groups against a private Redis;
-//! - [`bench`]: `streamworker bench` and `bench-contender`, streamworker against the loops
+//! - [`bench`](mod@bench): `streamworker bench` and `bench-contender`, streamworker against the loops
 //!   people write by hand;
 //! - [`local_redis`]: a private `redis-server` on a free port, for `demo` and `bench`.
 
