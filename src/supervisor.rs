@@ -321,7 +321,7 @@ async fn supervise(group: Arc<GroupConfig>, shared: Shared, heartbeat: Heartbeat
             Ok(Err(e)) => e.to_string(),
             Err(e) if e.is_panic() => format!(
                 "the group's task panicked: {}",
-                consumer::panic_message(e.into_panic().as_ref())
+                crate::telemetry::panic_message(e.into_panic().as_ref())
             ),
             Err(e) => format!("the group's task ended: {e}"),
         };

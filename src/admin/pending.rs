@@ -10,8 +10,8 @@
 
 use std::time::{Duration, SystemTime};
 
+use crate::keys::BACKOFF_CONSUMER;
 use serde::Serialize;
-use streamworker_handlers::BACKOFF_CONSUMER;
 
 use crate::client::admin::PendingRow;
 use crate::client::{Client, ClientError};

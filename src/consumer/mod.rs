@@ -41,7 +41,6 @@ use tokio::time::{Instant, sleep_until};
 
 pub use fate::{Fate, Policy};
 use fetch::{Read, Resync, reconnect_delays};
-pub use run::panic_message;
 use run::{Done, call, call_batch};
 pub use settle::{BACKOFF_CONSUMER, DeadLetter, Settlements, dead_letter_fields};
 use settle::{Flushed, Target};
@@ -463,7 +462,7 @@ impl<'g, H: Handler> Loop<'g, H> {
                         Err(e) if e.is_unavailable() => tracing::debug!(stream = %g.config.stream, group = %g.config.name, error = %e, "could not look up whether the group is paused; trying again"),
                         // Not knowing, the loop does not read (a refused GET, e.g. an ACL
                         // without +get, would otherwise stall the group without a word).
-                        Err(e) => tracing::warn!(stream = %g.config.stream, group = %g.config.name, key = %crate::client::pause_key(&g.config.stream, &g.config.name), error = %e, "cannot read the group's pause key; not reading until it can (the ACL user needs +get)"),
+                        Err(e) => tracing::warn!(stream = %g.config.stream, group = %g.config.name, key = %crate::keys::pause_key(&g.config.stream, &g.config.name), error = %e, "cannot read the group's pause key; not reading until it can (the ACL user needs +get)"),
                     }
                     Vec::new()
                 }

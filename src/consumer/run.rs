@@ -12,6 +12,7 @@ use tracing::Instrument;
 
 use super::Loop;
 use crate::client::RawEntry;
+use crate::telemetry::panic_message;
 
 /// A handler call's result.
 pub(super) struct Done {
@@ -102,16 +103,6 @@ fn timed_out(timeout: Duration) -> HandlerError {
     ))
 }
 
-pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-string panic payload".to_owned()
-    }
-}
-
 impl<H: Handler> Loop<'_, H> {
     /// Decodes an entry for a handler, or decides its fate at once: handed back when
     /// shutting down, dead-lettered when its payload cannot be decoded, dropped when it is
@@ -148,7 +139,7 @@ impl<H: Handler> Loop<'_, H> {
         if entry
             .fields
             .last()
-            .is_some_and(|(name, _)| name.starts_with(b"dlq_"))
+            .is_some_and(|(name, _)| crate::dead_letter::is_own_field(name))
             && let Some(target) = entry.field(REPLAY_GROUP_FIELD)
             && target != cfg.name.as_bytes()
         {

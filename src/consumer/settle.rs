@@ -28,8 +28,9 @@ use super::run::Done;
 use super::{GroupExit, LAST_WORDS, Loop, LoopEvent, reconnect_delays};
 use crate::circuit::Outcome;
 use crate::client::{Client, ClientError, Release};
+use crate::dead_letter;
 
-pub use streamworker_handlers::BACKOFF_CONSUMER;
+pub use crate::keys::BACKOFF_CONSUMER;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AckKind {
@@ -436,23 +437,24 @@ impl Flushed {
     }
 }
 
-/// The dead letter: the original fields, then every `dlq_*` field of DESIGN §3.
+/// The dead letter: the original fields, then every `dlq_*` field of DESIGN §3
+/// (named by `crate::dead_letter`).
 pub fn dead_letter_fields(
     d: &DeadLetter,
     target: &Target,
     failed_at: &str,
 ) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let mut fields = Vec::with_capacity(d.fields.len() + 7);
+    let mut fields = Vec::with_capacity(d.fields.len() + dead_letter::FIELDS.len());
     fields.extend(d.fields.iter().cloned());
     let mut add =
         |name: &str, value: String| fields.push((name.as_bytes().to_vec(), value.into_bytes()));
-    add("dlq_origin_stream", target.stream.clone());
-    add("dlq_origin_id", d.id.to_string());
-    add("dlq_group", target.group.clone());
-    add("dlq_deliveries", d.delivery_count.to_string());
-    add("dlq_error", one_line(&d.error));
-    add("dlq_failed_at", failed_at.to_owned());
-    add("dlq_consumer", target.consumer.clone());
+    add(dead_letter::ORIGIN_STREAM, target.stream.clone());
+    add(dead_letter::ORIGIN_ID, d.id.to_string());
+    add(dead_letter::GROUP, target.group.clone());
+    add(dead_letter::DELIVERIES, d.delivery_count.to_string());
+    add(dead_letter::ERROR, one_line(&d.error));
+    add(dead_letter::FAILED_AT, failed_at.to_owned());
+    add(dead_letter::CONSUMER, target.consumer.clone());
     fields
 }
 

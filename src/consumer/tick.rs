@@ -7,7 +7,8 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use streamworker_handlers::Handler;
 
-use super::{Group, LAST_WORDS, panic_message};
+use super::{Group, LAST_WORDS};
+use crate::telemetry::panic_message;
 
 /// Runs the handler's periodic `tick`, on one replica at a time: each turn, the replica
 /// that holds (or takes) the group's tick lease runs it. Returns whether the shutdown
@@ -21,11 +22,7 @@ pub(super) async fn tick<H: Handler>(
     };
     let mut cut = false;
     let cfg = &g.config;
-    let key = format!(
-        "streamworker:tick:{}:{}",
-        streamworker_handlers::slot_tag(&cfg.stream),
-        cfg.name
-    );
+    let key = crate::keys::tick_key(&cfg.stream, &cfg.name);
     // A tick in progress at shutdown may run until the shutdown deadline, then it is
     // dropped: shutdown keeps its deadline whatever the handler's periodic work does.
     let past_deadline = async {
