@@ -19,6 +19,7 @@
 //! - [`maintenance`]: retention, forgetting gone consumers, group gauges;
 //! - [`dead_letter`]: what a dead letter is made of, and its stream's default name;
 //! - [`keys`]: every key derived from a stream, each in its stream's cluster slot;
+//! - [`partition`]: which partition a key belongs to, and each partition's stream name;
 //! - [`client`]: the only module that sends commands to Redis;
 //! - [`store`]: the handlers' narrow view of Redis (handlers glue; the handlers
 //!   themselves are the [`handlers`] crate);
@@ -53,6 +54,8 @@ pub mod maintenance;
 pub mod dead_letter;
 
 pub mod keys;
+
+pub mod partition;
 
 // Redis, spoken in one place.
 pub mod client;
