@@ -360,6 +360,17 @@ pub struct GroupSettings {
     pub dead_letter_stream: Option<String>,
     pub payload: PayloadFormat,
     pub circuit_breaker: CircuitBreakerConfig,
+    /// Splits the group's stream into this many partition streams (`<stream>:p<n>`), each
+    /// run by one replica at a time (`crate::partition`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<u32>,
+    /// How long a replica's hold on a partition lives without renewal; defaults to
+    /// [`crate::partition::DEFAULT_LEASE`] or three handler timeouts, the longer.
+    #[serde(
+        with = "streamworker_handlers::duration::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub partition_lease: Option<Duration>,
 }
 
 impl Default for GroupSettings {
@@ -379,6 +390,8 @@ impl Default for GroupSettings {
             dead_letter_stream: None,
             payload: PayloadFormat::Fields,
             circuit_breaker: CircuitBreakerConfig::default(),
+            partitions: None,
+            partition_lease: None,
         }
     }
 }
@@ -397,6 +410,15 @@ impl GroupConfig {
         self.settings.dead_letter_stream.clone().unwrap_or_else(|| {
             crate::dead_letter::default_stream(&self.settings.stream, &self.name)
         })
+    }
+}
+
+impl GroupConfig {
+    /// The partition lease: configured, or the default for this group's handler timeout.
+    pub fn partition_lease(&self) -> Duration {
+        self.settings
+            .partition_lease
+            .unwrap_or_else(|| crate::partition::default_lease(self.handler_timeout))
     }
 }
 

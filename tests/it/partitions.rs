@@ -1,0 +1,224 @@
+//! Partitioned groups (docs/partitions.md): replicas share a group's partitions, each run by
+//! exactly one replica at a time; a replica joining takes its share; a SIGKILLed replica's
+//! partitions are taken over once their leases expire, with nothing lost; a SIGTERMed
+//! replica hands its partitions over at once.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+/// Added to every upper bound on a duration: the suite runs on a loaded 2-core machine.
+const SLACK: Duration = Duration::from_secs(3);
+const PARTITIONS: u32 = 8;
+
+fn group(lease: &str) -> String {
+    format!(
+        r#"
+[groups.billing]
+stream = "orders"
+handler = "noop"
+partitions = {PARTITIONS}
+partition_lease = "{lease}"
+handler_timeout = "1s"
+claim_idle = "3s"
+block = "200ms"
+"#
+    )
+}
+
+fn lease_key(p: u32) -> String {
+    format!("streamworker:partition:{{orders:p{p}}}:billing")
+}
+
+/// Each partition's lease holder (`None`: nobody).
+fn owners(con: &mut redis::Connection) -> Vec<Option<String>> {
+    (0..PARTITIONS)
+        .map(|p| {
+            redis::cmd("GET")
+                .arg(lease_key(p))
+                .query(con)
+                .expect("GET lease")
+        })
+        .collect()
+}
+
+/// How many partitions each replica holds, when every partition is held.
+fn shares(con: &mut redis::Connection) -> Option<BTreeMap<String, u32>> {
+    let mut shares = BTreeMap::new();
+    for owner in owners(con) {
+        *shares.entry(owner?).or_insert(0) += 1;
+    }
+    Some(shares)
+}
+
+fn wait_for_shares(con: &mut redis::Connection, want: &[(&str, u32)], timeout: Duration) {
+    let want: BTreeMap<String, u32> = want.iter().map(|(c, n)| (c.to_string(), *n)).collect();
+    let mut last = None;
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        last = shares(con);
+        if last.as_ref() == Some(&want) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("partitions not shared as {want:?} within {timeout:?}; last seen {last:?}");
+}
+
+/// Adds `n` entries spread over the partitions by the partition function producers use.
+fn produce_keyed(con: &mut redis::Connection, from: usize, n: usize) {
+    for i in from..from + n {
+        let key = format!("customer-{i}");
+        let p = streamworker::partition::partition_of(key.as_bytes(), PARTITIONS);
+        let stream = streamworker::partition::partition_stream("orders", p);
+        let _: String = redis::cmd("XADD")
+            .arg(&stream)
+            .arg("*")
+            .arg("key")
+            .arg(&key)
+            .query(con)
+            .expect("XADD");
+    }
+}
+
+/// Every entry of every partition acknowledged: nothing pending, nothing undelivered.
+fn wait_all_handled(con: &mut redis::Connection, timeout: Duration) {
+    wait_until(timeout, "every partition's entries acknowledged", || {
+        (0..PARTITIONS).all(|p| {
+            let stream = streamworker::partition::partition_stream("orders", p);
+            matches!(group_info(con, &stream, "billing"), Some((0, Some(0))))
+        })
+    });
+}
+
+fn entries_in_partitions(con: &mut redis::Connection) -> u64 {
+    (0..PARTITIONS)
+        .map(|p| {
+            let stream = streamworker::partition::partition_stream("orders", p);
+            redis::cmd("XLEN").arg(&stream).query::<u64>(con).unwrap()
+        })
+        .sum()
+}
+
+#[test]
+fn replicas_share_the_partitions_and_a_joining_replica_takes_its_share() {
+    let redis = RedisServer::start();
+    let mut con = redis.connection();
+    let url = redis.url();
+    let group = group("3s");
+    let _a = Daemon::start(&config(&url, "a", &group));
+    let _b = Daemon::start(&config(&url, "b", &group));
+    let _c = Daemon::start(&config(&url, "c", &group));
+    // 8 over 3 replicas sorted by name: 3, 3, 2; each partition has exactly one holder.
+    wait_for_shares(
+        &mut con,
+        &[("a", 3), ("b", 3), ("c", 2)],
+        Duration::from_secs(15) + SLACK,
+    );
+    produce_keyed(&mut con, 0, 400);
+    assert_eq!(entries_in_partitions(&mut con), 400);
+    wait_all_handled(&mut con, Duration::from_secs(10) + SLACK);
+    // Each partition was read by its holder only, once the shares had settled.
+    for (p, owner) in owners(&mut con).into_iter().enumerate() {
+        let stream = streamworker::partition::partition_stream("orders", p as u32);
+        let owner = owner.expect("held");
+        let readers: Vec<redis::Value> = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(&stream)
+            .arg("billing")
+            .query(&mut con)
+            .unwrap();
+        assert!(
+            readers
+                .into_iter()
+                .map(value_map)
+                .any(|c| c["name"] == owner),
+            "partition {p}'s holder {owner} never read it"
+        );
+    }
+
+    let _d = Daemon::start(&config(&url, "d", &group));
+    wait_for_shares(
+        &mut con,
+        &[("a", 2), ("b", 2), ("c", 2), ("d", 2)],
+        Duration::from_secs(10) + SLACK,
+    );
+    produce_keyed(&mut con, 400, 400);
+    wait_all_handled(&mut con, Duration::from_secs(10) + SLACK);
+}
+
+#[test]
+fn a_killed_replicas_partitions_are_taken_over_within_a_lease_and_nothing_is_lost() {
+    let redis = RedisServer::start();
+    let mut con = redis.connection();
+    let url = redis.url();
+    let lease = Duration::from_secs(3);
+    let group = group("3s");
+    let a = Daemon::start(&config(&url, "a", &group));
+    let mut b = Daemon::start(&config(&url, "b", &group));
+    wait_for_shares(
+        &mut con,
+        &[("a", 4), ("b", 4)],
+        Duration::from_secs(15) + SLACK,
+    );
+    produce_keyed(&mut con, 0, 300);
+    b.kill();
+    let killed = Instant::now();
+    produce_keyed(&mut con, 300, 300);
+    // b's leases expire at most a lease after the kill; a takes them at its next turn (a
+    // third of a lease) after that.
+    wait_for_shares(&mut con, &[("a", 8)], lease + lease / 3 + SLACK);
+    let took = killed.elapsed();
+    assert!(
+        took >= lease / 2,
+        "partitions were taken over after {took:?}, before b's leases could expire"
+    );
+    // Whatever b had fetched and not acknowledged is reclaimed after claim_idle.
+    wait_all_handled(&mut con, Duration::from_secs(10) + SLACK);
+    assert_eq!(entries_in_partitions(&mut con), 600);
+    assert!(a.logs().contains("partition taken"), "{}", a.logs());
+}
+
+#[test]
+fn a_terminated_replica_hands_its_partitions_over_at_once() {
+    let redis = RedisServer::start();
+    let mut con = redis.connection();
+    let url = redis.url();
+    // A long lease: a hand-over that waited for expiry would take 9 s.
+    let lease = Duration::from_secs(9);
+    let group = group("9s");
+    let _a = Daemon::start(&config(&url, "a", &group));
+    let mut b = Daemon::start(&config(&url, "b", &group));
+    wait_for_shares(
+        &mut con,
+        &[("a", 4), ("b", 4)],
+        Duration::from_secs(30) + SLACK,
+    );
+    produce_keyed(&mut con, 0, 200);
+    wait_all_handled(&mut con, Duration::from_secs(10) + SLACK);
+    b.terminate();
+    let status = b
+        .wait(Duration::from_secs(10) + SLACK)
+        .unwrap_or_else(|| panic!("b did not exit:\n{}", b.logs()));
+    assert!(status.success(), "{status:?}\n{}", b.logs());
+    let exited = Instant::now();
+    // b deleted its leases and left the members before exiting.
+    assert!(
+        owners(&mut con).iter().all(|o| o.as_deref() != Some("b")),
+        "b exited still holding {:?}",
+        owners(&mut con)
+    );
+    let members: Vec<String> = redis::cmd("ZRANGE")
+        .arg("streamworker:members:{orders}:billing")
+        .arg(0)
+        .arg(-1)
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(members, ["a"]);
+    // a takes them at its next turn (a third of the lease), not after the lease.
+    wait_for_shares(&mut con, &[("a", 8)], lease / 3 + SLACK);
+    assert!(exited.elapsed() < lease, "took {:?}", exited.elapsed());
+    produce_keyed(&mut con, 200, 200);
+    wait_all_handled(&mut con, Duration::from_secs(10) + SLACK);
+}
