@@ -475,14 +475,35 @@ impl Config {
             groups,
         };
         let text = toml::to_string_pretty(&view).expect("configuration serializes to TOML");
-        mark_derived(&text, &self.derived)
+        let mut notes: BTreeMap<String, String> = self
+            .derived
+            .iter()
+            .map(|(key, from)| (key.clone(), format!("derived from {from}")))
+            .collect();
+        for (name, g) in &self.groups {
+            if let Some(n) = g.partitions {
+                let last = n.saturating_sub(1);
+                notes.insert(
+                    format!("groups.{name}.partitions"),
+                    format!(
+                        "partition of a key: {}; streams {} … {}",
+                        crate::partition::PARTITION_FUNCTION,
+                        crate::partition::partition_stream(&g.stream, 0),
+                        crate::partition::partition_stream(&g.stream, last)
+                    ),
+                );
+            }
+        }
+        mark_derived(&text, &notes)
     }
 }
 
-/// Appends `# derived from <key>` to the line of each derived key in `check`'s TOML, so
-/// the output stays valid TOML (and loads to the same values) while saying which values
-/// nobody wrote.
-fn mark_derived(text: &str, derived: &BTreeMap<String, String>) -> String {
+/// Appends `# derived from <key>` to the line of each derived key in `check`'s TOML (and
+/// `# partition of a key: …` to a group's `partitions`), so the output stays valid TOML
+/// (and loads to the same values) while saying which values nobody wrote. `notes` maps a
+/// dotted key to its comment.
+fn mark_derived(text: &str, notes: &BTreeMap<String, String>) -> String {
+    let derived = notes;
     if derived.is_empty() {
         return text.to_owned();
     }
@@ -520,8 +541,8 @@ fn mark_derived(text: &str, derived: &BTreeMap<String, String>) -> String {
                 .cloned()
                 .collect::<Vec<_>>()
                 .join(".");
-            if let Some(from) = derived.get(&full) {
-                line.push_str(&format!(" # derived from {from}"));
+            if let Some(note) = derived.get(&full) {
+                line.push_str(&format!(" # {note}"));
             }
         }
         out.push(line);

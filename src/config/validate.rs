@@ -1124,4 +1124,82 @@ mod tests {
             .to_string();
         assert!(e.contains("http.console"), "{e}");
     }
+
+    #[test]
+    fn partitioned_groups_are_checked() {
+        // The lease defaults to 10 s, or three handler timeouts when longer (marked).
+        let c = group("noop", "partitions = 8\nhandler_timeout = \"2s\"");
+        assert_eq!(c.groups["g"].partition_lease(), S(10));
+        assert_eq!(from(&c, "groups.g.partition_lease"), None);
+        let c = group("noop", "partitions = 8");
+        assert_eq!(c.groups["g"].partition_lease(), S(90));
+        assert_eq!(
+            from(&c, "groups.g.partition_lease"),
+            Some("handler_timeout")
+        );
+        let text = c.to_redacted_toml();
+        assert!(
+            text.contains(
+                "\npartitions = 8 # partition of a key: crc32(key) % partitions; streams s:p0 … s:p7\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("\npartition_lease = \"1m 30s\" # derived from handler_timeout\n"),
+            "{text}"
+        );
+        let c = group("noop", "");
+        assert!(!c.to_redacted_toml().contains("partition"));
+
+        let refused = |text: &str, key: &str, says: &str| {
+            let err = load(text).unwrap_err();
+            let p = err
+                .problems()
+                .iter()
+                .find(|p| p.key == key)
+                .unwrap_or_else(|| panic!("{text}: {err}"));
+            assert!(p.message.contains(says), "{text}: {p}");
+        };
+        let partitioned = |stream: &str, extra: &str| {
+            format!("[groups.g]\nstream = \"{stream}\"\nhandler = \"noop\"\n{extra}\n")
+        };
+        refused(
+            &partitioned("s", "partitions = 0"),
+            "groups.g.partitions",
+            "must be between 1 and 1024",
+        );
+        refused(
+            &partitioned("s", "partitions = 1025"),
+            "groups.g.partitions",
+            "must be between 1 and 1024",
+        );
+        refused(
+            &partitioned("{orders}:events", "partitions = 4"),
+            "groups.g.partitions",
+            "carries its own hash tag",
+        );
+        refused(
+            &partitioned("s", "partitions = 4\ndead_letter_stream = \"dlq\""),
+            "groups.g.dead_letter_stream",
+            "{s:p0}:dlq:g",
+        );
+        refused(
+            &partitioned("s", "partition_lease = \"10s\""),
+            "groups.g.partition_lease",
+            "the group has no partitions",
+        );
+        refused(
+            &partitioned("s", "partitions = 4\npartition_lease = \"10s\""),
+            "groups.g.partition_lease",
+            "must be at least three handler_timeouts (1m 30s)",
+        );
+        refused(
+            &partitioned(
+                "s",
+                "partitions = 4\npartition_lease = \"500ms\"\nhandler_timeout = \"100ms\"",
+            ),
+            "groups.g.partition_lease",
+            "must be at least 1s",
+        );
+    }
 }
