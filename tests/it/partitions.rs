@@ -107,7 +107,8 @@ fn replicas_share_the_partitions_and_a_joining_replica_takes_its_share() {
     let mut con = redis.connection();
     let url = redis.url();
     let group = group("3s");
-    let _a = Daemon::start(&config(&url, "a", &group));
+    let (a_config, a_http) = config_with_http(&url, "a", &group);
+    let a = Daemon::start(&a_config);
     let _b = Daemon::start(&config(&url, "b", &group));
     let _c = Daemon::start(&config(&url, "c", &group));
     // 8 over 3 replicas sorted by name: 3, 3, 2; each partition has exactly one holder.
@@ -137,6 +138,62 @@ fn replicas_share_the_partitions_and_a_joining_replica_takes_its_share() {
             "partition {p}'s holder {owner} never read it"
         );
     }
+
+    // `status` shows every partition with its owner, lag and pending, in text and JSON.
+    let path = a.config_path.to_str().unwrap();
+    let (code, out, err) = run_cli(&["status", "-c", path, "--json"], &[]);
+    assert_eq!(code, 0, "{err}");
+    let reports: serde_json::Value = serde_json::from_str(&out).expect(&out);
+    let holders = owners(&mut con);
+    for p in 0..PARTITIONS {
+        let stream = streamworker::partition::partition_stream("orders", p);
+        let report = reports
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["stream"] == stream.as_str())
+            .unwrap_or_else(|| panic!("no report of {stream}: {out}"));
+        let g = &report["groups"][0];
+        assert_eq!(g["group"], "billing");
+        assert_eq!(
+            (g["lag"].as_u64(), g["pending"].as_u64()),
+            (Some(0), Some(0))
+        );
+        assert_eq!(g["partition"]["partition"], p);
+        assert_eq!(g["partition"]["partitions"], PARTITIONS);
+        assert_eq!(g["partition"]["stream"], "orders");
+        assert_eq!(
+            g["partition"]["owner"].as_str(),
+            holders[p as usize].as_deref(),
+            "{out}"
+        );
+    }
+    let (code, out, err) = run_cli(&["status", "-c", path], &[]);
+    assert_eq!(code, 0, "{err}");
+    let line = format!(
+        "billing: partition 5 of 8 of stream orders, owner {}",
+        holders[5].as_deref().unwrap()
+    );
+    assert!(out.contains(&line), "{out}");
+    // Metrics: how many partitions a replica runs, and each partition's stream as a label.
+    wait_until(Duration::from_secs(10), "a's partition metrics", || {
+        let Some((200, text)) = http_get(&a_http, "/metrics") else {
+            return false;
+        };
+        metric(
+            &text,
+            "streamworker_partitions_owned",
+            &[("group", "billing")],
+        ) == Some(3.0)
+            && (0..PARTITIONS).all(|p| {
+                let stream = streamworker::partition::partition_stream("orders", p);
+                metric(
+                    &text,
+                    "streamworker_group_lag",
+                    &[("stream", &stream), ("group", "billing")],
+                ) == Some(0.0)
+            })
+    });
 
     let _d = Daemon::start(&config(&url, "d", &group));
     wait_for_shares(
