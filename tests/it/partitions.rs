@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use crate::support::topology::Cluster;
 use crate::support::*;
 
 /// Added to every upper bound on a duration: the suite runs on a loaded 2-core machine.
@@ -278,4 +279,144 @@ fn a_terminated_replica_hands_its_partitions_over_at_once() {
     assert!(exited.elapsed() < lease, "took {:?}", exited.elapsed());
     produce_keyed(&mut con, 200, 200);
     wait_all_handled(&mut con, Duration::from_secs(10) + SLACK);
+}
+
+/// The port of the primary serving `key`'s slot.
+fn primary_of(con: &mut redis::cluster::ClusterConnection, key: &str) -> i64 {
+    let slot: i64 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(key)
+        .query(con)
+        .unwrap();
+    let ranges: Vec<redis::Value> = redis::cmd("CLUSTER").arg("SLOTS").query(con).unwrap();
+    ranges
+        .into_iter()
+        .find_map(|r| match r {
+            redis::Value::Array(p) => match (&p[0], &p[1], &p[2]) {
+                (redis::Value::Int(a), redis::Value::Int(b), redis::Value::Array(node))
+                    if (*a..=*b).contains(&slot) =>
+                {
+                    match node.get(1) {
+                        Some(redis::Value::Int(port)) => Some(*port),
+                        _ => None,
+                    }
+                }
+                _ => None,
+            },
+            _ => None,
+        })
+        .expect("a primary serves every slot")
+}
+
+#[test]
+fn on_a_cluster_partitions_spread_over_the_primaries_and_each_dead_letters_in_its_slot() {
+    let cluster = Cluster::start();
+    let hook = WebhookServer::start_with(|hit| {
+        if hit.body["fields"]["kind"] == "poison" {
+            (400, Duration::ZERO)
+        } else {
+            (200, Duration::ZERO)
+        }
+    });
+    let group = format!(
+        r#"
+[groups.billing]
+stream = "orders"
+handler = "webhook"
+partitions = {PARTITIONS}
+partition_lease = "3s"
+handler_timeout = "1s"
+claim_idle = "3s"
+block = "500ms"
+retry_backoff = {{ initial = "100ms", max = "1s" }}
+[groups.billing.options]
+url = "{}"
+timeout = "1s"
+"#,
+        hook.url("billing")
+    );
+    let with_cluster = |consumer: &str| {
+        let text = config("unused", consumer, &group);
+        let start = text.find("[redis]").unwrap();
+        let end = text.find("[worker]").unwrap();
+        format!(
+            "{}[redis]\ncluster = {:?}\ncommand_timeout = \"2s\"\nconnect_timeout = \"1s\"\n\n{}",
+            &text[..start],
+            cluster.urls(),
+            &text[end..]
+        )
+    };
+    let mut con = cluster.connection();
+    // The premise: the partitions' streams live on every primary.
+    let primaries: std::collections::HashSet<i64> = (0..PARTITIONS)
+        .map(|p| {
+            primary_of(
+                &mut con,
+                &streamworker::partition::partition_stream("orders", p),
+            )
+        })
+        .collect();
+    assert_eq!(
+        primaries.len(),
+        3,
+        "the partitions hash to all three primaries"
+    );
+    let _a = Daemon::start(&with_cluster("a"));
+    let _b = Daemon::start(&with_cluster("b"));
+    let held = |con: &mut redis::cluster::ClusterConnection| -> BTreeMap<String, u32> {
+        let mut shares = BTreeMap::new();
+        for p in 0..PARTITIONS {
+            let owner: Option<String> = redis::cmd("GET").arg(lease_key(p)).query(con).unwrap();
+            if let Some(owner) = owner {
+                *shares.entry(owner).or_insert(0) += 1;
+            }
+        }
+        shares
+    };
+    let want: BTreeMap<String, u32> = [("a".to_string(), 4), ("b".to_string(), 4)].into();
+    wait_until(
+        Duration::from_secs(20) + SLACK,
+        "a and b hold 4 each",
+        || held(&mut con) == want,
+    );
+    // One poison entry per partition, among 50 good ones each.
+    let mut produced = 0;
+    for p in 0..PARTITIONS {
+        let stream = streamworker::partition::partition_stream("orders", p);
+        for i in 0..51 {
+            let kind = if i == 25 { "poison" } else { "fine" };
+            let _: String = redis::cmd("XADD")
+                .arg(&stream)
+                .arg("*")
+                .arg("kind")
+                .arg(kind)
+                .query(&mut con)
+                .unwrap();
+            produced += 1;
+        }
+    }
+    wait_until(
+        Duration::from_secs(60),
+        "every entry handed to the webhook",
+        || hook.hits().len() >= produced,
+    );
+    for p in 0..PARTITIONS {
+        let stream = streamworker::partition::partition_stream("orders", p);
+        // Dead letters stay in the partition's slot (and node).
+        let dlq = format!("{{orders:p{p}}}:dlq:billing");
+        assert_eq!(primary_of(&mut con, &dlq), primary_of(&mut con, &stream));
+        wait_until(
+            Duration::from_secs(20),
+            "the poison entry dead-lettered, nothing pending",
+            || {
+                let len: u64 = redis::cmd("XLEN").arg(&dlq).query(&mut con).unwrap_or(0);
+                let pending: Vec<redis::Value> = redis::cmd("XPENDING")
+                    .arg(&stream)
+                    .arg("billing")
+                    .query(&mut con)
+                    .unwrap();
+                len == 1 && matches!(pending.first(), Some(redis::Value::Int(0)))
+            },
+        );
+    }
 }
