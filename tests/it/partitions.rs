@@ -420,3 +420,69 @@ timeout = "1s"
         );
     }
 }
+
+#[test]
+fn a_replica_stops_a_partition_whose_lease_it_lost_or_cannot_renew() {
+    let redis = RedisServer::start_with(&["--enable-debug-command", "yes"]);
+    let mut con = redis.connection();
+    let url = redis.url();
+    let a = Daemon::start(&config(&url, "a", &group("3s")));
+    wait_for_shares(&mut con, &[("a", 8)], Duration::from_secs(15) + SLACK);
+
+    // Fencing: Redis stops answering for most of a lease. Renewals time out, and a stops
+    // reading its partitions before the leases can expire; once Redis answers again it
+    // takes them back and handles what came meanwhile.
+    let sleeper = {
+        let mut con = redis.connection();
+        std::thread::spawn(move || {
+            let _: redis::RedisResult<()> =
+                redis::cmd("DEBUG").arg("SLEEP").arg(2.5).query(&mut con);
+        })
+    };
+    sleeper.join().unwrap();
+    a.wait_for_log(
+        Duration::from_secs(5),
+        "the partition's lease could not be renewed and may expire; stopping the partition",
+    );
+    produce_keyed(&mut con, 0, 200);
+    wait_for_shares(&mut con, &[("a", 8)], Duration::from_secs(10) + SLACK);
+    wait_all_handled(&mut con, Duration::from_secs(10) + SLACK);
+
+    // Another holder of partition 0's lease (an operator, a replica that saw it expire): a
+    // stops reading the partition at its next renewal and leaves the lease alone.
+    let _: () = redis::cmd("SET")
+        .arg(lease_key(0))
+        .arg("intruder")
+        .arg("PX")
+        .arg(60_000)
+        .query(&mut con)
+        .unwrap();
+    a.wait_for_log(
+        Duration::from_secs(5),
+        "another replica holds this partition's lease now; stopping the partition",
+    );
+    // Give the partition's loop time to drain and stop.
+    std::thread::sleep(Duration::from_secs(2));
+    let p0 = streamworker::partition::partition_stream("orders", 0);
+    let p1 = streamworker::partition::partition_stream("orders", 1);
+    for stream in [&p0, &p1] {
+        let _: String = redis::cmd("XADD")
+            .arg(stream)
+            .arg("*")
+            .arg("k")
+            .arg("v")
+            .query(&mut con)
+            .unwrap();
+    }
+    wait_until(Duration::from_secs(5), "partition 1 still handled", || {
+        group_info(&mut con, &p1, "billing") == Some((0, Some(0)))
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        group_info(&mut con, &p0, "billing"),
+        Some((0, Some(1))),
+        "partition 0 was read though another replica holds it"
+    );
+    let holder: String = redis::cmd("GET").arg(lease_key(0)).query(&mut con).unwrap();
+    assert_eq!(holder, "intruder");
+}
