@@ -4,8 +4,10 @@
 //! library: it parses the command line and maps outcomes to exit codes.
 
 pub mod admin;
+mod app;
 pub mod bench;
 pub mod circuit;
+mod cli;
 pub mod client;
 pub mod config;
 pub mod consumer;
@@ -26,6 +28,12 @@ pub mod supervisor;
 pub mod telemetry;
 
 pub use streamworker_handlers as handlers;
+
+pub use app::App;
+
+// The command line (`cli.rs`) names the library by its crate name, as it did when it was
+// the binary.
+extern crate self as streamworker;
 
 /// The version line of `--version` and `streamworker_build_info`.
 pub fn version() -> &'static str {
