@@ -23,6 +23,7 @@ use streamworker_handlers::{Effect, EntryId};
 
 pub mod admin;
 mod connection;
+mod effects;
 mod large;
 mod wire;
 
@@ -525,7 +526,7 @@ impl Client {
         for (id, effects) in entries {
             inv.arg(id.to_string()).arg(effects.len());
             for effect in effects.iter() {
-                let (name, args) = effect.command();
+                let (name, args) = effects::command(effect);
                 inv.arg(name).arg(args.len());
                 for a in args {
                     inv.arg(a);
@@ -588,7 +589,7 @@ impl Client {
             pipe.atomic();
         }
         for effect in effects {
-            let (name, args) = effect.command();
+            let (name, args) = effects::command(effect);
             let mut cmd = redis::cmd(name);
             for a in args {
                 cmd.arg(a);
