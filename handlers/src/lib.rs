@@ -8,6 +8,7 @@
 
 pub mod alerts;
 pub mod analytics;
+mod builtins;
 pub mod duration;
 mod effect;
 mod entry;
@@ -25,13 +26,17 @@ pub mod webhook;
 use std::future::Future;
 use std::time::Duration;
 
+pub use builtins::register_builtins;
 pub use effect::{Effect, Effects};
 pub use entry::{
     Entry, EntryId, Origin, Payload, PayloadFormat, REPLAY_GROUP_FIELD, REPLAY_OF_FIELD,
 };
 pub use error::{HandlerError, ResultExt, one_line};
 pub use slot::{hash_input, slot_tag, slot_tag_reaches};
-pub use spec::{Derived, HandlerSpec, Limits, Needs, OptionProblem};
+pub use spec::{
+    BuildError, Derived, HandlerContext, HandlerKind, HandlerOptions, Limits, Needs, OptionProblem,
+    Register,
+};
 
 pub use store::{Store, StoreError, StoreFuture};
 

@@ -12,7 +12,8 @@ use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use streamworker_handlers::HandlerSpec;
+use streamworker_handlers::analytics::AnalyticsOptions;
+use streamworker_handlers::learning::LearningOptions;
 
 use crate::client::{Client, ClientError};
 use crate::config::GroupConfig;
@@ -61,13 +62,14 @@ pub async fn run(
     group: &GroupConfig,
     query: &Query,
 ) -> Result<String, StatsError> {
-    match &group.handler {
-        HandlerSpec::Analytics(options) => Ok(analytics::run(client, group, options, query).await?),
-        HandlerSpec::Learning(options) => Ok(learning::run(client, group, options, query).await?),
-
-        _ => Err(StatsError::Unsupported(
+    if let Some(options) = group.handler.options::<AnalyticsOptions>() {
+        Ok(analytics::run(client, group, options, query).await?)
+    } else if let Some(options) = group.handler.options::<LearningOptions>() {
+        Ok(learning::run(client, group, options, query).await?)
+    } else {
+        Err(StatsError::Unsupported(
             supported(group).err().unwrap_or_default(),
-        )),
+        ))
     }
 }
 
