@@ -15,6 +15,7 @@ mod entry;
 mod error;
 pub mod forward;
 pub mod learning;
+mod memory;
 pub mod noop;
 pub mod redact;
 mod slot;
@@ -38,6 +39,7 @@ pub use spec::{
     Register,
 };
 
+pub use memory::MemoryStore;
 pub use store::{Store, StoreError, StoreFuture};
 
 /// The consumer that holds entries waiting out a retry backoff. Any replica's reclaim takes

@@ -6,7 +6,7 @@
 //! - `sink = "file"` (the default): rotated JSON Lines files, one line per entry, written,
 //!   `fsync`ed, then acknowledged. Files belong to one replica; markers in Redis
 //!   (`{<stream>}:warehouse:<group>:seen:<id>`) keep a redelivery to *any* replica from
-//!   writing a second line. See [`file`] for the order of writes and markers.
+//!   writing a second line. See [`file`](mod@file) for the order of writes and markers.
 //! - `sink = "postgres"`: one transaction per batch, `INSERT … ON CONFLICT DO NOTHING` on the
 //!   primary key `(stream, id)`. See [`postgres`].
 //!
