@@ -102,3 +102,34 @@ impl Default for App {
         Self::new()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use streamworker_handlers::noop::Noop;
+
+    use super::*;
+
+    #[test]
+    fn kinds_are_the_built_ins_then_the_added_ones() {
+        let app = App::new().handler::<Noop>("nothing");
+        assert_eq!(
+            app.handler_names(),
+            [
+                "noop",
+                "webhook",
+                "forward",
+                "learning",
+                "analytics",
+                "warehouse",
+                "alerts",
+                "nothing"
+            ]
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "a handler kind named \"webhook\" is already registered")]
+    fn a_taken_handler_name_is_refused() {
+        let _ = App::new().handler::<Noop>("webhook");
+    }
+}
