@@ -84,6 +84,10 @@ impl Drop for Server {
 }
 
 fn config(port: u16, options: &str) -> String {
+    config_listening(port, "", options)
+}
+
+fn config_listening(port: u16, listen: &str, options: &str) -> String {
     format!(
         r#"[redis]
 url = "redis://127.0.0.1:{port}/0"
@@ -93,7 +97,7 @@ claim_interval = "100ms"
 shutdown_timeout = "5s"
 
 [http]
-listen = ""
+listen = "{listen}"
 
 [telemetry]
 log_format = "json"
@@ -120,6 +124,18 @@ fn cli(args: &[&str], file: &Path) -> Output {
         .arg(file)
         .output()
         .unwrap()
+}
+
+/// `GET /metrics` from the daemon's listener.
+fn metrics(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
+        return String::new();
+    };
+    let _ = write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    let mut body = String::new();
+    let _ = stream.read_to_string(&mut body);
+    body
 }
 
 fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
@@ -191,10 +207,19 @@ fn run_converts_retries_and_dead_letters() {
     let mut con = server.con();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("convert.toml");
+    let http = format!(
+        "127.0.0.1:{}",
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    );
     std::fs::write(
         &file,
-        config(
+        config_listening(
             server.port,
+            &http,
             "output = \"{orders}:eur\"\ntotals = \"{orders}:totals\"\nrates = \"rates\"",
         ),
     )
@@ -277,6 +302,30 @@ fn run_converts_retries_and_dead_letters() {
             .contains("rates:GBP")
     );
     assert_eq!(never.get::<String>("dlq_deliveries").as_deref(), Some("3"));
+
+    // The group's metrics count the custom kind's outcomes like a built-in's (an entry
+    // whose effects append to a stream counts as forwarded).
+    let outcome = |text: &str, outcome: &str| {
+        text.lines().any(|l| {
+            l.starts_with("streamworker_entries_total{")
+                && l.contains("group=\"convert\"")
+                && l.contains(&format!("outcome=\"{outcome}\""))
+                && !l.ends_with(" 0")
+        })
+    };
+    let mut last = String::new();
+    let counted = |last: &mut String| {
+        *last = metrics(&http);
+        outcome(last, "forwarded") && outcome(last, "retried") && outcome(last, "dead_lettered")
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !counted(&mut last) {
+        assert!(
+            Instant::now() < deadline,
+            "the metrics do not count forwards, retries and dead letters: {last}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // Everything is settled: nothing pending, and SIGTERM ends the daemon cleanly.
     let pending: redis::streams::StreamPendingReply = con.xpending("{orders}", "convert").unwrap();
