@@ -2,7 +2,7 @@
 //! handler has aggregated, read from its aggregates in Redis, never by rereading the stream.
 //!
 //! One submodule per handler kind that keeps statistics, dispatched on the group's handler.
-//! To add a kind: a submodule with its `run`, an arm in [`run`] and its name in [`KINDS`];
+//! To add a kind: a submodule with its `run`, a branch in [`run`] and its name in [`KINDS`];
 //! [`minutes`] and [`read_hashes`] are there for any kind that keeps per-minute hashes.
 
 mod analytics;
