@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use redis::Commands;
 
 const BIN: &str = env!("CARGO_BIN_EXE_custom-handler");
+const NOTHING: &str = env!("CARGO_BIN_EXE_drain-nothing");
 
 struct Server {
     port: u16,
@@ -88,6 +89,10 @@ fn config(port: u16, options: &str) -> String {
 }
 
 fn config_listening(port: u16, listen: &str, options: &str) -> String {
+    config_for("convert", port, listen, options)
+}
+
+fn config_for(kind: &str, port: u16, listen: &str, options: &str) -> String {
     format!(
         r#"[redis]
 url = "redis://127.0.0.1:{port}/0"
@@ -104,7 +109,7 @@ log_format = "json"
 
 [groups.convert]
 stream = "{{orders}}"
-handler = "convert"
+handler = "{kind}"
 block = "200ms"
 handler_timeout = "1s"
 claim_idle = "2s"
@@ -335,4 +340,42 @@ fn run_converts_retries_and_dead_letters() {
         .status();
     let status = daemon.wait().unwrap();
     assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn a_registered_kind_gets_batches_and_ticks() {
+    let server = Server::start();
+    let mut con = server.con();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("nothing.toml");
+    std::fs::write(
+        &file,
+        config_for("nothing", server.port, "", "batch = 10\ntick_ms = 100"),
+    )
+    .unwrap();
+    for i in 0..50 {
+        let _: String = con.xadd("{orders}", "*", &[("n", i)]).unwrap();
+    }
+    let mut daemon = Command::new(NOTHING)
+        .args(["run", "-c"])
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("every entry is handled in batches", || {
+        let counts: std::collections::HashMap<String, u64> =
+            con.hgetall("{orders}:nothing").unwrap();
+        counts.get("entries") == Some(&50)
+    });
+    let counts: std::collections::HashMap<String, u64> = con.hgetall("{orders}:nothing").unwrap();
+    // 50 entries in batches of at most 10: at least 5 batches, and far fewer than 50.
+    assert!((5..50).contains(&counts["batches"]), "{counts:?}");
+    wait_until("the kind's tick ran", || {
+        con.exists::<_, bool>("{orders}:nothing:ticked").unwrap()
+    });
+    let _ = Command::new("kill")
+        .args(["-TERM", &daemon.id().to_string()])
+        .status();
+    assert_eq!(daemon.wait().unwrap().code(), Some(0));
 }
