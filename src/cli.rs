@@ -1184,11 +1184,17 @@ fn serve(
     let health = Health::new();
     runtime.block_on(async {
         if !config.http.listen.is_empty() {
+            let console = config
+                .http
+                .console
+                .then(|| streamworker::console::Console::new(&config))
+                .transpose()?;
             let addr = streamworker::http::serve(
                 &config.http.listen,
                 metrics.clone(),
                 health.clone(),
                 shutdown.clone(),
+                console,
             )
             .with_context(|| {
                 format!(
@@ -1197,6 +1203,13 @@ fn serve(
                 )
             })?;
             tracing::info!(address = %addr, "serving /metrics, /livez and /readyz");
+            if config.http.console {
+                tracing::info!(
+                    address = %addr,
+                    actions = config.http.console_token_file.is_some(),
+                    "serving the web console at /"
+                );
+            }
         }
         Ok(supervisor::run_groups(config, groups, shutdown, metrics, health).await)
     })

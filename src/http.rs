@@ -1,5 +1,6 @@
 //! The HTTP listener: `/metrics` (Prometheus/OpenMetrics text), `/livez` (every group has
-//! beaten recently) and `/readyz` (Redis answers, every group runs, not shutting down).
+//! beaten recently) and `/readyz` (Redis answers, every group runs, not shutting down);
+//! with `http.console = true`, the web console at `/` (`crate::console`).
 
 use std::net::SocketAddr;
 
@@ -9,6 +10,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 
+use crate::console::Console;
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
@@ -28,11 +30,12 @@ pub fn serve(
     metrics: Metrics,
     health: Health,
     shutdown: Shutdown,
+    console: Option<Console>,
 ) -> std::io::Result<SocketAddr> {
     let listener = std::net::TcpListener::bind(listen)?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
-    let app = Router::new()
+    let mut app = Router::new()
         .route("/metrics", get(metrics_text))
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
@@ -41,6 +44,9 @@ pub fn serve(
             health,
             shutdown,
         });
+    if let Some(console) = &console {
+        app = app.merge(console.clone().routes());
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -48,6 +54,9 @@ pub fn serve(
         .name("http".into())
         .spawn(move || {
             runtime.block_on(async move {
+                if let Some(console) = console {
+                    tokio::spawn(console.sample_forever());
+                }
                 let listener = match tokio::net::TcpListener::from_std(listener) {
                     Ok(l) => l,
                     Err(e) => {

@@ -59,6 +59,7 @@ pub mod circuit;
 mod cli;
 pub mod client;
 pub mod config;
+pub mod console;
 pub mod consumer;
 pub mod demo;
 pub mod health;
@@ -85,7 +86,7 @@ pub use app::App;
 pub use streamworker_handlers::{
     Batching, BuildError, Derived, Effect, Effects, Entry, EntryId, Handler, HandlerContext,
     HandlerError, HandlerKind, HandlerOptions, Limits, MemoryStore, Needs, OptionProblem, Origin,
-    Payload, PayloadFormat, ResultExt, Store, StoreError, StoreFuture,
+    Payload, PayloadFormat, ResultExt, Store, StoreCall, StoreError, StoreFuture,
 };
 
 // The command line (`cli.rs`) names the library by its crate name, as it did when it was

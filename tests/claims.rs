@@ -4,9 +4,11 @@
 //!
 //! A claim unit is one sentence of a paragraph or of a list item, outside fenced code
 //! blocks, tables and headings (the defaults tables are kept honest by
-//! `deploy::the_readme_defaults_tables_are_what_check_prints`). The units are computed from
-//! the text alone, so adding a sentence to the README without a row in the table fails here,
-//! with the row to add.
+//! `deploy::the_configuration_defaults_tables_are_what_check_prints`). The units are
+//! computed from the text alone, so adding a sentence to the README or a page under docs/
+//! without a row in the table fails here, with the row to add. `docs/SUMMARY.md`, the
+//! book's table of contents, holds links only; the links of every file are checked by
+//! `every_relative_link_in_the_docs_resolves`.
 //!
 //! A row names its unit by a short quote: a piece of the sentence (whitespace is
 //! normalised) that occurs in exactly one unit of its file. Quotes are stable under edits
@@ -59,17 +61,26 @@ fn table() -> Table {
         .unwrap_or_else(|e| panic!("{} does not parse: {e}", path.display()))
 }
 
-/// The documents whose claims the table covers: README.md and every docs/*.md.
-fn documents() -> Vec<String> {
-    let mut docs = vec!["README.md".to_owned()];
-    let mut more: Vec<String> = std::fs::read_dir(repo().join("docs"))
+/// Every docs/*.md, sorted, including `docs/SUMMARY.md`.
+fn docs_pages() -> Vec<String> {
+    let mut pages: Vec<String> = std::fs::read_dir(repo().join("docs"))
         .expect("docs/ exists")
         .map(|e| e.expect("directory entry").path())
         .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("md"))
         .map(|p| format!("docs/{}", p.file_name().unwrap().to_string_lossy()))
         .collect();
-    more.sort();
-    docs.extend(more);
+    pages.sort();
+    pages
+}
+
+/// The book's table of contents: links only, no prose (so not a document with claims).
+const SUMMARY: &str = "docs/SUMMARY.md";
+
+/// The documents whose claims the table covers: README.md and every docs/*.md page of the
+/// book (a new page is covered as soon as it exists).
+fn documents() -> Vec<String> {
+    let mut docs = vec!["README.md".to_owned()];
+    docs.extend(docs_pages().into_iter().filter(|p| p != SUMMARY));
     docs
 }
 
@@ -404,4 +415,188 @@ fn claim_units_are_sentences_of_prose_outside_code_and_tables() {
     );
     assert!(test_exists("claims::no_such_test").is_err());
     assert!(test_exists("it::delivery::no_such_test").is_err());
+}
+
+/// The targets of the inline Markdown links `[text](target)` of a text, outside fenced code
+/// blocks and code spans, with their line numbers.
+fn link_targets(markdown: &str) -> Vec<(usize, String)> {
+    let mut found = Vec::new();
+    let mut in_code = false;
+    for (n, line) in markdown.lines().enumerate() {
+        if line.trim_start().starts_with("```") {
+            in_code = !in_code;
+            continue;
+        }
+        if in_code {
+            continue;
+        }
+        let mut in_span = false;
+        let chars: Vec<char> = line.chars().collect();
+        let mut i = 0;
+        while i < chars.len() {
+            match chars[i] {
+                '`' => in_span = !in_span,
+                ']' if !in_span && chars.get(i + 1) == Some(&'(') => {
+                    if let Some(len) = chars[i + 2..].iter().position(|c| *c == ')') {
+                        let target: String = chars[i + 2..i + 2 + len].iter().collect();
+                        found.push((n + 1, target));
+                        i += 2 + len;
+                    }
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+    }
+    found
+}
+
+/// GitHub's (and mdBook's) id for a heading: lower case, punctuation other than `-` and `_`
+/// left out, spaces as `-`.
+fn heading_id(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter(|c| c.is_alphanumeric() || matches!(c, ' ' | '-' | '_'))
+        .map(|c| if c == ' ' { '-' } else { c })
+        .collect()
+}
+
+/// The heading ids of a Markdown text (outside fenced code).
+fn heading_ids(markdown: &str) -> Vec<String> {
+    let mut in_code = false;
+    let mut ids = Vec::new();
+    for line in markdown.lines() {
+        if line.trim_start().starts_with("```") {
+            in_code = !in_code;
+        } else if !in_code && line.starts_with('#') {
+            ids.push(heading_id(line.trim_start_matches('#')));
+        }
+    }
+    ids
+}
+
+/// Every relative link of README.md and docs/*.md (SUMMARY.md included) names a file or
+/// directory that exists, and an `#anchor` into a Markdown file names one of its headings;
+/// a page moved or renamed fails here with the link to fix.
+#[test]
+fn every_relative_link_in_the_docs_resolves() {
+    let mut files = vec!["README.md".to_owned()];
+    files.extend(docs_pages());
+    let mut problems = Vec::new();
+    let mut checked = 0;
+    for file in &files {
+        let path = repo().join(file);
+        let text = read(&path);
+        let dir = path.parent().unwrap();
+        for (line, target) in link_targets(&text) {
+            if target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            checked += 1;
+            let (target_path, anchor) = match target.split_once('#') {
+                Some((p, a)) => (p, Some(a)),
+                None => (target.as_str(), None),
+            };
+            let resolved = if target_path.is_empty() {
+                path.clone()
+            } else {
+                dir.join(target_path)
+            };
+            if !resolved.exists() {
+                problems.push(format!("{file}:{line}: ({target}) names no file"));
+                continue;
+            }
+            let is_markdown = resolved.extension().is_some_and(|e| e == "md");
+            if let Some(anchor) = anchor.filter(|_| is_markdown)
+                && !heading_ids(&read(&resolved)).iter().any(|id| id == anchor)
+            {
+                problems.push(format!(
+                    "{file}:{line}: ({target}) names no heading of {}",
+                    resolved.strip_prefix(repo()).unwrap_or(&resolved).display()
+                ));
+            }
+        }
+    }
+    assert!(
+        checked > 10,
+        "only {checked} relative links found: is the scan broken?"
+    );
+    assert!(
+        problems.is_empty(),
+        "broken links:\n{}",
+        problems.join("\n")
+    );
+}
+
+/// The book has every page: each docs/*.md but SUMMARY.md itself is linked from SUMMARY.md
+/// (mdBook leaves out, silently, a page its summary does not list).
+#[test]
+fn the_book_summary_lists_every_page_under_docs() {
+    let summary = read(&repo().join(SUMMARY));
+    let listed: Vec<String> = link_targets(&summary)
+        .into_iter()
+        .map(|(_, t)| format!("docs/{t}"))
+        .collect();
+    let missing: Vec<String> = docs_pages()
+        .into_iter()
+        .filter(|p| p != SUMMARY && !listed.contains(p))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{SUMMARY} does not list {missing:?}: add a `- [Title](<page>.md)` line for each"
+    );
+}
+
+/// The link scanner and heading ids the link test relies on.
+#[test]
+fn links_and_heading_ids_are_read_as_github_renders_them() {
+    let md = "See [a](a.md#the-b-c) and `[no](code.md)`.\n```\n[no](fenced.md)\n```\n[c](https://x.org/y)";
+    assert_eq!(
+        link_targets(md),
+        vec![
+            (1, "a.md#the-b-c".to_owned()),
+            (5, "https://x.org/y".to_owned())
+        ]
+    );
+    assert_eq!(heading_id(" The `b`, c!"), "the-b-c");
+    assert_eq!(
+        heading_id("Least-privilege ACL user"),
+        "least-privilege-acl-user"
+    );
+}
+
+/// README: "The pages under `docs/` are also a book: `mdbook build` (from the repository
+/// root) writes it to `target/book/`" — book.toml says so, the output stays out of git, and
+/// `scripts/test` builds it (so a page mdBook cannot render fails CI).
+#[test]
+fn the_book_is_built_from_docs_into_target_book_by_scripts_test() {
+    let book: toml::Table =
+        toml::from_str(&read(&repo().join("book.toml"))).expect("book.toml parses");
+    let at = |section: &str, key: &str| {
+        book.get(section)
+            .and_then(|s| s.get(key))
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    };
+    assert_eq!(at("book", "src").as_deref(), Some("docs"), "{book:?}");
+    assert_eq!(
+        at("build", "build-dir").as_deref(),
+        Some("target/book"),
+        "{book:?}"
+    );
+    assert!(
+        read(&repo().join(".gitignore"))
+            .lines()
+            .any(|l| l.trim() == "/target"),
+        "target/ (and with it the book) is git-ignored"
+    );
+    let script = read(&repo().join("scripts/test"));
+    assert!(
+        script
+            .lines()
+            .any(|l| l.trim_start().starts_with("mdbook build")),
+        "scripts/test runs `mdbook build`:\n{script}"
+    );
 }

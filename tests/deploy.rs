@@ -2,27 +2,25 @@
 //! container engine or a cluster: that the files parse, that they agree with each other and
 //! with the daemon (ports, paths, durations, group names, environment overrides), that the
 //! configurations they ship pass `streamworker check`, and that the image's HEALTHCHECK
-//! command tells a healthy daemon from an unhealthy one. Also that README's defaults tables
-//! are what `check` resolves for a minimal configuration.
+//! command tells a healthy daemon from an unhealthy one. Also that the defaults tables of
+//! docs/configuration.md are what `check` resolves for a minimal configuration, and that
+//! README's first configuration is valid as written.
+
+mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Component, Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use yaml_rust2::{Yaml, YamlLoader};
+use yaml_rust2::Yaml;
+
+use common::{
+    Daemon, Redis, daemon_env, free_port, promtool, read, repo, require_promtool, yaml_docs,
+};
 
 // ---- files ---------------------------------------------------------------------------------
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn read(relative: &str) -> String {
-    let path = repo().join(relative);
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
-}
 
 /// Every `.yml`/`.yaml` file below `dir`, sorted.
 fn yaml_files(dir: &Path) -> Vec<PathBuf> {
@@ -43,49 +41,6 @@ fn yaml_files(dir: &Path) -> Vec<PathBuf> {
     }
     found.sort();
     found
-}
-
-/// The documents of a YAML file (empty documents left out), merge keys (`<<: *anchor`)
-/// resolved as Compose resolves them.
-fn yaml_docs(path: &Path) -> Vec<Yaml> {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let docs = YamlLoader::load_from_str(&text)
-        .unwrap_or_else(|e| panic!("{} is not valid YAML: {e}", path.display()));
-    docs.into_iter()
-        .filter(|d| !d.is_null())
-        .map(resolve_merge_keys)
-        .collect()
-}
-
-fn resolve_merge_keys(y: Yaml) -> Yaml {
-    match y {
-        Yaml::Array(items) => Yaml::Array(items.into_iter().map(resolve_merge_keys).collect()),
-        Yaml::Hash(hash) => {
-            let merge_key = Yaml::String("<<".into());
-            let mut merged = yaml_rust2::yaml::Hash::new();
-            if let Some(base) = hash.get(&merge_key) {
-                let bases = match base {
-                    Yaml::Array(list) => list.clone(),
-                    other => vec![other.clone()],
-                };
-                for base in bases {
-                    let Yaml::Hash(base) = resolve_merge_keys(base) else {
-                        panic!("a merge key must name a mapping");
-                    };
-                    for (k, v) in base {
-                        merged.entry(k).or_insert(v);
-                    }
-                }
-            }
-            for (k, v) in hash {
-                if k != merge_key {
-                    merged.insert(k, resolve_merge_keys(v));
-                }
-            }
-            Yaml::Hash(merged)
-        }
-        other => other,
-    }
 }
 
 // ---- YAML access ---------------------------------------------------------------------------
@@ -881,23 +836,6 @@ fn assert_overrides_applied(what: &str, env: &BTreeMap<String, String>, resolved
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-/// Kills the daemon if a test fails while it runs.
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Runs the image's HEALTHCHECK command (its program is the image's binary, here the one
 /// cargo built) with exactly `env`; its exit code and stderr.
 fn run_healthcheck(command: &[String], env: &BTreeMap<String, String>) -> (Option<i32>, String) {
@@ -915,61 +853,6 @@ fn run_healthcheck(command: &[String], env: &BTreeMap<String, String>) -> (Optio
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-/// A throwaway `redis-server` on a free loopback port, without persistence.
-struct Redis {
-    child: Child,
-    port: u16,
-}
-
-impl Redis {
-    fn start(dir: &Path) -> Self {
-        let port = free_port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--dir"])
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start redis-server (is it installed?)");
-        let redis = Redis { child, port };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not listen on {port}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        redis
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Sends SIGTERM and waits (generously) for the exit status.
-fn terminate(daemon: &mut Daemon, logs: impl Fn() -> String) -> std::process::ExitStatus {
-    let pid = daemon.0.id() as libc::pid_t;
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(status) = daemon.0.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "SIGTERM did not stop streamworker:\n{}",
-            logs()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 // ---- the tests ------------------------------------------------------------------------------
@@ -1722,22 +1605,15 @@ fn the_healthcheck_exits_0_only_while_livez_answers_200_and_1_otherwise() {
     // The image's environment (STREAMWORKER_CONFIG) plus what points the compose
     // configuration at this test's ports; the HEALTHCHECK and the daemon share it, as they
     // share a container.
-    let env: BTreeMap<String, String> = [
-        ("STREAMWORKER_CONFIG", compose_file.display().to_string()),
-        (
-            "STREAMWORKER__HTTP__LISTEN",
-            format!("127.0.0.1:{http_port}"),
-        ),
-        (
-            "STREAMWORKER__REDIS__URL",
-            format!("redis://127.0.0.1:{}/0", free_port()),
-        ),
-        ("STREAMWORKER__REDIS__CONNECT_TIMEOUT", "200ms".into()),
-        ("STREAMWORKER__TELEMETRY__OTLP_ENDPOINT", String::new()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
+    let mut env = daemon_env(
+        &compose_file,
+        &format!("redis://127.0.0.1:{}/0", free_port()),
+        http_port,
+    );
+    env.insert(
+        "STREAMWORKER__REDIS__CONNECT_TIMEOUT".into(),
+        "200ms".into(),
+    );
     let ready: Vec<String> = command.iter().cloned().chain(["--ready".into()]).collect();
 
     // Nothing listening: unhealthy, exit 1 (Docker reserves 2), saying why.
@@ -1796,17 +1672,9 @@ fn the_healthcheck_exits_0_only_while_livez_answers_200_and_1_otherwise() {
     // The daemon, pointed at a Redis that is not there: it waits for Redis, alive
     // (/livez 200) but not ready (/readyz 503).
     let dir = tempfile::tempdir().unwrap();
-    let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_streamworker"))
-        .arg("run")
-        .env_clear()
-        .envs(&env)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start streamworker run");
-    let mut daemon = Daemon(child);
-    let logs = || std::fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default();
+    let mut run = Command::new(env!("CARGO_BIN_EXE_streamworker"));
+    run.arg("run").env_clear().envs(&env);
+    let mut daemon = Daemon::spawn(run, &dir.path().join("daemon.log"));
 
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -1815,16 +1683,16 @@ fn the_healthcheck_exits_0_only_while_livez_answers_200_and_1_otherwise() {
             break;
         }
         assert_eq!(code, Some(1), "{stderr}");
-        if let Some(status) = daemon.0.try_wait().unwrap() {
+        if let Some(status) = daemon.exited() {
             panic!(
                 "streamworker exited ({status}) before /livez answered:\n{}",
-                logs()
+                daemon.logs()
             );
         }
         assert!(
             Instant::now() < deadline,
             "the HEALTHCHECK never passed ({stderr}):\n{}",
-            logs()
+            daemon.logs()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -1849,8 +1717,13 @@ fn the_healthcheck_exits_0_only_while_livez_answers_200_and_1_otherwise() {
     );
 
     // SIGTERM, as `docker stop` sends it to the ENTRYPOINT: a clean exit; then unhealthy.
-    let status = terminate(&mut daemon, logs);
-    assert_eq!(status.code(), Some(0), "exit after SIGTERM:\n{}", logs());
+    let status = daemon.terminate();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit after SIGTERM:\n{}",
+        daemon.logs()
+    );
     assert_eq!(run_healthcheck(&command, &env).0, Some(1));
 }
 
@@ -1905,16 +1778,7 @@ fn base_images_are_pinned_and_the_runtime_stage_needs_no_shell() {
 fn the_compose_prometheus_configuration_passes_promtool() {
     // promtool ships with Debian's `prometheus` package (scripts/test installs it). Without
     // it this test fails: skipping would pass with the configuration unchecked.
-    let found = Command::new("promtool")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        found,
-        "`promtool check config` needs promtool, which is not on PATH: install it with \
-         `apt-get install prometheus` (Debian; scripts/test does this) or put the `promtool` \
-         of a Prometheus release (https://prometheus.io/download/) on PATH"
-    );
+    require_promtool("promtool check config");
     // The rule files are paths inside the Prometheus container: map them back through the
     // service's mounts, so promtool also checks that the mounted rules are the right file.
     let compose = Compose::load();
@@ -1940,17 +1804,7 @@ fn the_compose_prometheus_configuration_passes_promtool() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("prometheus.yml");
     std::fs::write(&file, text).unwrap();
-    let out = Command::new("promtool")
-        .args(["check", "config"])
-        .arg(&file)
-        .output()
-        .expect("run promtool");
-    assert!(
-        out.status.success(),
-        "promtool check config deploy/compose/prometheus.yml failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    promtool(&["check", "config", file.to_str().unwrap()]);
 }
 
 #[test]
@@ -2162,23 +2016,11 @@ fn every_shipped_configuration_runs_in_the_images_layout_as_its_user() {
             })
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        env.insert(
-            "STREAMWORKER_CONFIG".into(),
-            config_file.display().to_string(),
-        );
-        env.insert(
-            "STREAMWORKER__REDIS__URL".into(),
-            format!("redis://127.0.0.1:{}/{}", redis.port, n % 16),
-        );
-        let http_port = free_port();
-        env.insert(
-            "STREAMWORKER__HTTP__LISTEN".into(),
-            format!("127.0.0.1:{http_port}"),
-        );
-        env.insert(
-            "STREAMWORKER__TELEMETRY__OTLP_ENDPOINT".into(),
-            String::new(),
-        );
+        env.extend(daemon_env(
+            &config_file,
+            &redis.url(n as u32 % 16),
+            free_port(),
+        ));
 
         // `check`, as the image's user in the data directory.
         let mut check = Command::new(&binary);
@@ -2194,14 +2036,10 @@ fn every_shipped_configuration_runs_in_the_images_layout_as_its_user() {
         let writes = relative_write_paths(&resolved);
 
         // `run`, until every group runs (`healthcheck --ready`), then SIGTERM.
-        let log_path = scratch.path().join(format!("{what}.log"));
         let mut run = Command::new(&binary);
-        run.arg("run")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log_path).unwrap());
+        run.arg("run");
         as_user(&mut run, &data, &env);
-        let mut daemon = Daemon(run.spawn().expect("start streamworker run"));
-        let logs = || std::fs::read_to_string(&log_path).unwrap_or_default();
+        let mut daemon = Daemon::spawn(run, &scratch.path().join(format!("{what}.log")));
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let mut health = Command::new(&binary);
@@ -2211,17 +2049,17 @@ fn every_shipped_configuration_runs_in_the_images_layout_as_its_user() {
             if out.status.success() {
                 break;
             }
-            if let Some(status) = daemon.0.try_wait().unwrap() {
+            if let Some(status) = daemon.exited() {
                 panic!(
                     "{what}: streamworker exited ({status}) in the image's layout:\n{}",
-                    logs()
+                    daemon.logs()
                 );
             }
             assert!(
                 Instant::now() < deadline,
                 "{what}: never ready in the image's layout ({}):\n{}",
                 String::from_utf8_lossy(&out.stderr),
-                logs()
+                daemon.logs()
             );
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -2245,12 +2083,12 @@ fn every_shipped_configuration_runs_in_the_images_layout_as_its_user() {
             );
             wrote_files += 1;
         }
-        let status = terminate(&mut daemon, logs);
+        let status = daemon.terminate();
         assert_eq!(
             status.code(),
             Some(0),
             "{what}: exit after SIGTERM:\n{}",
-            logs()
+            daemon.logs()
         );
         if !writes.is_empty() {
             writers.push((source.clone(), writes));
@@ -2267,44 +2105,16 @@ fn every_shipped_configuration_runs_in_the_images_layout_as_its_user() {
         for (source, writes) in &writers {
             let what = source.file_name().unwrap().to_string_lossy().into_owned();
             std::fs::copy(source, &config_file).unwrap();
-            let mut env: BTreeMap<String, String> = BTreeMap::new();
-            env.insert(
-                "STREAMWORKER_CONFIG".into(),
-                config_file.display().to_string(),
-            );
-            env.insert(
-                "STREAMWORKER__REDIS__URL".into(),
-                format!("redis://127.0.0.1:{}/15", redis.port),
-            );
-            env.insert(
-                "STREAMWORKER__HTTP__LISTEN".into(),
-                format!("127.0.0.1:{}", free_port()),
-            );
-            env.insert(
-                "STREAMWORKER__TELEMETRY__OTLP_ENDPOINT".into(),
-                String::new(),
-            );
-            let log_path = scratch.path().join(format!("{what}.control.log"));
+            let env = daemon_env(&config_file, &redis.url(15), free_port());
             let mut run = Command::new(&binary);
-            run.arg("run")
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log_path).unwrap());
+            run.arg("run");
             as_user(&mut run, root, &env);
-            let mut child = Daemon(run.spawn().unwrap());
-            let logs = || std::fs::read_to_string(&log_path).unwrap_or_default();
-            let deadline = Instant::now() + Duration::from_secs(30);
-            let status = loop {
-                if let Some(status) = child.0.try_wait().unwrap() {
-                    break status;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "{what} keeps running in a working directory its user cannot write:\n{}",
-                    logs()
-                );
-                std::thread::sleep(Duration::from_millis(100));
-            };
-            let logs = logs();
+            let mut child = Daemon::spawn(run, &scratch.path().join(format!("{what}.control.log")));
+            let status = child.wait_exit(
+                Duration::from_secs(30),
+                &format!("{what} in a working directory its user cannot write"),
+            );
+            let logs = child.logs();
             assert!(!status.success(), "{what}: {status}\n{logs}");
             assert!(
                 writes
@@ -2316,7 +2126,7 @@ fn every_shipped_configuration_runs_in_the_images_layout_as_its_user() {
     }
 }
 
-// ---- README's defaults ----------------------------------------------------------------------
+// ---- docs/configuration.md's defaults ------------------------------------------------------
 
 /// The value at a dotted path of a TOML table (`groups.g1.block`).
 fn toml_at<'a>(t: &'a toml::Table, path: &[&str]) -> Option<&'a toml::Value> {
@@ -2328,7 +2138,7 @@ fn toml_at<'a>(t: &'a toml::Table, path: &[&str]) -> Option<&'a toml::Value> {
     table.get(*last)
 }
 
-/// A scalar as README writes it: strings bare, numbers and booleans as TOML prints them.
+/// A scalar as the docs write it: strings bare, numbers and booleans as TOML prints them.
 fn as_written(v: &toml::Value) -> String {
     match v {
         toml::Value::String(s) => s.clone(),
@@ -2336,12 +2146,12 @@ fn as_written(v: &toml::Value) -> String {
     }
 }
 
-/// README's tables of `[redis]`, `[worker]`, `[http]`/`[telemetry]`, `[groups.<name>]` and
+/// docs/configuration.md's tables of `[redis]`, `[worker]`, `[http]`/`[telemetry]`, `[groups.<name>]` and
 /// `[streams.<name>]` give, for each key, the default `check` resolves for a configuration
 /// that sets nothing but a group's stream and handler; and every key `check` prints there
 /// has a row.
 #[test]
-fn the_readme_defaults_tables_are_what_check_prints() {
+fn the_configuration_defaults_tables_are_what_check_prints() {
     let (stream, group) = ("orders", "g1");
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("minimal.toml");
@@ -2352,7 +2162,7 @@ fn the_readme_defaults_tables_are_what_check_prints() {
     .unwrap();
     let resolved = check_passes("a minimal configuration", &file, &BTreeMap::new());
 
-    let readme = read("README.md");
+    let readme = read("docs/configuration.md");
     // (table header, [(key, default)]) for every table whose second column is "default".
     let mut tables: Vec<(String, Vec<(String, String)>)> = Vec::new();
     let mut in_table = false;
@@ -2385,7 +2195,9 @@ fn the_readme_defaults_tables_are_what_check_prints() {
             "`[http]` / `[telemetry]`" => "",
             "`[groups.<name>]`" => "groups.g1",
             "`[streams.<name>]`" => "streams.orders",
-            other => panic!("README has a defaults table this test does not know: {other}"),
+            other => panic!(
+                "docs/configuration.md has a defaults table this test does not know: {other}"
+            ),
         };
         for (key, default) in rows {
             let path = if prefix.is_empty() {
@@ -2408,19 +2220,23 @@ fn the_readme_defaults_tables_are_what_check_prints() {
                 "required" => assert!(got.is_some(), "{path} is required yet not printed"),
                 "—" => assert!(
                     got.is_none(),
-                    "README: {path} has no default; check prints {got:?}"
+                    "docs/configuration.md: {path} has no default; check prints {got:?}"
                 ),
                 "{}" => assert!(
                     got.is_none_or(|v| v.as_table().is_some_and(|t| t.is_empty())),
-                    "README: {path} defaults to {{}}; check prints {got:?}"
+                    "docs/configuration.md: {path} defaults to {{}}; check prints {got:?}"
                 ),
                 inline if inline.starts_with("{ ") => {
                     let expected = parse_toml(
-                        &format!("README's default of {path}"),
+                        &format!("docs/configuration.md's default of {path}"),
                         &format!("v = {inline}"),
                     )["v"]
                         .clone();
-                    assert_eq!(got, Some(&expected), "README's default of {path}");
+                    assert_eq!(
+                        got,
+                        Some(&expected),
+                        "docs/configuration.md's default of {path}"
+                    );
                 }
                 scalar => {
                     let expected = scalar
@@ -2430,7 +2246,7 @@ fn the_readme_defaults_tables_are_what_check_prints() {
                     assert_eq!(
                         got.map(as_written),
                         Some(expected),
-                        "README's default of {path}"
+                        "docs/configuration.md's default of {path}"
                     );
                 }
             }
@@ -2449,12 +2265,58 @@ fn the_readme_defaults_tables_are_what_check_prints() {
             }
             assert!(
                 documented.contains(key),
-                "check prints {section}.{key}, which README's defaults table does not list"
+                "check prints {section}.{key}, which docs/configuration.md's defaults table does not list"
             );
         }
     }
     assert!(
         sections.len() >= 5,
-        "README's defaults tables were not found: {sections:?}"
+        "docs/configuration.md's defaults tables were not found: {sections:?}"
+    );
+}
+
+/// README's "A first configuration": the TOML block is valid as written, and `check` prints
+/// the two values README says it derives (the webhook's `timeout` from `handler_timeout`,
+/// the backoff's `max` from `claim_idle`) marked as derived.
+#[test]
+fn the_readme_first_configuration_passes_check_and_marks_what_it_derived() {
+    let readme = read("README.md");
+    let section = &readme[readme
+        .find("## A first configuration")
+        .expect("README has \"## A first configuration\"")..];
+    let start = section.find("```toml\n").expect("a TOML block") + "```toml\n".len();
+    let example = &section[start..start + section[start..].find("```").unwrap()];
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("streamworker.toml");
+    std::fs::write(&file, example).unwrap();
+    let out = check(&file, &BTreeMap::new());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "README's first configuration is refused:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let resolved = parse_toml("the configuration `check` prints", &stdout);
+    let group = |key: &str| toml_at(&resolved, &["groups", "orders", key]).map(as_written);
+    assert_eq!(group("stream").as_deref(), Some("orders"));
+    assert_eq!(group("handler").as_deref(), Some("webhook"));
+    assert_eq!(
+        toml_at(&resolved, &["groups", "orders", "options", "timeout"]).map(as_written),
+        Some("1s".to_owned()),
+        "the webhook's timeout is derived from handler_timeout:\n{stdout}"
+    );
+    for line in ["timeout = ", "max = "] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.trim_start().starts_with(line) && l.contains("# derived from")),
+            "`check` marks {line:?} as derived:\n{stdout}"
+        );
+    }
+    assert!(
+        !stdout
+            .lines()
+            .any(|l| l.trim_start().starts_with("claim_idle") && l.contains("derived")),
+        "a value README sets is not derived:\n{stdout}"
     );
 }

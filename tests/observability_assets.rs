@@ -9,12 +9,14 @@
 //! `promtool`, which must be on PATH (Debian: `apt-get install prometheus`; scripts/test
 //! installs it): without it those tests fail rather than pass unchecked.
 
+mod common;
+
 use std::collections::{BTreeSet, HashSet};
-use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use serde_json::Value;
-use yaml_rust2::{Yaml, YamlLoader};
+use yaml_rust2::Yaml;
+
+use common::{promtool, read, repo_path, require_promtool, yaml_docs};
 
 const DASHBOARD: &str = "deploy/grafana/streamworker-dashboard.json";
 const ALERTS: &str = "deploy/prometheus/alerts.yml";
@@ -75,15 +77,6 @@ const AGGREGATIONS: &[&str] = &[
     "topk",
     "quantile",
 ];
-
-fn repo_path(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
-}
-
-fn read(relative: &str) -> String {
-    let path = repo_path(relative);
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
-}
 
 // ------------------------------------------------------------------------------------------
 // A small PromQL scanner: enough to find metric names and what encloses them.
@@ -581,8 +574,7 @@ fn dashboard_shows_the_latency_quantiles() {
 // ------------------------------------------------------------------------------------------
 
 fn alert_rules() -> Vec<Yaml> {
-    let text = read(ALERTS);
-    let docs = YamlLoader::load_from_str(&text).unwrap_or_else(|e| panic!("{ALERTS}: {e}"));
+    let docs = yaml_docs(&repo_path(ALERTS));
     assert_eq!(docs.len(), 1, "{ALERTS} holds one YAML document");
     let groups = docs[0]["groups"]
         .as_vec()
@@ -779,41 +771,13 @@ fn alert_rules_query_exported_metrics_aggregated_the_right_way() {
 // promtool (Debian: `apt-get install prometheus`); a missing promtool fails these tests.
 // ------------------------------------------------------------------------------------------
 
-/// Fails the test unless promtool runs. A skipped check would pass silently on a machine
-/// without it, and that green would say nothing about the rules.
-fn require_promtool(check: &str) {
-    let found = Command::new("promtool")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        found,
-        "`{check}` needs promtool, which is not on PATH: install it with \
-         `apt-get install prometheus` (Debian; scripts/test does this) or put the `promtool` \
-         of a Prometheus release (https://prometheus.io/download/) on PATH"
-    );
-}
-
-fn promtool(args: &[&str]) {
-    let output = Command::new("promtool")
-        .args(args)
-        .output()
-        .expect("running promtool");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "promtool {} failed ({}):\n{stdout}\n{stderr}",
-        args.join(" "),
-        output.status
-    );
-    println!("{stdout}{stderr}");
-}
-
 #[test]
 fn promtool_checks_the_alert_rules() {
     require_promtool("promtool check rules");
-    promtool(&["check", "rules", repo_path(ALERTS).to_str().unwrap()]);
+    println!(
+        "{}",
+        promtool(&["check", "rules", repo_path(ALERTS).to_str().unwrap()])
+    );
 }
 
 #[test]
@@ -850,7 +814,7 @@ fn promtool_parses_every_dashboard_query() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dashboard-queries.yml");
     std::fs::write(&path, rules).unwrap();
-    promtool(&["check", "rules", path.to_str().unwrap()]);
+    println!("{}", promtool(&["check", "rules", path.to_str().unwrap()]));
 }
 
 /// Alert scenarios for `promtool test rules`: series as replicas export them, and the
@@ -1065,5 +1029,5 @@ fn promtool_alert_scenarios_fire_as_expected() {
         ),
     )
     .unwrap();
-    promtool(&["test", "rules", path.to_str().unwrap()]);
+    println!("{}", promtool(&["test", "rules", path.to_str().unwrap()]));
 }

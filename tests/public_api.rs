@@ -162,8 +162,8 @@ fn a_handler_needs_nothing_but_the_extension_api() {
         }
     }
 
-    let store = MemoryStore::new();
-    let context = HandlerContext::new("s", "g", Arc::new(store.clone()));
+    let store = Arc::new(MemoryStore::new());
+    let context = HandlerContext::new("s", "g", store.clone());
     let handler = Count::build(&Options { key: "k".into() }, &context).unwrap();
     let origin = Arc::new(Origin {
         stream: "s".into(),

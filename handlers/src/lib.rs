@@ -9,14 +9,15 @@
 
 pub mod alerts;
 pub mod analytics;
+mod batch_wait;
 mod builtins;
 pub mod duration;
 mod effect;
 mod entry;
 mod error;
 pub mod forward;
+mod jsonl;
 pub mod learning;
-mod memory;
 pub mod noop;
 pub mod redact;
 mod slot;
@@ -40,8 +41,7 @@ pub use spec::{
     Register,
 };
 
-pub use memory::MemoryStore;
-pub use store::{Store, StoreError, StoreFuture};
+pub use store::{MemoryStore, Store, StoreCall, StoreError, StoreFuture};
 
 /// The consumer that holds entries waiting out a retry backoff. Any replica's reclaim takes
 /// them from it once their idle time reaches `claim_idle`; this consumer's own re-reads

@@ -353,7 +353,7 @@ pub async fn replay(
     group: &GroupConfig,
     selection: &Selection,
     options: &ReplayOptions,
-    out: &mut dyn std::io::Write,
+    out: &mut (dyn std::io::Write + Send),
 ) -> Result<ReplayReport, ClientError> {
     let dlq = group.dead_letter_stream();
     let mut cursor = Cursor::new(selection, options.dry_run || options.error.is_some());

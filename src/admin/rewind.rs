@@ -54,7 +54,7 @@ pub enum RewindError {
     )]
     BadPosition(String),
     #[error(
-        "Redis's ACL does not let this user move a group ({0}); add +xgroup|setid to its rules (README.md, \"Least-privilege ACL user\")"
+        "Redis's ACL does not let this user move a group ({0}); add +xgroup|setid to its rules (docs/configuration.md, \"Least-privilege ACL user\")"
     )]
     NotAllowed(ClientError),
     #[error(transparent)]

@@ -154,18 +154,26 @@ impl WorkerConfig {
     }
 }
 
-/// `[http]`: the listener for `/metrics`, `/livez` and `/readyz`.
+/// `[http]`: the listener for `/metrics`, `/livez` and `/readyz`, and the web console.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     /// `host:port`; an empty string turns the listener off.
     pub listen: String,
+    /// Serve the web console at `/` (off by default: it shows entry fields).
+    pub console: bool,
+    /// A file holding the bearer token the console's actions (replay, purge, pause,
+    /// resume) require; without it the console is read-only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub console_token_file: Option<PathBuf>,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: "0.0.0.0:9464".into(),
+            console: false,
+            console_token_file: None,
         }
     }
 }

@@ -369,6 +369,32 @@ pub(super) fn validate(config: &Config) -> Vec<(String, String)> {
             ),
         );
     }
+    if config.http.console && listen.is_empty() {
+        problem(
+            "http.console".into(),
+            "= true but http.listen = \"\" turns the listener off: set http.listen, e.g. \"0.0.0.0:9464\", or leave the console off".into(),
+        );
+    }
+    if let Some(path) = &config.http.console_token_file {
+        // Read now, so a missing or empty token fails `check` and startup rather than
+        // every action an operator tries later.
+        match std::fs::read_to_string(path) {
+            Ok(token) if token.trim().is_empty() => problem(
+                "http.console_token_file".into(),
+                format!(
+                    "= {path:?} is empty: write a long random token in it (e.g. `openssl rand -hex 32 > {}`), or leave the key out for a read-only console",
+                    path.display()
+                ),
+            ),
+            Ok(_) => {}
+            Err(e) => problem(
+                "http.console_token_file".into(),
+                format!(
+                    "= {path:?} cannot be read ({e}): create it with a long random token (e.g. `openssl rand -hex 32`), or leave the key out for a read-only console"
+                ),
+            ),
+        }
+    }
     let otlp = &config.telemetry.otlp_endpoint;
     if !(otlp.is_empty() || otlp.starts_with("http://") || otlp.starts_with("https://")) {
         problem(
@@ -974,5 +1000,59 @@ mod tests {
         }
         let dlq = crate::config::default_dead_letter_stream("{orders}:events", "billing");
         assert_eq!(dlq, "{orders}:dlq:billing");
+    }
+
+    #[test]
+    fn the_console_token_file_must_exist_and_hold_a_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let group = "[groups.g]\nstream = \"s\"\nhandler = \"noop\"\n";
+        let with = |http: &str| load(&format!("[http]\n{http}\n{group}"));
+        let c = with("").unwrap();
+        assert!(!c.http.console, "off by default");
+        assert_eq!(c.http.console_token_file, None);
+
+        let missing = dir.path().join("missing");
+        let e = with(&format!(
+            "console = true\nconsole_token_file = {:?}",
+            missing.display().to_string()
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("http.console_token_file") && e.contains("cannot be read"),
+            "{e}"
+        );
+
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        let e = with(&format!(
+            "console = true\nconsole_token_file = {:?}",
+            empty.display().to_string()
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("http.console_token_file") && e.contains("is empty"),
+            "{e}"
+        );
+
+        let token = dir.path().join("token");
+        std::fs::write(&token, "s3cret\n").unwrap();
+        let c = with(&format!(
+            "console = true\nconsole_token_file = {:?}",
+            token.display().to_string()
+        ))
+        .unwrap();
+        assert!(c.http.console);
+        // check shows both keys (the path, never the token).
+        let shown = c.to_redacted_toml();
+        assert!(shown.contains("console = true"), "{shown}");
+        assert!(shown.contains("console_token_file"), "{shown}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+
+        let e = with("listen = \"\"\nconsole = true")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("http.console"), "{e}");
     }
 }

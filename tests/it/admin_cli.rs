@@ -6,12 +6,6 @@ use std::time::{Duration, Instant};
 
 use crate::support::*;
 
-fn write_config(dir: &tempfile::TempDir, text: &str) -> String {
-    let path = dir.path().join("streamworker.toml");
-    std::fs::write(&path, text).unwrap();
-    path.display().to_string()
-}
-
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}):\n{text}"))
 }
@@ -49,25 +43,9 @@ fn pending_shows_owner_idle_deliveries_and_when_a_parked_retry_is_due() {
             .map(|i| vec![("n", i.to_string())])
             .collect::<Vec<_>>(),
     );
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg("orders")
-        .arg("billing")
-        .arg("0")
-        .query(&mut con)
-        .unwrap();
+    create_group(&mut con, "orders", "billing", "0");
     for (consumer, count) in [("pod-a", 2), ("pod-b", 1)] {
-        let _: redis::Value = redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg("billing")
-            .arg(consumer)
-            .arg("COUNT")
-            .arg(count)
-            .arg("STREAMS")
-            .arg("orders")
-            .arg(">")
-            .query(&mut con)
-            .unwrap();
+        read_as(&mut con, "orders", "billing", consumer, count);
     }
     let _: redis::Value = redis::cmd("XCLAIM")
         .arg("orders")
@@ -512,13 +490,7 @@ fn pending_and_rewind_work_for_the_documented_acl_user() {
             .map(|i| vec![("n", i.to_string())])
             .collect::<Vec<_>>(),
     );
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg("orders")
-        .arg("billing")
-        .arg("$")
-        .query(&mut con)
-        .unwrap();
+    create_group(&mut con, "orders", "billing", "$");
     let dir = tempfile::tempdir().unwrap();
     let url = format!("redis://streamworker:acl-pw@127.0.0.1:{}/0", redis.port);
     let path = write_config(&dir, &config(&url, "r1", BILLING));

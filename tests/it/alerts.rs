@@ -304,14 +304,7 @@ fn a_lag_rule_fires_for_a_group_with_a_backlog() {
     let redis = RedisServer::start();
     let mut con = redis.connection();
     // Another application's group that reads nothing.
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg("user_logs")
-        .arg("analytics")
-        .arg("$")
-        .arg("MKSTREAM")
-        .query(&mut con)
-        .unwrap();
+    create_group(&mut con, "user_logs", "analytics", "$");
     let _daemon = Daemon::start(&config(
         &redis.url(),
         "r1",
@@ -360,17 +353,7 @@ threshold = 1000
     );
 
     // The analytics group catches up: resolved.
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg("analytics")
-        .arg("c1")
-        .arg("COUNT")
-        .arg(100)
-        .arg("STREAMS")
-        .arg("user_logs")
-        .arg(">")
-        .query(&mut con)
-        .unwrap();
+    read_as(&mut con, "user_logs", "analytics", "c1", 100);
     wait_until(Duration::from_secs(8), "the resolution", || {
         transitions(&mut con).len() == 2
     });
@@ -387,26 +370,9 @@ fn a_consumers_rule_fires_when_a_group_has_no_active_reader() {
     let redis = RedisServer::start();
     let mut con = redis.connection();
     let read_as = |con: &mut redis::Connection, consumer: &str| {
-        let _: redis::Value = redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg("learning")
-            .arg(consumer)
-            .arg("COUNT")
-            .arg(10)
-            .arg("STREAMS")
-            .arg("user:feedback")
-            .arg(">")
-            .query(con)
-            .unwrap();
+        read_as(con, "user:feedback", "learning", consumer, 10);
     };
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg("user:feedback")
-        .arg("learning")
-        .arg("$")
-        .arg("MKSTREAM")
-        .query(&mut con)
-        .unwrap();
+    create_group(&mut con, "user:feedback", "learning", "$");
     let feedback = || vec![vec![("rating", "4".to_owned())]];
     // Redis creates (and refreshes) a consumer only when a read hands it entries.
     produce(&mut con, "user:feedback", &feedback());
@@ -680,7 +646,7 @@ kind = "ratio"
 
 #[test]
 fn the_readme_example_is_valid() {
-    let readme = include_str!("../../README.md");
+    let readme = include_str!("../../docs/handlers.md");
     let section = &readme[readme.find("### alerts").expect("an alerts section")..];
     let start = section.find("```toml\n").expect("a TOML example") + "```toml\n".len();
     let example = &section[start..start + section[start..].find("```").unwrap()];

@@ -139,12 +139,6 @@ fn exact_quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[rank - 1]
 }
 
-fn write_config(dir: &tempfile::TempDir, text: &str) -> String {
-    let path = dir.path().join("stats.toml");
-    std::fs::write(&path, text).unwrap();
-    path.display().to_string()
-}
-
 fn stats_json(config_path: &str, group: &str, since: &str) -> Value {
     let (code, stdout, stderr) = run_cli(
         &[

@@ -2,16 +2,10 @@
 
 use crate::support::*;
 
-fn write(dir: &tempfile::TempDir, text: &str) -> String {
-    let path = dir.path().join("streamworker.toml");
-    std::fs::write(&path, text).unwrap();
-    path.display().to_string()
-}
-
 #[test]
 fn bad_configurations_report_every_problem_at_once_and_exit_2() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write(
+    let path = write_config(
         &dir,
         r#"
 [redis]
@@ -65,7 +59,7 @@ claim_idle = "10s"
 #[test]
 fn check_keeps_each_groups_keys_in_one_cluster_slot() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write(
+    let path = write_config(
         &dir,
         r#"
 [redis]
@@ -98,7 +92,7 @@ handler = "noop"
     assert!(!stderr.contains("groups.tagged"), "{stderr}");
 
     // With the target in the source's slot, and a stream every key can follow, it passes.
-    let path = write(
+    let path = write_config(
         &dir,
         r#"
 [redis]
@@ -126,7 +120,7 @@ handler = "noop"
 #[test]
 fn check_prints_the_resolved_configuration_with_secrets_redacted() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write(
+    let path = write_config(
         &dir,
         r#"
 [redis]

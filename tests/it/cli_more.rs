@@ -8,12 +8,6 @@ use std::time::{Duration, Instant};
 
 use crate::support::*;
 
-fn write(dir: &tempfile::TempDir, text: &str) -> String {
-    let path = dir.path().join("streamworker.toml");
-    std::fs::write(&path, text).unwrap();
-    path.display().to_string()
-}
-
 /// The subcommands `--help` lists (of the top level, or of `parent`), without `help`:
 /// read from the binary, so a command added later is covered too.
 fn subcommands(parent: &[&str]) -> Vec<String> {
@@ -165,7 +159,7 @@ fn the_man_page_is_roff_with_a_section_and_examples_per_subcommand() {
 fn check_and_produce_print_json_with_json() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let path = write(
+    let path = write_config(
         &dir,
         &config(
             &redis.url().replace("redis://", "redis://:hunter2@"),
@@ -243,14 +237,7 @@ fn wait_for_exit(child: &mut std::process::Child, timeout: Duration) -> Option<i
 fn status_watch_json_prints_a_document_per_interval_until_ctrl_c() {
     let redis = RedisServer::start();
     let mut con = redis.connection();
-    redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg("orders")
-        .arg("billing")
-        .arg("0")
-        .arg("MKSTREAM")
-        .query::<()>(&mut con)
-        .unwrap();
+    create_group(&mut con, "orders", "billing", "0");
     produce(
         &mut con,
         "orders",
@@ -259,7 +246,7 @@ fn status_watch_json_prints_a_document_per_interval_until_ctrl_c() {
             .collect::<Vec<_>>(),
     );
     let dir = tempfile::tempdir().unwrap();
-    let path = write(
+    let path = write_config(
         &dir,
         &config(
             &redis.url(),
@@ -336,7 +323,7 @@ fn status_watch_json_prints_a_document_per_interval_until_ctrl_c() {
 fn status_watch_keeps_going_while_redis_is_down() {
     let mut redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let path = write(
+    let path = write_config(
         &dir,
         &config(
             &redis.url(),
@@ -416,7 +403,7 @@ fn status_watch_keeps_going_while_redis_is_down() {
 fn status_watch_prints_frames_off_a_terminal_and_stops_on_sigterm() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let path = write(
+    let path = write_config(
         &dir,
         &config(
             &redis.url(),

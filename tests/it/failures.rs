@@ -240,14 +240,7 @@ fn replicas_reclaiming_the_same_idle_entries_never_run_one_delivery_twice() {
     // Handlers run just under handler_timeout (1.5 s); claim_idle is 2 s.
     let hook = WebhookServer::start_with(|_| (200, Duration::from_millis(1400)));
     let mut con = redis.connection();
-    redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg("orders")
-        .arg("billing")
-        .arg("0")
-        .arg("MKSTREAM")
-        .query::<()>(&mut con)
-        .unwrap();
+    create_group(&mut con, "orders", "billing", "0");
     let ids = produce(
         &mut con,
         "orders",
@@ -256,17 +249,7 @@ fn replicas_reclaiming_the_same_idle_entries_never_run_one_delivery_twice() {
             .collect::<Vec<_>>(),
     );
     // A consumer that died holding every entry.
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg("billing")
-        .arg("ghost")
-        .arg("COUNT")
-        .arg(100)
-        .arg("STREAMS")
-        .arg("orders")
-        .arg(">")
-        .query(&mut con)
-        .unwrap();
+    read_as(&mut con, "orders", "billing", "ghost", 100);
     let g = r#"
 [groups.billing]
 stream = "orders"

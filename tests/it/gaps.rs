@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use crate::support::*;
 
-fn readme() -> String {
-    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README.md")
+/// A page of the documentation (`README.md`, `docs/handlers.md`, …).
+fn doc(path: &str) -> String {
+    std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path))
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
 /// Fields as (name, value) strings, in order.
@@ -51,6 +53,23 @@ claim_idle = "2s"
 consumer_ttl = "1m"
 retry_backoff = { initial = "100ms", max = "1s" }"#;
 
+/// The `billing` group on `orders`, calling the webhook at `url` with `timeout`, with the
+/// FAST timings and `extra` group keys (one per line).
+fn billing(url: String, timeout: &str, extra: &str) -> String {
+    format!(
+        r#"
+[groups.billing]
+stream = "orders"
+handler = "webhook"
+{extra}
+{FAST}
+[groups.billing.options]
+url = "{url}"
+timeout = "{timeout}"
+"#
+    )
+}
+
 // ---------------------------------------------------------------------------------------
 // Refused dead letters
 
@@ -70,18 +89,7 @@ fn a_dead_letter_redis_refuses_leaves_the_entry_pending_counted_and_logged() {
         .unwrap();
     // Every call is a permanent failure: each delivery goes straight to the dead letter.
     let hook = WebhookServer::start_with(|_| (400, Duration::ZERO));
-    let group = format!(
-        r#"
-[groups.billing]
-stream = "orders"
-handler = "webhook"
-{FAST}
-[groups.billing.options]
-url = "{}"
-timeout = "1s"
-"#,
-        hook.url("r1")
-    );
+    let group = billing(hook.url("r1"), "1s", "");
     let (cfg, http) = config_with_http(&redis.url(), "r1", &group);
     let daemon = Daemon::start(&cfg);
     let ids = produce(&mut con, "orders", &[vec![("n", "1".into())]]);
@@ -153,7 +161,7 @@ timeout = "1s"
 fn block_after<'a>(text: &'a str, marker: &str) -> &'a str {
     let rest = &text[text
         .find(marker)
-        .unwrap_or_else(|| panic!("README has {marker:?}"))..];
+        .unwrap_or_else(|| panic!("the page has {marker:?}"))..];
     let start = rest.find("```").expect("a code block") + 3;
     let rest = &rest[start..];
     let rest = &rest[rest.find('\n').unwrap() + 1..];
@@ -177,8 +185,10 @@ fn shown_fields(block: &str) -> Vec<(String, String)> {
 /// `1733047201000-0`) into exactly the fields shown, in that order.
 #[test]
 fn the_readme_forward_example_is_what_the_daemon_writes() {
-    let text = readme();
-    let section = &text[text.find("### forward").expect("README has ### forward")..];
+    let text = doc("docs/handlers.md");
+    let section = &text[text
+        .find("### forward")
+        .expect("docs/handlers.md has ### forward")..];
     let toml_block = block_after(section, "```toml");
     assert!(toml_block.contains("[groups.normalize]"), "{toml_block}");
     let input = shown_fields(block_after(section, "\nturns"));
@@ -645,18 +655,7 @@ fn a_daemon_started_before_its_redis_waits_and_then_handles_entries() {
     let port = free_port();
     let url = format!("redis://127.0.0.1:{port}/0");
     let hook = WebhookServer::start_with(|_| (200, Duration::ZERO));
-    let group = format!(
-        r#"
-[groups.billing]
-stream = "orders"
-handler = "webhook"
-{FAST}
-[groups.billing.options]
-url = "{}"
-timeout = "500ms"
-"#,
-        hook.url("r1")
-    );
+    let group = billing(hook.url("r1"), "500ms", "");
     let mut daemon = Daemon::start(&config(&url, "r1", &group));
     // It has tried and failed to connect at least twice, and is still running.
     wait_until(
@@ -714,19 +713,7 @@ fn a_busy_replica_runs_at_most_concurrency_calls_and_leaves_the_rest_as_lag() {
     let redis = RedisServer::start();
     let mut con = redis.connection();
     let hook = WebhookServer::start_with(|_| (200, Duration::from_millis(300)));
-    let group = format!(
-        r#"
-[groups.billing]
-stream = "orders"
-handler = "webhook"
-concurrency = 3
-{FAST}
-[groups.billing.options]
-url = "{}"
-timeout = "900ms"
-"#,
-        hook.url("r1")
-    );
+    let group = billing(hook.url("r1"), "900ms", "concurrency = 3");
     let _daemon = Daemon::start(&config(&redis.url(), "r1", &group));
     wait_until(Duration::from_secs(10), "the group created", || {
         group_info(&mut con, "orders", "billing").is_some()
@@ -986,10 +973,10 @@ fn increments(con: &mut redis::Connection) -> u64 {
 /// present)."
 #[test]
 fn an_analytics_entry_costs_the_documented_number_of_writes() {
-    let text = readme();
+    let text = doc("docs/handlers.md");
     let section = &text[text
         .find("### analytics")
-        .expect("README has ### analytics")..];
+        .expect("docs/handlers.md has ### analytics")..];
     let example = block_after(section, "```toml");
     assert!(example.contains("[groups.llm-usage]"), "{example}");
     let redis = RedisServer::start();
@@ -1272,14 +1259,7 @@ fn a_replayed_dead_letter_counts_at_its_original_time() {
 fn lag_and_consumers_rules_on_a_group_that_vanished_change_nothing() {
     let redis = RedisServer::start();
     let mut con = redis.connection();
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg("jobs")
-        .arg("other")
-        .arg("0")
-        .arg("MKSTREAM")
-        .query(&mut con)
-        .unwrap();
+    create_group(&mut con, "jobs", "other", "0");
     produce(
         &mut con,
         "jobs",
@@ -1364,29 +1344,12 @@ fn rewinding_to_a_later_position_skips_the_entries_in_between_and_says_so() {
             .collect::<Vec<_>>(),
     );
     // The group exists and has delivered nothing yet.
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg("orders")
-        .arg("billing")
-        .arg("0")
-        .query(&mut con)
-        .unwrap();
+    create_group(&mut con, "orders", "billing", "0");
     let hook = WebhookServer::start();
     let cfg = config(
         &redis.url(),
         "r1",
-        &format!(
-            r#"
-[groups.billing]
-stream = "orders"
-handler = "webhook"
-{FAST}
-[groups.billing.options]
-url = "{}"
-timeout = "500ms"
-"#,
-            hook.url("billing")
-        ),
+        &billing(hook.url("billing"), "500ms", ""),
     );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("streamworker.toml");
@@ -1833,10 +1796,10 @@ fn config_user_activity_writes_every_key_check_prints_with_its_value() {
 fn a_warehouse_that_cannot_set_its_marker_does_not_write_the_line_again() {
     let redis = RedisServer::start();
     let mut con = redis.connection();
-    let commands = readme()
+    let commands = doc("docs/configuration.md")
         .lines()
         .find_map(|l| l.strip_prefix("user streamworker on >PASSWORD "))
-        .expect("README's ACL line")
+        .expect("docs/configuration.md's ACL line")
         .split(' ')
         .filter(|r| r.starts_with('+') || r.starts_with('-') || r.starts_with('&'))
         .collect::<Vec<_>>()

@@ -222,27 +222,12 @@ fn huge_entries_left_pending_by_a_dead_replica_are_reclaimed_and_acknowledged() 
     let redis = RedisServer::start();
     let mut con = redis.connection();
     let originals = huge_entries();
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(STREAM)
-        .arg("count")
-        .arg("0")
-        .arg("MKSTREAM")
-        .query(&mut con)
-        .unwrap();
+    create_group(&mut con, STREAM, "count", "0");
     for fields in &originals {
         add(&mut con, STREAM, fields);
     }
     // A replica that read them and died.
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg("count")
-        .arg("gone")
-        .arg("STREAMS")
-        .arg(STREAM)
-        .arg(">")
-        .query(&mut con)
-        .unwrap();
+    read_as(&mut con, STREAM, "count", "gone", usize::MAX);
     assert_eq!(pending_of(&mut con, STREAM, "count", "gone"), 2);
     let groups = format!(
         r#"

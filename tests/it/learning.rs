@@ -475,21 +475,21 @@ fn shell_words(line: &str) -> Vec<String> {
     words
 }
 
-/// README's learning example runs as shown: its two XADDs, fed to the daemon, give the
-/// HGETALL reply and the dataset line (prompt_id included) the README prints, except for
+/// docs/handlers.md's learning example runs as shown: its two XADDs, fed to the daemon, give the
+/// HGETALL reply and the dataset line (prompt_id included) docs/handlers.md prints, except for
 /// the entry's id and time.
 #[test]
 fn the_readme_example_is_what_the_daemon_writes() {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
-        .expect("README.md");
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/handlers.md"))
+        .expect("docs/handlers.md");
     let section = &readme[readme
         .find("### learning")
-        .expect("README has ### learning")..];
+        .expect("docs/handlers.md has ### learning")..];
     let block = section
         .split("```console\n")
         .nth(1)
         .and_then(|b| b.split("```").next())
-        .expect("a console block in README's learning section");
+        .expect("a console block in docs/handlers.md's learning section");
     // Commands, their continuation lines joined, each with the output lines after it.
     let mut commands: Vec<(String, Vec<&str>)> = Vec::new();
     let mut continued = false;
@@ -521,7 +521,7 @@ fn the_readme_example_is_what_the_daemon_writes() {
     ));
     let mut con = redis.connection();
     let adds = command("redis-cli XADD ");
-    assert_eq!(adds.len(), 2, "README's two XADDs: {commands:?}");
+    assert_eq!(adds.len(), 2, "docs/handlers.md's two XADDs: {commands:?}");
     let mut ids = Vec::new();
     for (cmd, _) in adds {
         let words = shell_words(cmd);
@@ -537,7 +537,7 @@ fn the_readme_example_is_what_the_daemon_writes() {
     });
 
     let hgetall_cmd = command("redis-cli HGETALL ");
-    let (cmd, output) = hgetall_cmd.first().expect("README's HGETALL");
+    let (cmd, output) = hgetall_cmd.first().expect("docs/handlers.md's HGETALL");
     let words = shell_words(cmd);
     let reply = output.concat();
     let printed: Vec<&str> = reply.split('"').skip(1).step_by(2).collect::<Vec<_>>();
@@ -548,23 +548,31 @@ fn the_readme_example_is_what_the_daemon_writes() {
     assert_eq!(
         hgetall(&mut con, &words[2]),
         printed,
-        "README's HGETALL {} reply",
+        "docs/handlers.md's HGETALL {} reply",
         words[2]
     );
 
     let tail = command("tail -1 ");
-    let (_, output) = tail.first().expect("README's tail -1 of the dataset");
+    let (_, output) = tail
+        .first()
+        .expect("docs/handlers.md's tail -1 of the dataset");
     let mut shown: serde_json::Value =
-        serde_json::from_str(output[0]).expect("README's dataset line is JSON");
+        serde_json::from_str(output[0]).expect("docs/handlers.md's dataset line is JSON");
     let mut lines = dataset(data.path());
     lines.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
     let mut written = lines.pop().expect("a dataset line");
     assert_eq!(written["id"], ids[1].as_str());
-    // The id and time are the entry's own; everything else must read as in README.
+    // The id and time are the entry's own; everything else must read as in docs/handlers.md.
     for field in ["id", "idempotency_id", "time"] {
-        assert!(shown.get(field).is_some(), "README's line has {field}");
+        assert!(
+            shown.get(field).is_some(),
+            "docs/handlers.md's line has {field}"
+        );
         shown[field] = serde_json::Value::Null;
         written[field] = serde_json::Value::Null;
     }
-    assert_eq!(written, shown, "README's dataset line (prompt_id included)");
+    assert_eq!(
+        written, shown,
+        "docs/handlers.md's dataset line (prompt_id included)"
+    );
 }

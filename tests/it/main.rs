@@ -1,6 +1,9 @@
 //! Integration tests: the built binary against real `redis-server` processes started on
 //! free ports. One test binary, modules by area, a `support` helper.
 
+// What every test binary shares (free ports, files, processes); `support` builds on it.
+#[path = "../common/mod.rs"]
+mod common;
 mod support;
 
 mod admin_cli;
@@ -9,6 +12,7 @@ mod analytics;
 mod chaos;
 mod cli;
 mod cli_more;
+mod console;
 mod defaults;
 mod delivery;
 mod demo;

@@ -5,12 +5,6 @@ use std::time::Duration;
 
 use crate::support::*;
 
-fn write_config(dir: &tempfile::TempDir, text: &str) -> String {
-    let path = dir.path().join("streamworker.toml");
-    std::fs::write(&path, text).unwrap();
-    path.display().to_string()
-}
-
 fn xadd(con: &mut redis::Connection, stream: &str, fields: &[(&[u8], &[u8])]) -> String {
     let mut cmd = redis::cmd("XADD");
     cmd.arg(stream).arg("*");
@@ -212,14 +206,7 @@ fn retention_trims_only_what_every_group_acknowledged_or_never_needs() {
     let redis = RedisServer::start();
     let mut con = redis.connection();
     let hook = WebhookServer::start();
-    redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg("events")
-        .arg("outsider")
-        .arg("0")
-        .arg("MKSTREAM")
-        .query::<()>(&mut con)
-        .unwrap();
+    create_group(&mut con, "events", "outsider", "0");
     let ids = produce(
         &mut con,
         "events",
@@ -228,31 +215,10 @@ fn retention_trims_only_what_every_group_acknowledged_or_never_needs() {
             .collect::<Vec<_>>(),
     );
     // A group streamworker does not run: read 30, acknowledged the first 20.
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg("outsider")
-        .arg("x")
-        .arg("COUNT")
-        .arg(30)
-        .arg("STREAMS")
-        .arg("events")
-        .arg(">")
-        .query(&mut con)
-        .unwrap();
-    let _: u64 = redis::cmd("XACK")
-        .arg("events")
-        .arg("outsider")
-        .arg(&ids[..20])
-        .query(&mut con)
-        .unwrap();
+    read_as(&mut con, "events", "outsider", "x", 30);
+    ack(&mut con, "events", "outsider", &ids[..20]);
     // Another created later, at entry 50: entries after it are undelivered for it.
-    redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg("events")
-        .arg("late")
-        .arg(&ids[49])
-        .query::<()>(&mut con)
-        .unwrap();
+    create_group(&mut con, "events", "late", &ids[49]);
 
     let groups = format!(
         r#"
@@ -303,52 +269,17 @@ url = "{}"
     );
 
     // outsider catches up; late still has 51–100 undelivered.
-    let _: u64 = redis::cmd("XACK")
-        .arg("events")
-        .arg("outsider")
-        .arg(&ids[20..30])
-        .query(&mut con)
-        .unwrap();
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg("outsider")
-        .arg("x")
-        .arg("COUNT")
-        .arg(100)
-        .arg("STREAMS")
-        .arg("events")
-        .arg(">")
-        .query(&mut con)
-        .unwrap();
-    let _: u64 = redis::cmd("XACK")
-        .arg("events")
-        .arg("outsider")
-        .arg(&ids[30..])
-        .query(&mut con)
-        .unwrap();
+    ack(&mut con, "events", "outsider", &ids[20..30]);
+    read_as(&mut con, "events", "outsider", "x", 100);
+    ack(&mut con, "events", "outsider", &ids[30..]);
     wait_until(Duration::from_secs(20), "the second trim", || {
         xlen(&mut con) == 50
     });
     assert_eq!(entries(&mut con, "events")[0].0, ids[50]);
 
     // late reads and acknowledges everything: down to max_len.
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg("late")
-        .arg("y")
-        .arg("COUNT")
-        .arg(100)
-        .arg("STREAMS")
-        .arg("events")
-        .arg(">")
-        .query(&mut con)
-        .unwrap();
-    let _: u64 = redis::cmd("XACK")
-        .arg("events")
-        .arg("late")
-        .arg(&ids[50..])
-        .query(&mut con)
-        .unwrap();
+    read_as(&mut con, "events", "late", "y", 100);
+    ack(&mut con, "events", "late", &ids[50..]);
     wait_until(Duration::from_secs(20), "the last trim", || {
         xlen(&mut con) == 10
     });
@@ -359,14 +290,7 @@ url = "{}"
 fn status_reports_what_the_test_set_up() {
     let redis = RedisServer::start();
     let mut con = redis.connection();
-    redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg("user_logs")
-        .arg("analytics")
-        .arg("0")
-        .arg("MKSTREAM")
-        .query::<()>(&mut con)
-        .unwrap();
+    create_group(&mut con, "user_logs", "analytics", "0");
     produce(
         &mut con,
         "user_logs",
@@ -374,17 +298,7 @@ fn status_reports_what_the_test_set_up() {
             .map(|i| vec![("user_id", i.to_string())])
             .collect::<Vec<_>>(),
     );
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg("analytics")
-        .arg("worker-1")
-        .arg("COUNT")
-        .arg(5)
-        .arg("STREAMS")
-        .arg("user_logs")
-        .arg(">")
-        .query(&mut con)
-        .unwrap();
+    read_as(&mut con, "user_logs", "analytics", "worker-1", 5);
     produce(
         &mut con,
         "{user_logs}:dlq:analytics",
@@ -429,39 +343,17 @@ fn status_reports_what_the_test_set_up() {
 fn consumers_left_behind_by_gone_replicas_are_deleted() {
     let redis = RedisServer::start();
     let mut con = redis.connection();
-    redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg("user_logs")
-        .arg("analytics")
-        .arg("0")
-        .arg("MKSTREAM")
-        .query::<()>(&mut con)
-        .unwrap();
+    create_group(&mut con, "user_logs", "analytics", "0");
     let ids = produce(
         &mut con,
         "user_logs",
         &[vec![("n", "1".to_owned())], vec![("n", "2".to_owned())]],
     );
     let read = |con: &mut redis::Connection, consumer: &str| {
-        let _: redis::Value = redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg("analytics")
-            .arg(consumer)
-            .arg("COUNT")
-            .arg(1)
-            .arg("STREAMS")
-            .arg("user_logs")
-            .arg(">")
-            .query(con)
-            .unwrap();
+        read_as(con, "user_logs", "analytics", consumer, 1);
     };
     read(&mut con, "gone-empty");
-    let _: u64 = redis::cmd("XACK")
-        .arg("user_logs")
-        .arg("analytics")
-        .arg(&ids[0])
-        .query(&mut con)
-        .unwrap();
+    ack(&mut con, "user_logs", "analytics", &ids[0]);
     read(&mut con, "gone-holding");
     std::thread::sleep(Duration::from_millis(2500));
     let groups = r#"
@@ -498,14 +390,7 @@ retry_backoff = { initial = "100ms", max = "200ms" }
 fn forgetting_consumers_keeps_those_holding_entries_and_our_own() {
     let redis = RedisServer::start();
     let mut con = redis.connection();
-    redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg("s")
-        .arg("g")
-        .arg("0")
-        .arg("MKSTREAM")
-        .query::<()>(&mut con)
-        .unwrap();
+    create_group(&mut con, "s", "g", "0");
     let ids = produce(
         &mut con,
         "s",
@@ -514,17 +399,7 @@ fn forgetting_consumers_keeps_those_holding_entries_and_our_own() {
             .collect::<Vec<_>>(),
     );
     for consumer in ["idle-empty", "idle-holding", "me"] {
-        let _: redis::Value = redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg("g")
-            .arg(consumer)
-            .arg("COUNT")
-            .arg(1)
-            .arg("STREAMS")
-            .arg("s")
-            .arg(">")
-            .query(&mut con)
-            .unwrap();
+        read_as(&mut con, "s", "g", consumer, 1);
     }
     let _: u64 = redis::cmd("XACK")
         .arg("s")
@@ -534,17 +409,7 @@ fn forgetting_consumers_keeps_those_holding_entries_and_our_own() {
         .query(&mut con)
         .unwrap();
     std::thread::sleep(Duration::from_millis(600));
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg("g")
-        .arg("fresh")
-        .arg("COUNT")
-        .arg(1)
-        .arg("STREAMS")
-        .arg("s")
-        .arg(">")
-        .query(&mut con)
-        .unwrap();
+    read_as(&mut con, "s", "g", "fresh", 1);
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

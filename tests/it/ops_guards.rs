@@ -127,14 +127,7 @@ fn retention_reads_a_bounded_number_of_entries_per_script_call() {
         .to_owned();
     // A group streamworker does not run, that has read nothing yet: retention may not
     // trim anything, and has no reason to look at any entry.
-    redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg("events")
-        .arg("outsider")
-        .arg("0")
-        .arg("MKSTREAM")
-        .query::<()>(&mut con)
-        .unwrap();
+    create_group(&mut con, "events", "outsider", "0");
     const N: usize = 120_000;
     let pad = "x".repeat(1000);
     for chunk in (0..N).collect::<Vec<_>>().chunks(10_000) {

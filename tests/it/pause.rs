@@ -47,14 +47,14 @@ fn cli(args: &[&str], config: &Path) -> (i32, String, String) {
     run_cli(&all, &[])
 }
 
-/// The ACL rules the README documents (`user streamworker on >PASSWORD …`), from the
-/// README itself.
+/// The ACL rules the docs document (`user streamworker on >PASSWORD …`), from
+/// docs/configuration.md itself.
 fn readme_acl_rules() -> Vec<String> {
     const PREFIX: &str = "user streamworker on >PASSWORD ";
-    let line = include_str!("../../README.md")
+    let line = include_str!("../../docs/configuration.md")
         .lines()
         .find(|l| l.starts_with(PREFIX))
-        .expect("README documents the ACL user");
+        .expect("docs/configuration.md documents the ACL user");
     std::iter::once("on")
         .chain(line[PREFIX.len()..].split_whitespace())
         .map(str::to_owned)

@@ -6,7 +6,7 @@
 //! certificate, for `localhost` only, is signed by a CA made in the test (rcgen). Whether a
 //! session is encrypted is read from the server's own `pg_stat_ssl`, over the Unix socket.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
@@ -162,12 +162,6 @@ fn events(n: usize) -> Vec<Vec<(&'static str, String)>> {
     (0..n)
         .map(|i| vec![("event", format!(r#"{{"event_type":"llm_call","n":{i}}}"#))])
         .collect()
-}
-
-fn write_config(dir: &Path, text: &str) -> String {
-    let path = dir.join("streamworker.toml");
-    std::fs::write(&path, text).unwrap();
-    path.display().to_string()
 }
 
 #[test]

@@ -9,12 +9,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::support::*;
 
-fn write(dir: &tempfile::TempDir, text: &str) -> String {
-    let path = dir.path().join("streamworker.toml");
-    std::fs::write(&path, text).unwrap();
-    path.display().to_string()
-}
-
 /// A webhook group on `orders` with fast retries: three deliveries at most, backoffs of a
 /// few hundred milliseconds, far below `claim_idle`.
 fn webhook_group(name: &str, url: &str) -> String {
@@ -252,7 +246,7 @@ timeout = "5s"
 #[test]
 fn check_enforces_each_cross_key_rule() {
     let dir = tempfile::tempdir().unwrap();
-    let (code, _, stderr) = run_cli(&["check", "-c", &write(&dir, VALID)], &[]);
+    let (code, _, stderr) = run_cli(&["check", "-c", &write_config(&dir, VALID)], &[]);
     assert_eq!(code, 0, "the baseline is valid: {stderr}");
 
     let cases: [(&str, &str, &str, &[&str]); 7] = [
@@ -309,7 +303,7 @@ fn check_enforces_each_cross_key_rule() {
     for (rule, from, to, needles) in cases {
         assert!(VALID.contains(from), "{rule}: {from:?} not in the baseline");
         let text = VALID.replacen(from, to, 1);
-        let (code, stdout, stderr) = run_cli(&["check", "-c", &write(&dir, &text)], &[]);
+        let (code, stdout, stderr) = run_cli(&["check", "-c", &write_config(&dir, &text)], &[]);
         if needles.is_empty() {
             // The cluster case: valid with the default dead-letter stream…
             assert_eq!(code, 0, "{rule}: {stderr}");
@@ -323,7 +317,7 @@ fn check_enforces_each_cross_key_rule() {
                 "consumer_ttl = \"1h\"\ndead_letter_stream = \"orders-dead\"",
                 1,
             );
-            let (code, _, stderr) = run_cli(&["check", "-c", &write(&dir, &text)], &[]);
+            let (code, _, stderr) = run_cli(&["check", "-c", &write_config(&dir, &text)], &[]);
             assert_eq!(code, 2, "{rule}: {stderr}");
             assert!(
                 stderr.contains("groups.g.dead_letter_stream = \"orders-dead\" is in another Redis Cluster hash slot"),
@@ -383,7 +377,7 @@ fn dlq_list_show_replay_since_and_purge_select_what_they_name() {
     let redis = RedisServer::start();
     let mut con = redis.connection();
     let dir = tempfile::tempdir().unwrap();
-    let path = write(
+    let path = write_config(
         &dir,
         &config(
             &redis.url(),
@@ -506,7 +500,10 @@ block = "500ms"
     // `check` does not read it: a file that is not there yet (a secret mounted only in the
     // pod) passes.
     let missing = dir.path().join("not-mounted-here");
-    let (code, _, stderr) = run_cli(&["check", "-c", &write(&dir, &with_file(&missing))], &[]);
+    let (code, _, stderr) = run_cli(
+        &["check", "-c", &write_config(&dir, &with_file(&missing))],
+        &[],
+    );
     assert_eq!(code, 0, "check does not read password_file: {stderr}");
 
     // A wrong password in the file: run refuses (exit 1) naming the credentials problem.
@@ -526,7 +523,7 @@ block = "500ms"
 fn streamworker_config_stands_in_for_dash_c() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let path = write(
+    let path = write_config(
         &dir,
         &config(
             &redis.url(),
@@ -739,7 +736,7 @@ fn produce_writes_each_scenario_to_its_stream_at_the_rate_asked() {
 fn stats_on_a_group_without_aggregates_exits_2_naming_the_handlers_that_keep_them() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let path = write(
+    let path = write_config(
         &dir,
         &config(
             &redis.url(),

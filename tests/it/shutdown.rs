@@ -701,14 +701,7 @@ max_wait = "20s"
     let (cfg, http) = config_with_http(&url, "a", &groups);
 
     // A consumer left by a replica long gone, for the cleanup to delete.
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg("orders")
-        .arg("billing")
-        .arg("0")
-        .arg("MKSTREAM")
-        .query(&mut con)
-        .unwrap();
+    create_group(&mut con, "orders", "billing", "0");
     let _: i64 = redis::cmd("XGROUP")
         .arg("CREATECONSUMER")
         .arg("orders")

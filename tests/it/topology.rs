@@ -311,8 +311,10 @@ fn the_daemon_follows_a_sentinel_failover() {
         .into_iter()
         .map(|(id, _)| id)
         .collect();
+    // At least the 50 handled before and the 50 after (each from a primary the new one
+    // holds or replicated); exactly 100 is possible when the producer is slow.
     assert!(
-        held.len() > 100,
+        held.len() >= 100,
         "the new primary holds {} entries",
         held.len()
     );

@@ -168,19 +168,19 @@ mod tests {
         Entry::new(origin, EntryId::new(1, 0), 1, fields)
     }
 
-    fn handler(store: &MemoryStore) -> Convert {
+    fn handler(store: &Arc<MemoryStore>) -> Convert {
         let options = ConvertOptions {
             output: "{orders}:eur".into(),
             totals: "{orders}:totals".into(),
             rates: "rates".into(),
         };
-        let context = HandlerContext::new("{orders}", "convert", Arc::new(store.clone()));
+        let context = HandlerContext::new("{orders}", "convert", store.clone());
         Convert::build(&options, &context).unwrap()
     }
 
     #[tokio::test]
     async fn converts_at_the_stored_rate_and_counts_once_applied() {
-        let store = MemoryStore::new();
+        let store = Arc::new(MemoryStore::new());
         store
             .set("rates:USD".into(), "0.5".into(), None)
             .await
@@ -191,15 +191,15 @@ mod tests {
             .unwrap();
         // Nothing is written until the runtime applies the effects with the ack.
         assert!(store.hash("{orders}:totals").is_empty());
-        store.apply(effects).await.unwrap();
+        store.commit(&effects).unwrap();
         assert_eq!(store.hash("{orders}:totals")["eur"], "15");
         assert_eq!(store.hash("{orders}:totals")["orders"], "1");
-        assert_eq!(store.stream("{orders}:eur")[0][1].1, b"15.00");
+        assert_eq!(store.stream("{orders}:eur")[0][1].1, "15.00");
     }
 
     #[tokio::test]
     async fn a_missing_rate_is_retried_and_a_bad_amount_is_permanent() {
-        let store = MemoryStore::new();
+        let store = Arc::new(MemoryStore::new());
         let convert = handler(&store);
         let missing = convert
             .handle(&order(&[("amount", "1"), ("currency", "GBP")]))

@@ -37,15 +37,15 @@
 //! that is written again.
 
 use std::collections::HashSet;
-use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use std::io;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::future::join_all;
 
 use super::{Context, Recorder, WarehouseOptions};
+use crate::jsonl::JsonlFile;
 use crate::{Effects, Entry, EntryId, HandlerError, Store};
 
 /// Ids written but not yet marked are remembered up to this many (beyond, the memory is
@@ -65,7 +65,12 @@ pub struct FileSink {
 
 /// The marker key of an entry: in the stream's hash slot.
 pub fn marker_key(stream: &str, group: &str, id: EntryId) -> String {
-    format!("{}:warehouse:{group}:seen:{id}", crate::slot_tag(stream))
+    format!("{}{id}", marker_prefix(stream, group))
+}
+
+/// `{<stream>}:warehouse:<group>:seen:`, the start of every marker key of a group.
+fn marker_prefix(stream: &str, group: &str) -> String {
+    format!("{}:warehouse:{group}:seen:", crate::slot_tag(stream))
 }
 
 /// What happens to one entry of the batch.
@@ -99,11 +104,7 @@ impl FileSink {
         );
         Ok(Self {
             store: Arc::clone(&context.store),
-            marker_prefix: format!(
-                "{}:warehouse:{}:seen:",
-                crate::slot_tag(&context.stream),
-                context.group
-            ),
+            marker_prefix: marker_prefix(&context.stream, &context.group),
             dedupe_window: options.dedupe_window(),
             recorder,
             writer: Arc::new(Mutex::new(Writer {
@@ -269,10 +270,7 @@ struct Writer {
 }
 
 struct Current {
-    file: File,
-    path: PathBuf,
-    /// Bytes on disk (synced).
-    len: u64,
+    file: JsonlFile,
     /// Lines for this file not yet written, and how many.
     pending: Vec<u8>,
     pending_lines: usize,
@@ -292,7 +290,7 @@ impl Writer {
         let mut committed = 0;
         for line in lines {
             let rotate = self.current.as_ref().is_some_and(|c| {
-                let size = c.len + c.pending.len() as u64;
+                let size = c.file.len() + c.pending.len() as u64;
                 (size > 0 && size + line.len() as u64 > self.rotate_bytes)
                     || now.duration_since(c.opened_at) >= self.rotate_interval
             });
@@ -330,28 +328,18 @@ impl Writer {
         if c.pending.is_empty() {
             return Ok(0);
         }
-        let result = c
-            .file
-            .write_all(&c.pending)
-            .and_then(|()| c.file.sync_data());
-        match result {
+        match c.file.append(&c.pending) {
             Ok(()) => {
-                c.len += c.pending.len() as u64;
                 c.pending.clear();
                 Ok(std::mem::take(&mut c.pending_lines))
             }
             Err(e) => {
+                // The append cut the file back to its last synced length; give it up
+                // (the next batch starts a new file).
                 let c = self.current.take().expect("checked above");
-                let cut = c.file.set_len(c.len).and_then(|()| c.file.sync_data());
                 Err(io::Error::new(
                     e.kind(),
-                    match cut {
-                        Ok(()) => format!("writing {}: {e}", c.path.display()),
-                        Err(cut) => format!(
-                            "writing {}: {e} (cutting the partial lines off failed too: {cut}; its last line may be incomplete)",
-                            c.path.display()
-                        ),
-                    },
+                    format!("writing {}: {e}", c.file.path().display()),
                 ))
             }
         }
@@ -375,16 +363,10 @@ impl Writer {
             let path = self
                 .directory
                 .join(format!("{}.{start}-{:04}.jsonl", self.base, self.opened));
-            match OpenOptions::new().append(true).create_new(true).open(&path) {
+            match JsonlFile::create_new(path.clone()) {
                 Ok(file) => {
-                    // The new name must survive a crash as much as the lines in it.
-                    sync_directory(&self.directory).map_err(|e| {
-                        io::Error::new(e.kind(), format!("{}: {e}", path.display()))
-                    })?;
                     return Ok(Current {
                         file,
-                        path,
-                        len: 0,
                         pending: Vec::new(),
                         pending_lines: 0,
                         opened_at: now,
@@ -402,63 +384,15 @@ impl Writer {
     }
 }
 
-fn sync_directory(directory: &Path) -> io::Result<()> {
-    File::open(directory)?.sync_all()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::jsonl::TempDir;
     use crate::warehouse::Context;
-    use crate::{Effect, PayloadFormat, StoreError, StoreFuture};
-    use std::collections::HashMap;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use crate::{MemoryStore, PayloadFormat, StoreCall};
+    use std::path::Path;
 
-    /// An in-memory store whose marks can be made to fail.
-    #[derive(Default)]
-    struct Memory {
-        values: Mutex<HashMap<String, String>>,
-        fail_marks: AtomicBool,
-    }
-
-    impl Store for Memory {
-        fn apply(&self, _effects: Vec<Effect>) -> StoreFuture<'_, ()> {
-            Box::pin(async { Ok(()) })
-        }
-        fn hashes(&self, keys: Vec<String>) -> StoreFuture<'_, Vec<Vec<(String, String)>>> {
-            Box::pin(async move { Ok(vec![Vec::new(); keys.len()]) })
-        }
-        fn get(&self, key: String) -> StoreFuture<'_, Option<String>> {
-            Box::pin(async move { Ok(self.values.lock().unwrap().get(&key).cloned()) })
-        }
-        fn set(&self, key: String, value: String, _ttl: Option<Duration>) -> StoreFuture<'_, ()> {
-            Box::pin(async move {
-                self.values.lock().unwrap().insert(key, value);
-                Ok(())
-            })
-        }
-        fn mark(&self, key: String, _ttl: Duration) -> StoreFuture<'_, bool> {
-            Box::pin(async move {
-                if self.fail_marks.load(Ordering::SeqCst) {
-                    return Err(StoreError("connection refused".into()));
-                }
-                let mut values = self.values.lock().unwrap();
-                Ok(values.insert(key, "1".into()).is_none())
-            })
-        }
-        fn lag(&self, _stream: String, _group: String) -> StoreFuture<'_, Option<u64>> {
-            Box::pin(async { Ok(None) })
-        }
-        fn consumers(
-            &self,
-            _stream: String,
-            _group: String,
-        ) -> StoreFuture<'_, Option<Vec<(String, u64)>>> {
-            Box::pin(async { Err(StoreError("not here".into())) })
-        }
-    }
-
-    fn sink(dir: &Path, store: Arc<Memory>, rotate_bytes: u64) -> FileSink {
+    fn sink(dir: &Path, store: Arc<MemoryStore>, rotate_bytes: u64) -> FileSink {
         let options = WarehouseOptions {
             directory: Some(dir.to_path_buf()),
             rotate_bytes: Some(rotate_bytes),
@@ -520,19 +454,15 @@ mod tests {
 
     #[test]
     fn writes_marks_and_skips_what_is_marked() {
-        let dir = tempfile_dir();
-        let store = Arc::new(Memory::default());
+        let dir = TempDir::new("warehouse");
+        let store = Arc::new(MemoryStore::new());
         let s = sink(dir.path(), Arc::clone(&store), 1 << 20);
         let rt = runtime();
         let results = rt.block_on(s.write_batch(&entries(&[1, 2, 3])));
         assert!(results.iter().all(Result::is_ok), "{results:?}");
-        assert!(
-            store
-                .values
-                .lock()
-                .unwrap()
-                .contains_key("{user:logs}:warehouse:warehouse:seen:2-0")
-        );
+        let marker = marker_key("user:logs", "warehouse", EntryId::new(2, 0));
+        assert_eq!(marker, "{user:logs}:warehouse:warehouse:seen:2-0");
+        assert!(store.value(&marker).is_some());
         // Delivered again, with one new entry and a duplicate inside the batch.
         let results = rt.block_on(s.write_batch(&entries(&[2, 4, 4])));
         assert!(
@@ -556,8 +486,8 @@ mod tests {
 
     #[test]
     fn rotation_keeps_files_under_rotate_bytes() {
-        let dir = tempfile_dir();
-        let s = sink(dir.path(), Arc::new(Memory::default()), 300);
+        let dir = TempDir::new("warehouse");
+        let s = sink(dir.path(), Arc::new(MemoryStore::new()), 300);
         let rt = runtime();
         let ids: Vec<u64> = (1..=10).collect();
         let results = rt.block_on(s.write_batch(&entries(&ids)));
@@ -586,14 +516,14 @@ mod tests {
 
     #[test]
     fn a_failed_marker_is_retried_without_writing_again() {
-        let dir = tempfile_dir();
-        let store = Arc::new(Memory::default());
+        let dir = TempDir::new("warehouse");
+        let store = Arc::new(MemoryStore::new());
         let s = sink(dir.path(), Arc::clone(&store), 1 << 20);
         let rt = runtime();
-        store.fail_marks.store(true, Ordering::SeqCst);
+        store.fail(StoreCall::Mark, true);
         let results = rt.block_on(s.write_batch(&entries(&[7])));
         assert!(matches!(&results[0], Err(HandlerError::Retry(r)) if r.contains("marker")));
-        store.fail_marks.store(false, Ordering::SeqCst);
+        store.fail(StoreCall::Mark, false);
         let results = rt.block_on(s.write_batch(&entries(&[7])));
         assert!(results[0].is_ok(), "{results:?}");
         assert_eq!(all_lines(dir.path()).len(), 1);
@@ -601,7 +531,7 @@ mod tests {
 
     #[test]
     fn interval_rotation() {
-        let dir = tempfile_dir();
+        let dir = TempDir::new("warehouse");
         let mut w = Writer {
             directory: dir.path().to_path_buf(),
             base: "s.g.c".into(),
@@ -639,28 +569,5 @@ mod tests {
             std::fs::read_to_string(dir.path().join(&names[0])).unwrap(),
             "a\nb\n"
         );
-    }
-
-    /// A temporary directory without a dev-dependency: removed on drop.
-    struct TempDir(PathBuf);
-    impl TempDir {
-        fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    fn tempfile_dir() -> TempDir {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "streamworker-warehouse-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
     }
 }

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use crate::{
     Batching, Derived, Effects, Entry, EntryId, Handler, HandlerError, Limits, Needs,
-    OptionProblem, Payload, REPLAY_GROUP_FIELD, REPLAY_OF_FIELD, Store,
+    OptionProblem, Payload, REPLAY_GROUP_FIELD, REPLAY_OF_FIELD, Store, batch_wait,
 };
 
 /// Where a warehouse group's batches go.
@@ -199,10 +199,8 @@ impl WarehouseOptions {
     pub(crate) fn needs(&self, is_set: &dyn Fn(&str) -> bool) -> Needs {
         let dedupe = self.sink == SinkKind::File && is_set("dedupe_window");
         Needs {
-            claim_idle_margin: self.max_wait,
-            claim_idle_margin_key: is_set("max_wait").then_some("max_wait"),
             claim_idle_below: dedupe.then(|| (self.dedupe_window(), "dedupe_window")),
-            ..Needs::default()
+            ..batch_wait::needs(self.max_wait, is_set)
         }
     }
 
@@ -213,15 +211,9 @@ impl WarehouseOptions {
         limits: &Limits,
         is_set: &dyn Fn(&str) -> bool,
     ) -> Vec<Derived> {
-        let mut derived = Vec::new();
-        if !is_set("max_wait")
-            && limits.claim_idle > limits.handler_timeout
-            && limits.claim_idle <= limits.handler_timeout + self.max_wait
-        {
-            self.max_wait =
-                crate::duration::whole_ms((limits.claim_idle - limits.handler_timeout) / 2);
-            derived.push(Derived::new("max_wait", "claim_idle"));
-        }
+        let mut derived: Vec<Derived> = batch_wait::derive(&mut self.max_wait, limits, is_set)
+            .into_iter()
+            .collect();
         if self.sink == SinkKind::File
             && !is_set("dedupe_window")
             && self.dedupe_window() <= limits.claim_idle
@@ -247,16 +239,8 @@ impl WarehouseOptions {
                 format!("= {}: must be between 1 and 100000", self.batch_size),
             );
         }
-        if limits.claim_idle <= limits.handler_timeout + self.max_wait {
-            problem(
-                "max_wait",
-                format!(
-                    "= \"{}\": the group's claim_idle ({}) must exceed handler_timeout ({}) + max_wait, or another replica would claim entries still waiting in a batch or being written; raise claim_idle or lower max_wait",
-                    human(self.max_wait),
-                    human(limits.claim_idle),
-                    human(limits.handler_timeout)
-                ),
-            );
+        if let Some(p) = batch_wait::check(self.max_wait, limits) {
+            problem(&p.key, p.message);
         }
         if self.event_type.trim().is_empty() {
             problem(

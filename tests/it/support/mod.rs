@@ -13,7 +13,6 @@ pub mod topology;
 pub mod webhook;
 
 use std::io::Read;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -33,27 +32,8 @@ pub fn server_binary() -> String {
     std::env::var("STREAMWORKER_TEST_SERVER").unwrap_or_else(|_| "redis-server".into())
 }
 
-/// A port nobody listens on right now. Ports are handed out from a counter (starting at a
-/// random point below the kernel's ephemeral range), so two tests of this process never get
-/// the same one; there is still a window before the caller binds it, and callers that start
-/// servers retry on failure.
-pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let _ = NEXT.compare_exchange(
-        0,
-        20_000 + fastrand::u32(0..10_000),
-        Ordering::SeqCst,
-        Ordering::SeqCst,
-    );
-    loop {
-        let port = NEXT.fetch_add(1, Ordering::SeqCst);
-        let port = 20_000 + (port - 20_000) % 12_000;
-        if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
-            return port as u16;
-        }
-    }
-}
+/// A port nobody listens on right now (shared with the asset tests: `tests/common`).
+pub use crate::common::free_port;
 
 /// Polls `check` until it returns true or `timeout` passes.
 pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
@@ -373,6 +353,61 @@ pub fn produce(
     ids
 }
 
+/// Writes `text` as `streamworker.toml` in `dir` (a temporary directory the test owns) and
+/// returns its path, for `-c`.
+pub fn write_config(dir: impl AsRef<Path>, text: &str) -> String {
+    let path = dir.as_ref().join("streamworker.toml");
+    std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    path.display().to_string()
+}
+
+/// Creates `group` on `stream` (and the stream if missing) from `start` (`0`, `$` or an id):
+/// a group made by an operator or another service before the daemon starts.
+pub fn create_group(con: &mut redis::Connection, stream: &str, group: &str, start: &str) {
+    redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg(group)
+        .arg(start)
+        .arg("MKSTREAM")
+        .query::<()>(con)
+        .unwrap_or_else(|e| panic!("XGROUP CREATE {stream} {group} {start}: {e}"));
+}
+
+/// Reads up to `count` new entries (`usize::MAX`: all) as `consumer` of `group`, leaving
+/// them pending on it: a replica that read and died, or another service's consumer.
+pub fn read_as(
+    con: &mut redis::Connection,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    count: usize,
+) {
+    let mut cmd = redis::cmd("XREADGROUP");
+    cmd.arg("GROUP").arg(group).arg(consumer);
+    if count != usize::MAX {
+        cmd.arg("COUNT").arg(count);
+    }
+    cmd.arg("STREAMS").arg(stream).arg(">");
+    cmd.query::<redis::Value>(con)
+        .unwrap_or_else(|e| panic!("XREADGROUP {group} {consumer} {stream}: {e}"));
+}
+
+/// Acknowledges `ids` (one id or a slice) in `group`, as another consumer would.
+pub fn ack(
+    con: &mut redis::Connection,
+    stream: &str,
+    group: &str,
+    ids: impl redis::ToRedisArgs,
+) -> u64 {
+    redis::cmd("XACK")
+        .arg(stream)
+        .arg(group)
+        .arg(ids)
+        .query(con)
+        .unwrap_or_else(|e| panic!("XACK {stream} {group}: {e}"))
+}
+
 /// The pending count and lag of a group, from XINFO GROUPS; `None` when the stream or the
 /// group does not exist (yet). Any other failure (Redis unreachable, a wrong type, a reply
 /// without `pending`) fails the test: it must not read as an answer.
@@ -577,15 +612,15 @@ pub fn config_with_http(redis_url: &str, consumer: &str, groups: &str) -> (Strin
     (text, addr)
 }
 
-/// The ACL rule the README documents (`user streamworker on >PASSWORD …`), read from the
-/// README itself, so the tests exercise exactly what users are told to configure: `on`
+/// The ACL rule the docs document (`user streamworker on >PASSWORD …`), read from
+/// docs/configuration.md itself, so the tests exercise exactly what users are told to configure: `on`
 /// followed by the rule's selectors and permissions.
 pub fn readme_acl_rules() -> String {
     const PREFIX: &str = "user streamworker on >PASSWORD ";
-    let line = include_str!("../../../README.md")
+    let line = include_str!("../../../docs/configuration.md")
         .lines()
         .find(|l| l.starts_with(PREFIX))
-        .expect("README documents the ACL user");
+        .expect("docs/configuration.md documents the ACL user");
     format!("on {}", &line[PREFIX.len()..])
 }
 
