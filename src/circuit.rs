@@ -228,16 +228,17 @@ pub struct GiveBacks {
 const REMEMBERED: usize = 65_536;
 
 impl GiveBacks {
-    /// Whether the entry's delivery may be given back once more (and counts it if so).
-    pub fn take(&mut self, id: EntryId, limit: u64) -> bool {
-        let count = self.counts.entry(id).or_insert_with(|| {
+    /// How often the entry's delivery was given back so far (`consumer::fate` caps it).
+    pub fn given(&self, id: EntryId) -> u64 {
+        self.counts.get(&id).copied().unwrap_or(0)
+    }
+
+    /// Counts one more give-back of the entry's delivery.
+    pub fn record(&mut self, id: EntryId) {
+        *self.counts.entry(id).or_insert_with(|| {
             self.order.push_back(id);
             0
-        });
-        if *count >= limit {
-            return false;
-        }
-        *count += 1;
+        }) += 1;
         while self.counts.len() > REMEMBERED {
             match self.order.pop_front() {
                 Some(old) => {
@@ -246,7 +247,6 @@ impl GiveBacks {
                 None => break,
             }
         }
-        true
     }
 
     /// The entry was settled otherwise (acknowledged, parked, dead-lettered).
@@ -390,24 +390,27 @@ mod tests {
     }
 
     #[test]
-    fn an_entry_is_given_back_at_most_limit_times() {
+    fn give_backs_are_counted_per_entry_until_settled() {
         let mut g = GiveBacks::default();
         for _ in 0..3 {
-            assert!(g.take(id(1), 3));
+            g.record(id(1));
         }
-        assert!(!g.take(id(1), 3), "the fourth give-back is refused");
-        assert!(g.take(id(2), 3), "other entries are counted apart");
+        assert_eq!(g.given(id(1)), 3);
+        assert_eq!(g.given(id(2)), 0, "other entries are counted apart");
+        g.record(id(2));
         g.forget(id(1));
-        assert!(g.take(id(1), 3), "forgotten once settled");
+        assert_eq!(g.given(id(1)), 0, "forgotten once settled");
+        assert_eq!(g.given(id(2)), 1);
     }
 
     #[test]
     fn give_backs_remember_a_bounded_number_of_entries() {
         let mut g = GiveBacks::default();
         for n in 0..(REMEMBERED as u64 + 10) {
-            g.take(id(n), 1);
+            g.record(id(n));
         }
         assert_eq!(g.counts.len(), REMEMBERED);
-        assert!(g.take(id(0), 1), "the oldest were forgotten");
+        assert_eq!(g.given(id(0)), 0, "the oldest were forgotten");
+        assert_eq!(g.given(id(REMEMBERED as u64 + 9)), 1);
     }
 }

@@ -162,7 +162,7 @@ enum Command {
     Produce {
         /// Which write-up's events.
         #[arg(long, value_enum)]
-        scenario: streamworker::produce::Scenario,
+        scenario: streamworker::tools::produce::Scenario,
         /// The Redis to write to.
         #[arg(
             long,
@@ -563,7 +563,7 @@ pub(crate) fn main() -> ExitCode {
             no_python,
             redis_server,
         } => {
-            let options = streamworker::bench::Options {
+            let options = streamworker::tools::bench::Options {
                 entries,
                 runs,
                 replicas,
@@ -572,7 +572,7 @@ pub(crate) fn main() -> ExitCode {
                 python: !no_python,
                 redis_server,
             };
-            match streamworker::bench::run(&options) {
+            match streamworker::tools::bench::run(&options) {
                 Ok(report) => {
                     print!("{report}");
                     ExitCode::SUCCESS
@@ -587,7 +587,7 @@ pub(crate) fn main() -> ExitCode {
             duration,
             redis_server,
             url,
-        } => match streamworker::demo::run(streamworker::demo::Options {
+        } => match streamworker::tools::demo::run(streamworker::tools::demo::Options {
             duration,
             redis_server,
             url,
@@ -629,7 +629,7 @@ pub(crate) fn main() -> ExitCode {
                 .enable_all()
                 .build()
                 .expect("a runtime");
-            match runtime.block_on(streamworker::bench::contender::hand_written_loop(
+            match runtime.block_on(streamworker::tools::bench::contender::hand_written_loop(
                 &url, &stream, &group, &consumer,
             )) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -1216,7 +1216,7 @@ fn serve(
 }
 
 fn produce(
-    scenario: streamworker::produce::Scenario,
+    scenario: streamworker::tools::produce::Scenario,
     url: &str,
     rate: u64,
     count: Option<u64>,
@@ -1238,16 +1238,23 @@ fn produce(
         }
     };
     let mood = if incident {
-        streamworker::produce::Mood::Incident
+        streamworker::tools::produce::Mood::Incident
     } else {
-        streamworker::produce::Mood::Normal
+        streamworker::tools::produce::Mood::Normal
     };
     let result = runtime.block_on(async {
-        let client = redis::Client::open(url)?;
-        let mut con = client.get_multiplexed_async_connection().await?;
+        let mut producer = streamworker::client::Producer::connect(url).await?;
         let until = duration.map(|d| std::time::Instant::now() + d);
-        streamworker::produce::produce(&mut con, scenario, rate, count, until, traceparent, || mood)
-            .await
+        streamworker::tools::produce::produce(
+            &mut producer,
+            scenario,
+            rate,
+            count,
+            until,
+            traceparent,
+            || mood,
+        )
+        .await
     });
     match result {
         Ok(n) => Ok(n),

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::client::{Client, ClientError, ConsumerInfo};
 use crate::config::Config;
-use crate::consumer::BACKOFF_CONSUMER;
+use crate::keys::BACKOFF_CONSUMER;
 
 /// A recorded circuit older than this is from a replica that stopped refreshing it.
 const CIRCUIT_STALE: Duration = Duration::from_secs(15);

@@ -19,13 +19,6 @@ pub const TTL: Duration = Duration::from_secs(10);
 /// How often it is renewed.
 pub const RENEW_EVERY: Duration = Duration::from_secs(2);
 
-pub fn key(stream: &str, group: &str, consumer: &str) -> String {
-    format!(
-        "streamworker:lease:{}:{group}:{consumer}",
-        streamworker_handlers::slot_tag(stream)
-    )
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
     #[error(
@@ -60,7 +53,7 @@ impl Lease {
         consumer: &str,
         token: &str,
     ) -> Result<Self, LeaseError> {
-        let key = key(stream, group, consumer);
+        let key = crate::keys::lease_key(stream, group, consumer);
         let started = Instant::now();
         let mut last_ttl: Option<Duration> = None;
         let mut logged = false;

@@ -50,32 +50,95 @@
 //! kinds. The items at the top of this crate are that API; see `docs/writing-a-handler.md`.
 //! The modules below are the runtime, public for the binary and its tests, not an API.
 //!
-//! See ARCHITECTURE.md for the map.
+//! See ARCHITECTURE.md for the map and the invariants. The binary (`main.rs`) is
+//! `App::new().main()`: [`App`] and the command line it runs are the program's edge.
+//!
+//! # Layout
+//!
+//! In reading order, following an entry from the configuration to its acknowledgement:
+//!
+//! - [`config`]: the configuration file, loaded with its overrides and checked (every
+//!   problem at once);
+//! - [`supervisor`]: one task per group, restarted with backoff; the run's outcome;
+//! - [`shutdown`]: the shutdown handle (token and deadline) and the signal thread;
+//! - [`consumer`]: a group's loop, the only caller of `Handler::handle` and the only place
+//!   that decides an entry's fate;
+//! - [`retry`]: the retry policy, a pure function of the result and the delivery count;
+//! - [`circuit`]: the circuit breaker the loop feeds with results;
+//! - [`lease`]: one process per consumer name;
+//! - [`maintenance`]: retention, forgetting gone consumers, group gauges;
+//! - [`dead_letter`]: what a dead letter is made of, and its stream's default name;
+//! - [`keys`]: every key derived from a stream, each in its stream's cluster slot;
+//! - [`partition`]: which partition a key belongs to, and each partition's stream name;
+//! - [`client`]: the only module that sends commands to Redis;
+//! - [`store`]: the handlers' narrow view of Redis (handlers glue; the handlers
+//!   themselves are the [`handlers`] crate);
+//! - [`telemetry`]: logs and traces;
+//! - [`metrics`]: every metric, registered once;
+//! - [`health`], [`http`], [`healthcheck`]: `/livez`, `/readyz`, `/metrics`, and the
+//!   image's probe of them;
+//! - [`inspect`]: what Redis says about streams and groups, for `status` and the gauges;
+//! - [`admin`]: the operator's commands (`status`, `dlq`, `stats`, `pending`, `rewind`,
+//!   `pause`);
+//! - [`console`]: the web console over the same views and commands (`http.console`);
+//! - [`tools`]: `produce`, `demo`, `bench`: around the daemon, never inside it;
+//! - [`App`] (`app.rs`) and the command line (`cli.rs`): the program's edge, shared by the
+//!   shipped binary and a user's own.
 
-pub mod admin;
-mod app;
-pub mod bench;
-pub mod circuit;
-mod cli;
-pub mod client;
+// The daemon, in the order an entry meets it.
 pub mod config;
-pub mod console;
-pub mod consumer;
-pub mod demo;
-pub mod health;
-pub mod healthcheck;
-pub mod http;
-pub mod inspect;
-pub mod lease;
-pub mod local_redis;
-pub mod maintenance;
-pub mod metrics;
-pub mod produce;
-pub mod retry;
-pub mod shutdown;
-pub mod store;
+
 pub mod supervisor;
+
+pub mod shutdown;
+
+pub mod consumer;
+
+pub mod retry;
+
+pub mod circuit;
+
+pub mod lease;
+
+pub mod maintenance;
+
+// Facts about Redis: what a dead letter holds, which keys a stream has.
+pub mod dead_letter;
+
+pub mod keys;
+
+pub mod partition;
+
+// Redis, spoken in one place.
+pub mod client;
+
+// Handlers glue.
+pub mod store;
+
+// Observability.
 pub mod telemetry;
+
+pub mod metrics;
+
+pub mod health;
+
+pub mod http;
+
+pub mod healthcheck;
+
+pub mod inspect;
+
+// Operators.
+pub mod admin;
+
+pub mod console;
+
+// Around the daemon.
+pub mod tools;
+
+// The program's edge: a binary's handler kinds and its command line.
+mod app;
+mod cli;
 
 pub use streamworker_handlers as handlers;
 

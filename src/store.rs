@@ -68,7 +68,14 @@ impl Store for RedisStore {
                 .consumers(&stream, &group)
                 .await
                 .map_err(store_error)?;
-            Ok(consumers.map(|c| c.into_iter().map(|c| (c.name, c.idle_ms)).collect()))
+            // The parking consumer holds retries waiting out their backoff; it reads
+            // nothing, so it is no consumer a handler (alerts' consumer rules) should count.
+            Ok(consumers.map(|c| {
+                c.into_iter()
+                    .filter(|c| c.name != crate::keys::BACKOFF_CONSUMER)
+                    .map(|c| (c.name, c.idle_ms))
+                    .collect()
+            }))
         })
     }
 }

@@ -315,7 +315,7 @@ async fn supervise(group: Arc<GroupConfig>, shared: Shared, heartbeat: Heartbeat
             Ok(Err(e)) => e.to_string(),
             Err(e) if e.is_panic() => format!(
                 "the group's task panicked: {}",
-                consumer::panic_message(e.into_panic().as_ref())
+                crate::telemetry::panic_message(e.into_panic().as_ref())
             ),
             Err(e) => format!("the group's task ended: {e}"),
         };
@@ -366,6 +366,7 @@ async fn run_group(
         shutdown: shared.shutdown.clone(),
         heartbeat: heartbeat.clone(),
         lease_token: shared.lease_token.clone(),
+        events: None,
     };
     launch(context, group).await
 }
@@ -396,6 +397,7 @@ fn launch<H: HandlerKind>(context: HandlerContext, group: Group<()>) -> GroupRun
             shutdown,
             heartbeat,
             lease_token,
+            events,
         } = group;
         consumer::run(&Group {
             config,
@@ -407,6 +409,7 @@ fn launch<H: HandlerKind>(context: HandlerContext, group: Group<()>) -> GroupRun
             shutdown,
             heartbeat,
             lease_token,
+            events,
         })
         .await
     })

@@ -151,7 +151,7 @@ pub fn init_with_default(
         .is_ok();
     if installed {
         std::panic::set_hook(Box::new(|info| {
-            let message = crate::consumer::panic_message(info.payload());
+            let message = panic_message(info.payload());
             let location = info
                 .location()
                 .map(|l| format!("{}:{}", l.file(), l.line()))
@@ -238,5 +238,16 @@ pub fn finish_span(span: &tracing::Span, outcome: &str, error: Option<&str>) {
         // panics, Redis) pass here too, so the span export gets the same guarantee.
         let error = streamworker_handlers::redact::redact_text(error);
         span.record("otel.status_message", error.as_str());
+    }
+}
+
+/// What a panic said: its message when it is a string (as `panic!` makes it).
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
     }
 }

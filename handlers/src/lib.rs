@@ -43,12 +43,6 @@ pub use spec::{
 
 pub use store::{MemoryStore, Store, StoreCall, StoreError, StoreFuture};
 
-/// The consumer that holds entries waiting out a retry backoff. Any replica's reclaim takes
-/// them from it once their idle time reaches `claim_idle`; this consumer's own re-reads
-/// never see them, so a restart does not cut a backoff short. It is not a reader: tools
-/// counting a group's consumers leave it out.
-pub const BACKOFF_CONSUMER: &str = "streamworker:backoff";
-
 /// Business logic for one consumer group.
 ///
 /// The runtime calls [`Handler::handle`] with up to `concurrency` entries at once, each under

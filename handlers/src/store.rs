@@ -34,6 +34,7 @@ pub trait Store: Send + Sync + 'static {
     fn lag(&self, stream: String, group: String) -> StoreFuture<'_, Option<u64>>;
     /// The consumers of a group with the time since Redis last saw each read (XINFO
     /// CONSUMERS `idle`, milliseconds); `None` when the stream or the group does not exist.
+    /// Readers only: the runtime leaves out the consumer it parks retries with.
     fn consumers(
         &self,
         stream: String,

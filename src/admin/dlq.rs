@@ -10,6 +10,7 @@ use streamworker_handlers::{EntryId, one_line};
 
 use crate::client::{Client, ClientError, StreamEntry};
 use crate::config::GroupConfig;
+use crate::dead_letter;
 
 use super::{field, table};
 
@@ -40,11 +41,11 @@ fn listed(entry: &StreamEntry) -> Listed {
     let (id, fields) = entry;
     Listed {
         id: id.clone(),
-        origin_id: field(fields, "dlq_origin_id"),
-        deliveries: field(fields, "dlq_deliveries"),
-        failed_at: field(fields, "dlq_failed_at"),
-        consumer: field(fields, "dlq_consumer"),
-        error: field(fields, "dlq_error"),
+        origin_id: field(fields, dead_letter::ORIGIN_ID),
+        deliveries: field(fields, dead_letter::DELIVERIES),
+        failed_at: field(fields, dead_letter::FAILED_AT),
+        consumer: field(fields, dead_letter::CONSUMER),
+        error: field(fields, dead_letter::ERROR),
     }
 }
 
@@ -167,7 +168,11 @@ fn bounds(selection: &Selection, after: Option<&str>, last: &EntryId) -> (String
 
 /// The fields of a dead letter `dlq replay --dry-run` and `--error` look at; a page reads
 /// these only (a page of dead letters may hold megabytes of other fields).
-const SUMMARY_FIELDS: [&str; 3] = ["dlq_origin_id", "dlq_deliveries", "dlq_error"];
+const SUMMARY_FIELDS: [&str; 3] = [
+    dead_letter::ORIGIN_ID,
+    dead_letter::DELIVERIES,
+    dead_letter::ERROR,
+];
 
 /// A selected dead letter; `summary` holds [`SUMMARY_FIELDS`] when the walk reads them.
 struct Letter {

@@ -1,5 +1,5 @@
 //! `streamworker pause|resume -c FILE --group G`: stops or restarts one group on every
-//! replica at once. The pause is a key in Redis (`client::pause_key`, in the stream's
+//! replica at once. The pause is a key in Redis (`keys::pause_key`, in the stream's
 //! slot) that every replica's loop looks at with its reclaim, once per `claim_interval`;
 //! a paused loop finishes and settles what it holds and fetches nothing new.
 
@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::client::{Client, ClientError, pause_key};
+use crate::client::{Client, ClientError};
 use crate::config::GroupConfig;
+use crate::keys::pause_key;
 
 use super::human;
 

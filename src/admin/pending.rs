@@ -3,15 +3,15 @@
 //! it is due: what operators used to read off `XPENDING` by hand.
 //!
 //! A failed entry waits for its retry parked with the consumer `streamworker:backoff`, its
-//! idle time set to `claim_idle − backoff` (see `consumer::settle::park_idle`); any
+//! idle time set to `claim_idle − backoff` (see `consumer::fate`); any
 //! replica's reclaim (XAUTOCLAIM with min-idle `claim_idle`, every `claim_interval`) takes
 //! it once its idle time reaches `claim_idle`. So the retry is due `claim_idle − idle`
 //! from now, at the latest one `claim_interval` after that.
 
 use std::time::{Duration, SystemTime};
 
+use crate::keys::BACKOFF_CONSUMER;
 use serde::Serialize;
-use streamworker_handlers::BACKOFF_CONSUMER;
 
 use crate::client::admin::PendingRow;
 use crate::client::{Client, ClientError};

@@ -2,17 +2,15 @@
 //! a group's position (`rewind`), and dead letters read a few fields at a time (`dlq replay
 //! --error`/`--dry-run`). The daemon never calls these.
 
-use std::sync::LazyLock;
 use std::time::Duration;
 
-use redis::{Script, Value};
+use redis::Value;
 use streamworker_handlers::EntryId;
 
-use super::{Client, Result, protocol};
-
-static RANGE_FIELDS: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("range_fields.lua")));
-static REWIND: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("rewind.lua")));
+use super::error::{Result, protocol};
+use super::replies::{StreamEntry, into_bytes, parse_fields};
+use super::scripts::{RANGE_FIELDS, REPLAY, REWIND};
+use super::{Client, large};
 
 /// How many ids one round trip of [`Client::count_after`] pages through: ids only, so a
 /// page is about 20 bytes an entry.
@@ -156,6 +154,86 @@ impl Client {
             .arg(group)
             .arg(to.to_string())
             .invoke_async(&mut self.commands())
+            .await?)
+    }
+}
+
+// Dead letters, and what the operator reads of streams (`dlq`, the demo's report).
+impl Client {
+    /// Replays one dead letter; see `replay.lua`. `None` when it is gone already.
+    pub async fn replay(
+        &self,
+        dead_letter_stream: &str,
+        stream: &str,
+        id: &str,
+        group: &str,
+    ) -> Result<Option<String>> {
+        let reply: Value = REPLAY
+            .key(dead_letter_stream)
+            .key(stream)
+            .arg(id)
+            .arg(group)
+            .arg(large::MAX_SCRIPT_ARGS - 2)
+            .invoke_async(&mut self.commands())
+            .await?;
+        match reply {
+            Value::Nil => Ok(None),
+            Value::BulkString(new_id) => Ok(Some(String::from_utf8_lossy(&new_id).into_owned())),
+            // Too many fields for one script.
+            Value::Int(_) => {
+                Box::pin(self.replay_large(dead_letter_stream, stream, id, group)).await
+            }
+            other => Err(protocol(
+                "dlq replay",
+                format!("unexpected reply {other:?}"),
+            )),
+        }
+    }
+
+    /// XRANGE (or XREVRANGE when `reverse`) with a count.
+    pub async fn range(
+        &self,
+        key: &str,
+        start: &str,
+        end: &str,
+        count: usize,
+        reverse: bool,
+    ) -> Result<Vec<StreamEntry>> {
+        let (cmd, from, to) = if reverse {
+            ("XREVRANGE", end, start)
+        } else {
+            ("XRANGE", start, end)
+        };
+        let reply: Value = redis::cmd(cmd)
+            .arg(key)
+            .arg(from)
+            .arg(to)
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut self.commands())
+            .await?;
+        let Value::Array(entries) = reply else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let Value::Array(parts) = entry else { continue };
+            let mut parts = parts.into_iter();
+            let id = String::from_utf8_lossy(&into_bytes(parts.next().unwrap_or(Value::Nil)))
+                .into_owned();
+            out.push((id, parse_fields(parts.next().unwrap_or(Value::Nil))));
+        }
+        Ok(out)
+    }
+
+    pub async fn xdel(&self, key: &str, ids: &[String]) -> Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        Ok(redis::cmd("XDEL")
+            .arg(key)
+            .arg(ids)
+            .query_async(&mut self.commands())
             .await?)
     }
 }

@@ -20,20 +20,17 @@
 //! Ordinary entries keep the one-script path; only an XADD with more than
 //! [`MAX_SCRIPT_ARGS`] arguments comes here.
 
-use std::sync::LazyLock;
-
-use redis::{Pipeline, Script, Value};
+use redis::{Pipeline, Value};
 use streamworker_handlers::{Effect, EntryId};
 
-use super::{Client, ClientError, Result, protocol};
+use super::Client;
+use super::error::{ClientError, Result, protocol};
+use super::scripts::{RANGE_IDS, REPLAY_LARGE as REPLAY, SETTLE_LARGE as SETTLE};
+use crate::dead_letter;
 
 /// The most arguments a script passes to one command: Lua's C stack holds 8,000 values
 /// (LUAI_MAXCSTACK), minus what the script itself keeps there.
 pub const MAX_SCRIPT_ARGS: usize = 7_000;
-
-const SETTLE: &str = include_str!("settle_large.lua");
-const REPLAY: &str = include_str!("replay_large.lua");
-static RANGE_IDS: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("range_ids.lua")));
 
 /// How many arguments `effect`'s command takes, without building them (a forwarded
 /// entry's values may be megabytes).
@@ -212,17 +209,17 @@ impl Client {
                 .find(|(k, _)| k == name.as_bytes())
                 .map(|(_, v)| v.as_slice())
         };
-        let replay_of = field("dlq_replay_of")
-            .or_else(|| field("dlq_origin_id"))
+        let replay_of = field(dead_letter::REPLAY_OF)
+            .or_else(|| field(dead_letter::ORIGIN_ID))
             .unwrap_or(id.as_bytes())
             .to_vec();
         let mut out: Vec<(&[u8], &[u8])> = fields
             .iter()
-            .filter(|(k, _)| !k.starts_with(b"dlq_"))
+            .filter(|(k, _)| !dead_letter::is_own_field(k))
             .map(|(k, v)| (k.as_slice(), v.as_slice()))
             .collect();
-        out.push((b"dlq_replay_of", &replay_of));
-        out.push((b"dlq_replay_group", group.as_bytes()));
+        out.push((dead_letter::REPLAY_OF.as_bytes(), &replay_of));
+        out.push((dead_letter::REPLAY_GROUP.as_bytes(), group.as_bytes()));
         let mut pipe = redis::pipe();
         pipe.add_command(xadd(stream, &out));
         pipe.cmd("EVAL")
@@ -252,7 +249,7 @@ impl Client {
 mod tests {
     use super::*;
     use crate::config::RedisConfig;
-    use crate::local_redis::LocalRedis;
+    use crate::tools::local_redis::LocalRedis;
     use redis::AsyncCommands;
 
     const STREAM: &str = "{s}.in";

@@ -1,5 +1,10 @@
 -- Hands entries this consumer owns to `target` with a chosen idle time and delivery count,
 -- without touching entries another consumer has taken meanwhile.
+-- The idle time and count are decided in the process (`consumer::fate`, one pure function);
+-- this script decides nothing. It exists because the ownership check and the XCLAIM must be
+-- one atomic step (between a separate XPENDING and XCLAIM another replica could claim the
+-- entry, and we would take it back from under its handler). A kept count is sent as -1 and
+-- left to Redis (XCLAIM without RETRYCOUNT), the one place it is current.
 --   after a retryable failure: target = the group's backoff consumer,
 --     idle = claim_idle - backoff, count kept   -> any replica reclaims it `backoff` later
 --   at shutdown, for entries fetched but never started: target = this consumer,

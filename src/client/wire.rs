@@ -808,7 +808,7 @@ mod oracle {
     fn oracle(data: &[u8]) -> Result<Vec<RawEntry>, String> {
         match redis::parse_redis_value(data) {
             Ok(redis::Value::ServerError(e)) => Err(format!("{e:?}")),
-            Ok(value) => super::super::parse_read(value).map_err(|e| e.to_string()),
+            Ok(value) => super::super::replies::parse_read(value).map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         }
     }

@@ -397,15 +397,10 @@ pub struct GroupConfig {
 impl GroupConfig {
     /// The dead-letter stream: configured, or `{<stream>}:dlq:<group>`.
     pub fn dead_letter_stream(&self) -> String {
-        self.settings
-            .dead_letter_stream
-            .clone()
-            .unwrap_or_else(|| default_dead_letter_stream(&self.settings.stream, &self.name))
+        self.settings.dead_letter_stream.clone().unwrap_or_else(|| {
+            crate::dead_letter::default_stream(&self.settings.stream, &self.name)
+        })
     }
-}
-
-pub fn default_dead_letter_stream(stream: &str, group: &str) -> String {
-    format!("{}:dlq:{group}", streamworker_handlers::slot_tag(stream))
 }
 
 impl std::ops::Deref for GroupConfig {

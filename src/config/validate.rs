@@ -557,7 +557,7 @@ pub(super) fn validate(config: &Config) -> Vec<(String, String)> {
                 format!(
                     "= {dlq:?} is in another Redis Cluster hash slot than {:?}: the dead-letter move (XADD there, XACK here) is one script and needs both keys in one slot; leave it out for the default {}",
                     g.stream,
-                    super::default_dead_letter_stream(&g.stream, &g.name)
+                    crate::dead_letter::default_stream(&g.stream, &g.name)
                 ),
             );
         }
@@ -998,7 +998,7 @@ mod tests {
                 "{stream} → {derived}"
             );
         }
-        let dlq = crate::config::default_dead_letter_stream("{orders}:events", "billing");
+        let dlq = crate::dead_letter::default_stream("{orders}:events", "billing");
         assert_eq!(dlq, "{orders}:dlq:billing");
     }
 

@@ -1,4 +1,6 @@
-//! Settlements: what the loop has decided about entries and not yet told Redis.
+//! Booking results: what the loop has decided about entries (`Loop::settle`, from
+//! [`fate::decide`]), the queue of settlements not yet told Redis, the flush that sends
+//! them, and what a flush's outcome means (`Loop::on_flush`).
 //!
 //! Decisions accumulate while one flush is in flight and go out together in the next one,
 //! so acknowledgements batch themselves under load (hundreds per XACK) and leave at once
@@ -14,14 +16,21 @@
 //! Nothing is acknowledged that was not handled, dropped or dead-lettered.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures_util::future::join_all;
-use streamworker_handlers::{Effect, Effects, EntryId, one_line};
+use streamworker_handlers::{Effect, Effects, EntryId, Handler, HandlerError, one_line};
+use tokio::time::Instant;
 
+use super::fate::{self, Fate};
+use super::run::Done;
+use super::{GroupExit, LAST_WORDS, Loop, LoopEvent, reconnect_delays};
+use crate::circuit::Outcome;
 use crate::client::{Client, ClientError, Release};
+use crate::dead_letter;
 
-pub use streamworker_handlers::BACKOFF_CONSUMER;
+pub use crate::keys::BACKOFF_CONSUMER;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AckKind {
@@ -428,27 +437,375 @@ impl Flushed {
     }
 }
 
-/// The dead letter: the original fields, then every `dlq_*` field of DESIGN §3.
+/// The dead letter: the original fields, then every `dlq_*` field of DESIGN §3
+/// (named by `crate::dead_letter`).
 pub fn dead_letter_fields(
     d: &DeadLetter,
     target: &Target,
     failed_at: &str,
 ) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let mut fields = Vec::with_capacity(d.fields.len() + 7);
+    let mut fields = Vec::with_capacity(d.fields.len() + dead_letter::FIELDS.len());
     fields.extend(d.fields.iter().cloned());
     let mut add =
         |name: &str, value: String| fields.push((name.as_bytes().to_vec(), value.into_bytes()));
-    add("dlq_origin_stream", target.stream.clone());
-    add("dlq_origin_id", d.id.to_string());
-    add("dlq_group", target.group.clone());
-    add("dlq_deliveries", d.delivery_count.to_string());
-    add("dlq_error", one_line(&d.error));
-    add("dlq_failed_at", failed_at.to_owned());
-    add("dlq_consumer", target.consumer.clone());
+    add(dead_letter::ORIGIN_STREAM, target.stream.clone());
+    add(dead_letter::ORIGIN_ID, d.id.to_string());
+    add(dead_letter::GROUP, target.group.clone());
+    add(dead_letter::DELIVERIES, d.delivery_count.to_string());
+    add(dead_letter::ERROR, one_line(&d.error));
+    add(dead_letter::FAILED_AT, failed_at.to_owned());
+    add(dead_letter::CONSUMER, target.consumer.clone());
     fields
 }
 
-/// The idle time that makes a reclaim take a parked entry `backoff` from now.
-pub fn park_idle(claim_idle: Duration, backoff: Duration) -> Duration {
-    claim_idle.saturating_sub(backoff)
+/// How often Redis may refuse an entry's settlement before the entry is dead-lettered with
+/// the refusal (issue: a forward target of the wrong type retried without end).
+const MAX_REFUSALS: u32 = 3;
+
+/// The wait before sending a refused settlement again.
+const REFUSAL_RETRY: Duration = Duration::from_millis(250);
+
+impl<H: Handler> Loop<'_, H> {
+    /// Sends what is decided, when no flush is in flight and the backoff after a failed
+    /// one has passed.
+    pub(super) fn start_flush(&mut self, now: Instant) {
+        if self.flushing.is_none() && !self.pending.is_empty() && now >= self.flush_at {
+            let batch = std::mem::take(&mut self.pending);
+            self.requeued.clear();
+            self.flushing_len = batch.len();
+            self.flushing = Some(Box::pin(flush(
+                self.g.client.clone(),
+                self.target.clone(),
+                batch,
+            )));
+        }
+    }
+
+    /// Books a finished entry: feeds the circuit breaker, asks [`fate::decide`] what
+    /// becomes of the entry, and queues that for the next flush.
+    pub(super) fn settle(&mut self, done: Done) {
+        let Done {
+            entry,
+            result,
+            elapsed,
+            span,
+        } = done;
+        self.supersede(entry.id);
+        let cfg = Arc::clone(&self.g.config);
+        if !elapsed.is_zero() {
+            self.g
+                .metrics
+                .handler_seconds
+                .observe(elapsed.as_secs_f64());
+        }
+        let outcome = if matches!(result, Err(HandlerError::Retry(_))) {
+            Outcome::Failed {
+                first_delivery: entry.delivery_count <= 1,
+            }
+        } else {
+            Outcome::Answered
+        };
+        // The fate depends on the circuit as it was when the result came in: the failure
+        // that opens the circuit is the entry's own, like the failures before it.
+        let circuit = self.breaker.state();
+        if let Some(t) = self.breaker.record(entry.id, outcome, Instant::now()) {
+            self.on_transition(t);
+        }
+        let (result, effects) = match result {
+            Ok(effects) => (Ok(()), effects),
+            Err(e) => (Err(e), Effects::new()),
+        };
+        let fate = fate::decide(
+            result,
+            entry.delivery_count,
+            circuit,
+            self.give_backs.given(entry.id),
+            &self.policy,
+            fastrand::f64(),
+        );
+        if matches!(fate, Fate::GiveBack { .. }) {
+            self.give_backs.record(entry.id);
+        } else {
+            self.give_backs.forget(entry.id);
+        }
+        if !span.is_none() {
+            crate::telemetry::finish_span(&span, fate.outcome(), fate.error());
+        }
+        self.emit(|| LoopEvent::Settled {
+            id: entry.id,
+            delivery_count: entry.delivery_count,
+            fate: fate.clone(),
+        });
+        match fate {
+            Fate::Ack if effects.is_empty() => self.pending.acks.push((entry.id, AckKind::Acked)),
+            Fate::Ack => {
+                let kind = if effects
+                    .iter()
+                    .any(|e| matches!(e, Effect::StreamAdd { .. }))
+                {
+                    AckKind::Forwarded
+                } else {
+                    AckKind::Acked
+                };
+                self.pending.effectful.push((entry.id, kind, effects));
+            }
+            Fate::Drop { reason } => {
+                tracing::debug!(stream = %cfg.stream, group = %cfg.name, consumer = %self.g.consumer, id = %entry.id, delivery_count = entry.delivery_count, reason = %reason, "handler dropped the entry");
+                self.pending.acks.push((entry.id, AckKind::Dropped));
+            }
+            Fate::Park {
+                after,
+                idle,
+                reason,
+            } => {
+                tracing::warn!(
+                    stream = %cfg.stream, group = %cfg.name, consumer = %self.g.consumer, id = %entry.id,
+                    delivery_count = entry.delivery_count, max_deliveries = cfg.max_deliveries,
+                    retry_in_ms = after.as_millis() as u64, error = %reason,
+                    "handler failed; the entry will be retried"
+                );
+                self.pending.parks.push(Release {
+                    id: entry.id,
+                    idle,
+                    delivery_count: None,
+                });
+            }
+            Fate::GiveBack {
+                idle,
+                delivery_count,
+                ..
+            } => {
+                tracing::debug!(stream = %cfg.stream, group = %cfg.name, consumer = %self.g.consumer, id = %entry.id, delivery_count = entry.delivery_count, "failed while the circuit is open; the attempt is given back");
+                self.pending.parks.push(Release {
+                    id: entry.id,
+                    idle,
+                    delivery_count: Some(delivery_count),
+                });
+            }
+            Fate::HandBack {
+                idle,
+                delivery_count,
+            } => self.pending.hand_backs.push(Release {
+                id: entry.id,
+                idle,
+                delivery_count: Some(delivery_count),
+            }),
+            Fate::DeadLetter { reason } => {
+                self.pending.dead_letters.push(DeadLetter {
+                    id: entry.id,
+                    delivery_count: entry.delivery_count,
+                    fields: entry.fields,
+                    error: reason,
+                });
+            }
+        }
+    }
+
+    /// Fetched but never started: give the delivery back and make the entry reclaimable
+    /// at the next claim_interval of any replica.
+    pub(super) fn hand_back(&mut self, id: EntryId, delivery_count: u64) {
+        self.supersede(id);
+        let fate = fate::hand_back(delivery_count, &self.policy);
+        self.emit(|| LoopEvent::Settled {
+            id,
+            delivery_count,
+            fate: fate.clone(),
+        });
+        if let Fate::HandBack {
+            idle,
+            delivery_count,
+        } = fate
+        {
+            self.pending.hand_backs.push(Release {
+                id,
+                idle,
+                delivery_count: Some(delivery_count),
+            });
+        }
+    }
+
+    /// A new decision about `id` replaces one put back after a failed send (the entry was
+    /// reclaimed and handled again meanwhile), so the queue never holds an entry twice.
+    /// Costs a lookup in an empty set unless sends are failing.
+    fn supersede(&mut self, id: EntryId) {
+        if !self.requeued.is_empty() && self.requeued.remove(&id) {
+            self.pending.retain(|queued| queued != id);
+        }
+    }
+
+    /// Entries deleted or trimmed while pending: Redis already dropped them from the
+    /// pending list; count and log them so nobody waits for them.
+    pub(super) fn note_deleted(&self, deleted: &[EntryId], during: &'static str) {
+        if deleted.is_empty() {
+            return;
+        }
+        self.g.metrics.deleted.inc_by(deleted.len() as u64);
+        tracing::warn!(
+            stream = %self.g.config.stream, group = %self.g.config.name, consumer = %self.g.consumer,
+            count = deleted.len(), first_id = %deleted[0], during,
+            "entries were deleted or trimmed from the stream while pending; acknowledged without handling"
+        );
+    }
+
+    /// Acts on what a flush achieved: metrics and logs, and what to send again.
+    pub(super) fn on_flush(&mut self, mut flushed: Flushed) {
+        self.flushing_len = 0;
+        self.emit(|| LoopEvent::Flushed {
+            acked: flushed.acked.iter().map(|(id, _)| *id).collect(),
+            parked: flushed.parked,
+            handed_back: flushed.handed_back,
+            dead_lettered: flushed.dead_lettered.iter().map(|(d, _)| d.id).collect(),
+            unsent: flushed.retry.len() + flushed.refused.len(),
+        });
+        let cfg = &self.g.config;
+        let metrics = &self.g.metrics;
+        let now = SystemTime::now();
+        for (id, kind) in &flushed.acked {
+            match kind {
+                AckKind::Acked => metrics.acked.inc(),
+                AckKind::Dropped => metrics.dropped.inc(),
+                AckKind::Forwarded => metrics.forwarded.inc(),
+            };
+            metrics
+                .end_to_end_seconds
+                .observe(id.age(now).as_secs_f64());
+        }
+        for id in &flushed.already_acked {
+            tracing::debug!(stream = %cfg.stream, group = %cfg.name, id = %id, "already acknowledged by another consumer; its effects were not applied twice");
+        }
+
+        metrics.retried.inc_by(flushed.parked as u64);
+        self.note_deleted(&flushed.deleted, "settlement");
+        if flushed.handed_back > 0 {
+            tracing::info!(stream = %cfg.stream, group = %cfg.name, count = flushed.handed_back, "handed back entries fetched but never started");
+        }
+        for (dead, dead_id) in &flushed.dead_lettered {
+            metrics.dead_lettered.inc();
+            tracing::error!(
+                stream = %cfg.stream, group = %cfg.name, consumer = %self.g.consumer, id = %dead.id,
+                delivery_count = dead.delivery_count, error = %dead.error,
+                dead_letter_stream = %self.target.dead_letter_stream, dead_letter_id = %dead_id,
+                "entry dead-lettered"
+            );
+        }
+        for (id, delivery_count) in &flushed.not_ours {
+            tracing::warn!(stream = %cfg.stream, group = %cfg.name, consumer = %self.g.consumer, id = %id, delivery_count, "not dead-lettered: another consumer owns the entry now and will decide");
+        }
+
+        for (id, error) in &flushed.dead_letter_refused {
+            metrics.redis_error(error.kind());
+            metrics.dead_letter_refused.inc();
+            tracing::error!(stream = %cfg.stream, group = %cfg.name, consumer = %self.g.consumer, id = %id, dead_letter_stream = %self.target.dead_letter_stream, error = %error, "Redis refused the dead letter; the entry stays pending and will be retried after claim_idle");
+        }
+        if flushed.group_gone {
+            // Redis lost the group (a restart without persistence, XGROUP DESTROY): the
+            // entries these settlements were for are no longer pending anywhere, so
+            // sending them again would fail forever. Drop them, recreate the group.
+            metrics.redis_error("nogroup");
+            metrics.deleted.inc_by(flushed.gone as u64);
+            tracing::warn!(
+                stream = %cfg.stream, group = %cfg.name, dropped = flushed.gone,
+                "the consumer group is gone (NOGROUP): dropped the settlements of entries Redis no longer has; recreating the group"
+            );
+            self.reader = None;
+            self.recreate = true;
+            self.claim_cursor = EntryId::ZERO;
+        }
+        let refused = !flushed.refused.is_empty();
+        if refused {
+            // Not an outage: Redis answered with an error (WRONGTYPE, OOM, a script error).
+            // Sent again a few times (the cause may pass, e.g. memory freed), then the
+            // entry is dead-lettered with the refusal, to be replayed once it is fixed.
+            let mut batch = std::mem::take(&mut flushed.refused);
+            let refusals = &mut self.refusals;
+            let give_up = batch.give_up(|id| {
+                let n = refusals.entry(id).or_insert(0);
+                *n += 1;
+                *n >= MAX_REFUSALS
+            });
+            tracing::error!(
+                stream = %cfg.stream, group = %cfg.name, consumer = %self.g.consumer,
+                refused = batch.len() + give_up.len(), dead_lettering = give_up.len(),
+                error = flushed.refusals.values().next().map(String::as_str).unwrap_or_default(),
+                "Redis refused to settle entries; sending again, and dead-lettering those refused {MAX_REFUSALS} times"
+            );
+            for id in give_up {
+                self.refusals.remove(&id);
+                let error = flushed
+                    .refusals
+                    .remove(&id)
+                    .unwrap_or_else(|| "Redis refused the settlement".into());
+                self.pending.burials.push(Burial {
+                    id,
+                    error: format!(
+                        "Redis refused to settle the entry {MAX_REFUSALS} times: {error}"
+                    ),
+                });
+            }
+            self.requeued.extend(batch.ids());
+            self.pending.absorb(batch);
+        }
+        let retry = !flushed.retry.is_empty();
+        if let Some(error) = flushed.error.take() {
+            metrics.redis_error(error.kind());
+            if retry && !self.outage_logged {
+                tracing::warn!(stream = %cfg.stream, group = %cfg.name, error = %error, pending = flushed.retry.len(), "could not settle entries; will send again when Redis is back");
+            }
+        }
+        if retry {
+            self.requeued.extend(flushed.retry.ids());
+        }
+        flushed.requeue_into(&mut self.pending);
+        if !refused && self.pending.is_empty() {
+            // Nothing refused is waiting any more.
+            self.refusals.clear();
+        }
+        if !retry && !refused {
+            self.g.heartbeat.progress();
+        }
+        self.flush_at = if retry {
+            // An outage: back off, growing.
+            Instant::now() + self.flush_delays.next().unwrap_or(Duration::from_secs(5))
+        } else if refused {
+            // Redis answered: a refusal is cheap to try again, and waiting long would let
+            // claim_idle pass and another replica take the entry.
+            Instant::now() + REFUSAL_RETRY
+        } else {
+            self.flush_delays = Box::new(reconnect_delays());
+            Instant::now()
+        };
+    }
+
+    /// The deadline passed: leave the running handlers' entries pending (others reclaim
+    /// them after `claim_idle`) and make one last attempt to settle what is decided.
+    pub(super) async fn cut_off(mut self, abandoned: usize) -> GroupExit {
+        // One budget for both attempts, so the process exits within shutdown_timeout + 2 s.
+        let until = Instant::now() + LAST_WORDS * 2;
+        if let Some(flushing) = self.flushing.take() {
+            let flushed = tokio::time::timeout_at(until, flushing).await;
+            if let Ok(flushed) = flushed {
+                self.on_flush(flushed);
+            }
+        }
+        let mut unsettled = self.pending.len();
+        if !self.pending.is_empty() {
+            let batch = std::mem::take(&mut self.pending);
+            let flush = flush(self.g.client.clone(), self.target.clone(), batch);
+            if let Ok(mut flushed) = tokio::time::timeout_at(until, flush).await {
+                let mut rest = Settlements::default();
+                flushed.requeue_into(&mut rest);
+                unsettled = rest.len();
+                self.on_flush(flushed);
+            }
+        }
+        tracing::warn!(
+            stream = %self.g.config.stream, group = %self.g.config.name,
+            abandoned, unsettled,
+            "shutdown deadline reached: cut off in-flight handlers; their entries stay pending for other replicas"
+        );
+        GroupExit::CutOff {
+            abandoned,
+            unsettled,
+        }
+    }
 }

@@ -21,6 +21,7 @@ mod faults;
 mod forward;
 mod gaps;
 mod huge;
+mod inprocess;
 mod learning;
 mod observability;
 mod operate;

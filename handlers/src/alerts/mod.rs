@@ -472,11 +472,8 @@ impl Alerts {
             }
         };
         let within = rule.window.as_millis() as u64;
-        let readers = || {
-            consumers
-                .iter()
-                .filter(|(name, _)| name != crate::BACKOFF_CONSUMER)
-        };
+        // The store lists readers only: the daemon leaves out its parking consumer.
+        let readers = || consumers.iter();
         let active = readers().filter(|(_, idle)| *idle < within).count();
         let wanted = rule.threshold;
         let waiting = match lag {
@@ -848,9 +845,9 @@ cooldown = "0s"
             // The only reader went quiet, but nothing waits for it (a quiet stream): fine.
             let lag = |n: u64| store.set_lag("user:feedback", "learning", Some(n));
             lag(0);
-            set(&[("pod-a", 31_000), (crate::BACKOFF_CONSUMER, 10)]);
+            set(&[("pod-a", 31_000)]);
             assert!(a.evaluate(t0 + 1_500).await.unwrap().is_empty());
-            // Entries arrive and nobody takes them; the parking consumer does not count.
+            // Entries arrive and nobody takes them.
             lag(3);
             let fired = a.evaluate(t0 + 2_000).await.unwrap();
             assert_eq!(fired.len(), 1);

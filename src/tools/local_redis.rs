@@ -5,6 +5,8 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::client::Probe;
+
 #[derive(Debug, thiserror::Error)]
 pub enum LocalRedisError {
     #[error(
@@ -72,10 +74,12 @@ impl LocalRedis {
 }
 
 fn ping(port: u16) -> bool {
-    redis::Client::open(format!("redis://127.0.0.1:{port}/0"))
-        .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
-        .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
-        .is_ok()
+    Probe::connect(
+        &format!("redis://127.0.0.1:{port}/0"),
+        Some(Duration::from_millis(200)),
+    )
+    .and_then(|mut p| p.ping())
+    .is_ok()
 }
 
 impl Drop for LocalRedis {

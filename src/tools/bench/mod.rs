@@ -14,12 +14,12 @@
 
 pub mod contender;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::local_redis::LocalRedis;
+use crate::client::Probe;
+use crate::tools::local_redis::LocalRedis;
 
 const STREAM: &str = "bench";
 const GROUP: &str = "bench";
@@ -121,81 +121,35 @@ fn peak_rss_mb(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-fn redis_main_cpu(con: &mut redis::Connection) -> f64 {
-    let info: String = redis::cmd("INFO").arg("cpu").query(con).unwrap_or_default();
-    ["used_cpu_user_main_thread", "used_cpu_sys_main_thread"]
-        .iter()
-        .filter_map(|k| {
-            info.lines()
-                .find_map(|l| l.strip_prefix(*k)?.strip_prefix(':'))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-        })
-        .sum()
+fn redis_main_cpu(con: &mut Probe) -> f64 {
+    con.main_thread_cpu().unwrap_or_default()
 }
 
 /// (entries read, pending, lag) of the bench group.
-fn progress(con: &mut redis::Connection) -> (u64, u64, Option<u64>) {
-    let groups: Vec<redis::Value> = redis::cmd("XINFO")
-        .arg("GROUPS")
-        .arg(STREAM)
-        .query(con)
-        .unwrap_or_default();
-    for g in groups {
-        let redis::Value::Array(items) = g else {
-            continue;
-        };
-        let mut map = HashMap::new();
-        let mut it = items.into_iter();
-        while let (Some(k), Some(v)) = (it.next(), it.next()) {
-            let k = match k {
-                redis::Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
-                redis::Value::SimpleString(s) => s,
-                _ => continue,
-            };
-            map.insert(k, v);
-        }
-        let num = |k: &str| match map.get(k) {
-            Some(redis::Value::Int(i)) => Some(*i as u64),
-            _ => None,
-        };
-        return (
-            num("entries-read").unwrap_or(0),
-            num("pending").unwrap_or(0),
-            num("lag"),
-        );
+fn progress(con: &mut Probe) -> (u64, u64, Option<u64>) {
+    match con.groups(STREAM).unwrap_or_default().first() {
+        Some(g) => (g.entries_read.unwrap_or(0), g.pending, g.lag),
+        None => (0, 0, None),
     }
-    (0, 0, None)
 }
 
-fn preload(con: &mut redis::Connection, n: usize) {
-    let _: () = redis::cmd("FLUSHALL").query(con).expect("FLUSHALL");
+fn preload(con: &mut Probe, n: usize) {
+    con.flush_all().expect("FLUSHALL");
     let types = ["click", "prompt", "pageview", "feedback"];
     let mut i = 0;
     while i < n {
-        let mut pipe = redis::pipe();
-        for j in i..(i + 5000).min(n) {
-            pipe.cmd("XADD")
-                .arg(STREAM)
-                .arg("*")
-                .arg("user_id")
-                .arg(j % 1000)
-                .arg("event_type")
-                .arg(types[j % 4])
-                .arg("message")
-                .arg("What is quantum computing?")
-                .arg("timestamp")
-                .arg("2025-07-25T18:00:00Z")
-                .ignore();
-        }
-        let _: () = pipe.query(con).expect("XADD");
+        let entries = (i..(i + 5000).min(n)).map(|j| {
+            [
+                ("user_id", (j % 1000).to_string()),
+                ("event_type", types[j % 4].to_owned()),
+                ("message", "What is quantum computing?".to_owned()),
+                ("timestamp", "2025-07-25T18:00:00Z".to_owned()),
+            ]
+        });
+        con.add_all(STREAM, entries).expect("XADD");
         i += 5000;
     }
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(STREAM)
-        .arg(GROUP)
-        .arg("0")
-        .query(con)
+    con.create_group(STREAM, GROUP, "0", false)
         .expect("XGROUP CREATE");
 }
 
@@ -352,7 +306,7 @@ fn start(contender: &Contender, url: &str, python: Option<&PathBuf>) -> Running 
 fn drain_once(
     contender: &Contender,
     url: &str,
-    con: &mut redis::Connection,
+    con: &mut Probe,
     n: usize,
     python: Option<&PathBuf>,
 ) -> Option<Drain> {
@@ -459,16 +413,9 @@ struct Steady {
     idle_cpu_ms_per_s: f64,
 }
 
-fn steady(url: &str, con: &mut redis::Connection, rate: u64, duration: Duration) -> Steady {
-    let _: () = redis::cmd("FLUSHALL").query(con).expect("FLUSHALL");
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(STREAM)
-        .arg(GROUP)
-        .arg("$")
-        .arg("MKSTREAM")
-        .query(con)
-        .expect("XGROUP");
+fn steady(url: &str, con: &mut Probe, rate: u64, duration: Duration) -> Steady {
+    con.flush_all().expect("FLUSHALL");
+    con.create_group(STREAM, GROUP, "$", true).expect("XGROUP");
     let running = start(&Contender::Streamworker { replicas: 1 }, url, None);
     let http = running.http.clone().expect("metrics address");
     std::thread::sleep(Duration::from_secs(1));
@@ -478,18 +425,13 @@ fn steady(url: &str, con: &mut redis::Connection, rate: u64, duration: Duration)
     while started.elapsed() < duration {
         let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
         if due > produced {
-            let mut pipe = redis::pipe();
-            for _ in produced..due {
-                pipe.cmd("XADD")
-                    .arg(STREAM)
-                    .arg("*")
-                    .arg("user_id")
-                    .arg(produced % 1000)
-                    .arg("event_type")
-                    .arg("click")
-                    .ignore();
-            }
-            let _: () = pipe.query(con).expect("XADD");
+            let entries = (produced..due).map(|_| {
+                [
+                    ("user_id", (produced % 1000).to_string()),
+                    ("event_type", "click".to_owned()),
+                ]
+            });
+            con.add_all(STREAM, entries).expect("XADD");
             produced = due;
         }
         std::thread::sleep(Duration::from_micros(500));
@@ -517,12 +459,11 @@ fn steady(url: &str, con: &mut redis::Connection, rate: u64, duration: Duration)
 }
 
 /// Runs the benchmark and returns its report (Markdown).
-pub fn run(options: &Options) -> Result<String, crate::local_redis::LocalRedisError> {
+pub fn run(options: &Options) -> Result<String, crate::tools::local_redis::LocalRedisError> {
     let redis = LocalRedis::start(&options.redis_server)?;
     let url = redis.url();
-    let mut con = redis::Client::open(url.as_str())
-        .and_then(|c| c.get_connection())
-        .map_err(|e| crate::local_redis::LocalRedisError::Start(e.to_string()))?;
+    let mut con = Probe::connect(&url, None)
+        .map_err(|e| crate::tools::local_redis::LocalRedisError::Start(e.to_string()))?;
     let python = if options.python { python_path() } else { None };
     if options.python && python.is_none() {
         eprintln!("redis-py is not available: skipping the Python contenders");

@@ -9,14 +9,14 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::admin::stats;
-use crate::client::Client;
+use crate::client::{Client, Producer};
 use crate::config::{self, Config};
 use crate::health::Health;
-use crate::local_redis::{LocalRedis, LocalRedisError};
 use crate::metrics::Metrics;
-use crate::produce::{Mood, Scenario};
 use crate::shutdown::Shutdown;
 use crate::supervisor::{self, Outcome};
+use crate::tools::local_redis::{LocalRedis, LocalRedisError};
+use crate::tools::produce::{Mood, Scenario};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
@@ -115,11 +115,10 @@ pub fn run(options: Options) -> Result<(), DemoError> {
             let url = url.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                let Ok(client) = redis::Client::open(url) else { return };
-                let Ok(mut con) = client.get_multiplexed_async_connection().await else { return };
+                let Ok(mut producer) = Producer::connect(&url).await else { return };
 
                 tokio::select! {
-                    _ = crate::produce::produce(&mut con, scenario, rate, None, until, false, || mood(started)) => {}
+                    _ = crate::tools::produce::produce(&mut producer, scenario, rate, None, until, false, || mood(started)) => {}
                     _ = shutdown.triggered() => {}
                 }
             })

@@ -5,6 +5,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::json;
 
+use crate::client::{ClientError, Producer};
+
 /// The write-ups' scenarios and the shapes of their events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Scenario {
@@ -163,14 +165,14 @@ pub fn traceparent() -> String {
 /// Writes `count` events (or until `deadline`) at `rate` per second, in pipelined slices
 /// every 10 ms. Returns how many were added.
 pub async fn produce(
-    con: &mut redis::aio::MultiplexedConnection,
+    producer: &mut Producer,
     scenario: Scenario,
     rate: u64,
     count: Option<u64>,
     until: Option<Instant>,
     with_traceparent: bool,
     mood: impl Fn() -> Mood,
-) -> redis::RedisResult<u64> {
+) -> Result<u64, ClientError> {
     let started = Instant::now();
     let mut added = 0u64;
     loop {
@@ -180,20 +182,15 @@ pub async fn produce(
         let due =
             ((started.elapsed().as_secs_f64() * rate as f64) as u64).min(count.unwrap_or(u64::MAX));
         if due > added {
-            let mut pipe = redis::pipe();
             let m = mood();
-            for n in added..due {
-                let mut cmd = redis::cmd("XADD");
-                cmd.arg(scenario.stream()).arg("*");
-                for (k, v) in scenario.event(n, m) {
-                    cmd.arg(k).arg(v);
-                }
+            let events = (added..due).map(|n| {
+                let mut fields = scenario.event(n, m);
                 if with_traceparent {
-                    cmd.arg("traceparent").arg(traceparent());
+                    fields.push(("traceparent".to_owned(), traceparent()));
                 }
-                pipe.add_command(cmd).ignore();
-            }
-            pipe.query_async::<()>(con).await?;
+                fields
+            });
+            producer.add_all(scenario.stream(), events).await?;
             added = due;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;

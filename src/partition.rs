@@ -1,0 +1,75 @@
+//! Partitioned streams: how a key picks its partition, and what a partition's stream is
+//! called. Producers in any language must agree with this byte for byte, so both rules are
+//! deliberately plain and written down in docs (see `docs/partitions.md`):
+//!
+//! - **partition of a key** = CRC-32 (IEEE 802.3, the checksum of zlib's `crc32`, Python's
+//!   `zlib.crc32`, Go's `crc32.ChecksumIEEE`, Java's `java.util.zip.CRC32`) of the key's
+//!   UTF-8 bytes, modulo the number of partitions;
+//! - **partition `p` of stream `orders`** is the stream `orders:p<p>` (`orders:p0` …
+//!   `orders:p15`). Such a name has no `{…}` hash tag, so Redis Cluster hashes all of it
+//!   and the partitions spread over the cluster's primaries; each partition's own derived
+//!   keys (dead letters, leases) carry `{orders:p3}` and stay in its slot.
+
+/// How the partition function is named in `check`, `status` and the docs.
+pub const PARTITION_FUNCTION: &str = "crc32(key) % partitions";
+
+/// The partition (0-based) that `key` belongs to among `partitions` (at least 1).
+pub fn partition_of(key: &[u8], partitions: u32) -> u32 {
+    debug_assert!(
+        partitions > 0,
+        "a partitioned stream has at least one partition"
+    );
+    crc32fast::hash(key) % partitions.max(1)
+}
+
+/// The stream key of partition `p` of `stream`.
+pub fn partition_stream(stream: &str, p: u32) -> String {
+    format!("{stream}:p{p}")
+}
+
+/// The stream keys of all `partitions` partitions of `stream`, in partition order.
+pub fn partition_streams(stream: &str, partitions: u32) -> impl Iterator<Item = String> + '_ {
+    (0..partitions).map(move |p| partition_stream(stream, p))
+}
+
+/// Whether `stream` can be partitioned so that its partitions spread over a cluster: a
+/// name with its own hash tag (`{orders}`) would put every partition in one slot.
+pub fn spreads(stream: &str) -> bool {
+    streamworker_handlers::hash_input(stream) == stream
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Known answers computed with Python's `zlib.crc32`, so a producer in another language
+    /// can check its own implementation against the same table (docs/partitions.md).
+    #[test]
+    fn partitions_match_zlib_crc32() {
+        assert_eq!(crc32fast::hash(b"customer-42"), 1_241_360_405);
+        assert_eq!(partition_of(b"customer-42", 16), 5);
+        assert_eq!(partition_of(b"customer-42", 4), 1);
+        assert_eq!(partition_of(b"order-1", 16), 15);
+        assert_eq!(partition_of(b"order-1", 4), 3);
+        assert_eq!(partition_of("ü".as_bytes(), 16), 5);
+        assert_eq!(partition_of(b"", 16), 0);
+        assert_eq!(partition_of(b"anything", 1), 0);
+    }
+
+    #[test]
+    fn partition_streams_are_named_and_spread() {
+        assert_eq!(partition_stream("orders", 3), "orders:p3");
+        assert_eq!(
+            partition_streams("orders", 3).collect::<Vec<_>>(),
+            ["orders:p0", "orders:p1", "orders:p2"]
+        );
+        // Each partition is hashed by its whole name: its own slot, its own derived keys.
+        assert_eq!(
+            streamworker_handlers::slot_tag(&partition_stream("orders", 3)),
+            "{orders:p3}"
+        );
+        assert!(spreads("orders"));
+        assert!(!spreads("{orders}"));
+        assert!(!spreads("events:{eu}"));
+    }
+}
