@@ -67,6 +67,17 @@ pub fn fair_share(partitions: u32, members: usize, index: usize) -> u32 {
     partitions / members + u32::from(index < partitions % members)
 }
 
+/// One turn's aim: this replica's share of the partitions among the live members.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    partitions: u32,
+    share: u32,
+    /// This replica's place among the live members sorted by name.
+    index: usize,
+    members: usize,
+    lease: Duration,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     /// Running; counts towards the share.
@@ -99,6 +110,8 @@ impl Owner {
         let mut last_members = vec![self.consumer.clone()];
         let mut fatal: Option<GroupError> = None;
         let mut cut_off = false;
+        // Partitions whose loop failed, not taken again by this replica until then.
+        let mut failed: BTreeMap<u32, Instant> = BTreeMap::new();
         tracing::info!(
             stream = %self.group.stream, group = %self.group.name, partitions,
             lease_ms = lease.as_millis() as u64,
@@ -107,7 +120,8 @@ impl Owner {
         self.heartbeat.set_running(true);
         loop {
             let started = Instant::now();
-            self.reap(&mut running, &mut fatal, &mut cut_off).await;
+            self.reap(&mut running, &mut fatal, &mut cut_off, &mut failed, lease)
+                .await;
             if self.shutdown.is_triggered() || fatal.is_some() {
                 break;
             }
@@ -122,21 +136,22 @@ impl Owner {
                 }
             }
             self.renew(&mut running, lease).await;
-            let index = match last_members.binary_search(&self.consumer) {
-                Ok(i) | Err(i) => i,
-            };
-            let members_count = last_members.len().max(index + 1);
-            let share = fair_share(partitions, members_count, index);
-            self.rebalance(
-                &mut running,
+            // This replica counts as live even when its heartbeat did not get through.
+            if let Err(i) = last_members.binary_search(&self.consumer) {
+                last_members.insert(i, self.consumer.clone());
+            }
+            let index = last_members
+                .binary_search(&self.consumer)
+                .expect("inserted above");
+            failed.retain(|_, until| *until > Instant::now());
+            let plan = Plan {
                 partitions,
-                share,
+                share: fair_share(partitions, last_members.len(), index),
                 index,
-                members_count,
+                members: last_members.len(),
                 lease,
-                &done,
-            )
-            .await;
+            };
+            self.rebalance(&mut running, &plan, &failed, &done).await;
             let active = count(&running, State::Active);
             self.owned.set(i64::from(active));
             self.heartbeat.set_running(true);
@@ -172,7 +187,8 @@ impl Owner {
         }
         let mut renew_at = Instant::now() + turn;
         while !running.is_empty() {
-            self.reap(&mut running, &mut fatal, &mut cut_off).await;
+            self.reap(&mut running, &mut fatal, &mut cut_off, &mut failed, lease)
+                .await;
             if running.is_empty() {
                 break;
             }
@@ -213,6 +229,8 @@ impl Owner {
         running: &mut BTreeMap<u32, Running>,
         fatal: &mut Option<GroupError>,
         cut_off: &mut bool,
+        failed: &mut BTreeMap<u32, Instant>,
+        lease: Duration,
     ) {
         let ended: Vec<u32> = running
             .iter()
@@ -230,10 +248,12 @@ impl Owner {
                     fatal.get_or_insert(e);
                 }
                 Ok(Err(e)) => {
-                    tracing::warn!(stream = %stream, group = %self.group.name, error = %e, "partition failed; releasing it")
+                    tracing::warn!(stream = %stream, group = %self.group.name, error = %e, "partition failed; releasing it, not taking it again for a lease lifetime");
+                    failed.insert(p, Instant::now() + lease);
                 }
                 Err(e) => {
-                    tracing::error!(stream = %stream, group = %self.group.name, error = %e, "partition's task ended abnormally; releasing it")
+                    tracing::error!(stream = %stream, group = %self.group.name, error = %e, "partition's task ended abnormally; releasing it, not taking it again for a lease lifetime");
+                    failed.insert(p, Instant::now() + lease);
                 }
             }
             if r.state != State::Lost {
@@ -312,18 +332,22 @@ impl Owner {
         partition_lease_key(&self.stream(p), &self.group.name)
     }
 
-    /// Releases partitions over the share and takes free ones up to it.
-    #[allow(clippy::too_many_arguments)]
+    /// Releases partitions over the share and takes free ones up to it, except those whose
+    /// loop failed lately here (another replica may take them meanwhile).
     async fn rebalance(
         &self,
         running: &mut BTreeMap<u32, Running>,
-        partitions: u32,
-        share: u32,
-        index: usize,
-        members: usize,
-        lease: Duration,
+        plan: &Plan,
+        failed: &BTreeMap<u32, Instant>,
         done: &Arc<Notify>,
     ) {
+        let Plan {
+            partitions,
+            share,
+            index,
+            members,
+            lease,
+        } = *plan;
         let mut active = count(running, State::Active);
         // Release the highest-numbered extras: deterministic, and it leaves the low ones
         // where they are.
@@ -349,7 +373,7 @@ impl Owner {
                 break;
             }
             let p = (offset + i) % partitions;
-            if running.contains_key(&p) {
+            if running.contains_key(&p) || failed.contains_key(&p) {
                 continue;
             }
             self.fence(running, lease);
