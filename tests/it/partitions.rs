@@ -486,3 +486,30 @@ fn a_replica_stops_a_partition_whose_lease_it_lost_or_cannot_renew() {
     let holder: String = redis::cmd("GET").arg(lease_key(0)).query(&mut con).unwrap();
     assert_eq!(holder, "intruder");
 }
+
+#[test]
+fn pause_stops_every_partition_and_resume_restarts_them() {
+    let redis = RedisServer::start();
+    let mut con = redis.connection();
+    let a = Daemon::start(&config(&redis.url(), "a", &group("3s")));
+    wait_for_shares(&mut con, &[("a", 8)], Duration::from_secs(15) + SLACK);
+    let path = a.config_path.to_str().unwrap();
+    let (code, out, err) = run_cli(&["pause", "-c", path, "--group", "billing"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    // Every replica stops reading within claim_interval (200 ms here).
+    std::thread::sleep(Duration::from_secs(1));
+    produce_keyed(&mut con, 0, 100);
+    std::thread::sleep(Duration::from_secs(2));
+    let undelivered: u64 = (0..PARTITIONS)
+        .map(|p| {
+            let stream = streamworker::partition::partition_stream("orders", p);
+            group_info(&mut con, &stream, "billing")
+                .and_then(|(_, lag)| lag)
+                .unwrap_or(0)
+        })
+        .sum();
+    assert_eq!(undelivered, 100, "a paused partition was read");
+    let (code, out, err) = run_cli(&["resume", "-c", path, "--group", "billing"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    wait_all_handled(&mut con, Duration::from_secs(10) + SLACK);
+}
