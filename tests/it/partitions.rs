@@ -513,3 +513,46 @@ fn pause_stops_every_partition_and_resume_restarts_them() {
     assert_eq!(code, 0, "{out}{err}");
     wait_all_handled(&mut con, Duration::from_secs(10) + SLACK);
 }
+
+#[test]
+fn consumers_of_a_gone_replica_are_forgotten_on_every_partition() {
+    let redis = RedisServer::start();
+    let mut con = redis.connection();
+    let url = redis.url();
+    let group = format!("{}consumer_ttl = \"4s\"\n", group("3s"));
+    let _a = Daemon::start(&config(&url, "a", &group));
+    let mut b = Daemon::start(&config(&url, "b", &group));
+    wait_for_shares(
+        &mut con,
+        &[("a", 4), ("b", 4)],
+        Duration::from_secs(15) + SLACK,
+    );
+    produce_keyed(&mut con, 0, 100);
+    wait_all_handled(&mut con, Duration::from_secs(10) + SLACK);
+    b.kill();
+    wait_for_shares(&mut con, &[("a", 8)], Duration::from_secs(5) + SLACK);
+    let b_on = |con: &mut redis::Connection| -> Vec<u32> {
+        (0..PARTITIONS)
+            .filter(|p| {
+                let stream = streamworker::partition::partition_stream("orders", *p);
+                let consumers: Vec<redis::Value> = redis::cmd("XINFO")
+                    .arg("CONSUMERS")
+                    .arg(&stream)
+                    .arg("billing")
+                    .query(con)
+                    .unwrap();
+                consumers
+                    .into_iter()
+                    .map(value_map)
+                    .any(|c| c["name"] == "b")
+            })
+            .collect()
+    };
+    assert!(!b_on(&mut con).is_empty(), "b never read a partition");
+    // Idle past consumer_ttl with nothing pending: gone at a's next cleanup (every 10 s).
+    wait_until(
+        Duration::from_secs(25) + SLACK,
+        "b forgotten on every partition",
+        || b_on(&mut con).is_empty(),
+    );
+}
