@@ -556,3 +556,48 @@ fn consumers_of_a_gone_replica_are_forgotten_on_every_partition() {
         || b_on(&mut con).is_empty(),
     );
 }
+
+#[test]
+fn partitions_run_under_the_documented_acl_user() {
+    let user = format!("streamworker >acl-user-pw {}", readme_acl_rules());
+    let mut args = vec!["--user".to_owned()];
+    args.extend(user.split_whitespace().map(str::to_owned));
+    let redis = RedisServer::start_with(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut con = redis.connection();
+    let _: () = redis::cmd("ACL")
+        .arg("LOG")
+        .arg("RESET")
+        .query(&mut con)
+        .unwrap();
+    let url = format!(
+        "redis://streamworker:acl-user-pw@127.0.0.1:{}/0",
+        redis.port
+    );
+    let a = Daemon::start(&config(&url, "a", &group("3s")));
+    let mut b = Daemon::start(&config(&url, "b", &group("3s")));
+    wait_for_shares(
+        &mut con,
+        &[("a", 4), ("b", 4)],
+        Duration::from_secs(15) + SLACK,
+    );
+    produce_keyed(&mut con, 0, 100);
+    wait_all_handled(&mut con, Duration::from_secs(10) + SLACK);
+    let path = a.config_path.to_str().unwrap();
+    let (code, out, err) = run_cli(&["status", "-c", path], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    b.terminate();
+    b.wait(Duration::from_secs(10) + SLACK)
+        .unwrap_or_else(|| panic!("b did not exit:\n{}", b.logs()));
+    wait_for_shares(&mut con, &[("a", 8)], Duration::from_secs(2) + SLACK);
+    let refused = acl_refusals(&mut con);
+    let logs = format!("{}{}", a.logs(), b.logs());
+    assert!(
+        refused.is_empty(),
+        "the documented ACL user was refused:\n{}\n--- log ---\n{logs}",
+        refused.join("\n")
+    );
+    assert!(
+        !logs.contains("NOPERM") && !logs.contains("no permissions"),
+        "the ACL user lacked a command:\n{logs}"
+    );
+}
