@@ -39,6 +39,10 @@ use crate::health::Heartbeat;
 use crate::keys::{members_key, partition_lease_key};
 use crate::shutdown::Shutdown;
 
+/// How long a lease release or leaving the members may take: with Redis unreachable at
+/// shutdown they expire by themselves, and the process must still exit in time.
+const LAST_WORDS: Duration = Duration::from_millis(500);
+
 /// Starts one partition's consumer loop: the partition's configuration and the shutdown
 /// that stops it.
 pub type Start = Arc<
@@ -203,12 +207,9 @@ impl Owner {
             self.heartbeat.beat();
         }
         self.owned.set(0);
-        if let Err(e) = self
-            .client
-            .members(&members, &self.consumer, lease, true)
-            .await
-        {
-            tracing::debug!(group = %self.group.name, error = %e, "could not leave the group's members; the heartbeat expires by itself");
+        let leave = self.client.members(&members, &self.consumer, lease, true);
+        if !matches!(tokio::time::timeout(LAST_WORDS, leave).await, Ok(Ok(_))) {
+            tracing::debug!(group = %self.group.name, "could not leave the group's members; the heartbeat expires by itself");
         }
         self.heartbeat.set_running(false);
         match fatal {
@@ -258,8 +259,15 @@ impl Owner {
             }
             if r.state != State::Lost {
                 let key = self.lease_key(p);
-                if let Err(e) = self.client.release_lease(&key, &self.consumer).await {
-                    tracing::debug!(lease = %key, error = %e, "could not release the partition's lease; it expires by itself");
+                let release = self.client.release_lease(&key, &self.consumer);
+                match tokio::time::timeout(LAST_WORDS, release).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::debug!(lease = %key, error = %e, "could not release the partition's lease; it expires by itself")
+                    }
+                    Err(_) => {
+                        tracing::debug!(lease = %key, "releasing the partition's lease timed out; it expires by itself")
+                    }
                 }
             }
             tracing::info!(stream = %stream, group = %self.group.name, "partition released");
