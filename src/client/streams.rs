@@ -144,6 +144,50 @@ impl Client {
         Ok(claimed)
     }
 
+    /// Keeps entries pending on `consumer` with their idle time reset (XCLAIM min-idle 0
+    /// JUSTID), each with the delivery count given (RETRYCOUNT) or its count kept; an
+    /// entry no longer pending is left alone. Ordered groups hold entries waiting for their
+    /// key this way, so that no reclaim takes them.
+    pub async fn touch(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        entries: &[(EntryId, Option<u64>)],
+    ) -> Result<()> {
+        let mut pipe = redis::pipe();
+        let kept: Vec<String> = entries
+            .iter()
+            .filter(|(_, count)| count.is_none())
+            .map(|(id, _)| id.to_string())
+            .collect();
+        for ids in kept.chunks(512) {
+            let cmd = pipe
+                .cmd("XCLAIM")
+                .arg(stream)
+                .arg(group)
+                .arg(consumer)
+                .arg(0);
+            cmd.arg(ids).arg("JUSTID").ignore();
+        }
+        for (id, count) in entries {
+            if let Some(count) = count {
+                pipe.cmd("XCLAIM")
+                    .arg(stream)
+                    .arg(group)
+                    .arg(consumer)
+                    .arg(0)
+                    .arg(id.to_string())
+                    .arg("RETRYCOUNT")
+                    .arg(*count)
+                    .arg("JUSTID")
+                    .ignore();
+            }
+        }
+        pipe.query_async::<()>(&mut self.commands()).await?;
+        Ok(())
+    }
+
     /// One page of this consumer's own pending entries after `after`; see
     /// `own_pending.lua`. `counts`: whether this re-delivery counts as a delivery (at
     /// startup, when a crash may have cut a handler call short) or keeps the count (after

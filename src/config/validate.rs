@@ -466,6 +466,12 @@ pub(super) fn validate(config: &Config) -> Vec<(String, String)> {
                 ),
             );
         }
+        if g.order_by.as_ref().is_some_and(|f| f.trim().is_empty()) {
+            problem(
+                key("order_by"),
+                "is empty: name the field whose value is the key to keep in order, e.g. order_by = \"customer_id\"".into(),
+            );
+        }
         if g.handler_timeout.is_zero() {
             problem(key("handler_timeout"), "must be greater than zero".into());
         }
