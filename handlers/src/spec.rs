@@ -182,6 +182,8 @@ impl HandlerSpec {
     /// stream's hash slot.
     pub fn acked_with(&self) -> Vec<(&'static str, &str)> {
         match self {
+            // A partitioned forward adds outside the acknowledgement's script.
+            Self::Forward(o) if o.partition_by.is_some() => Vec::new(),
             Self::Forward(o) => vec![("to", o.to.as_str())],
             _ => Vec::new(),
         }

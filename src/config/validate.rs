@@ -466,6 +466,15 @@ pub(super) fn validate(config: &Config) -> Vec<(String, String)> {
                 ),
             );
         }
+        if g.order_by.is_some()
+            && let streamworker_handlers::HandlerSpec::Forward(o) = &g.handler
+            && o.partition_by.is_some()
+        {
+            problem(
+                key("order_by"),
+                "cannot be combined with a forward's partition_by: the forward already adds each partition's entries one at a time in id order, which is what makes it exactly once; remove order_by".into(),
+            );
+        }
         if g.order_by.as_ref().is_some_and(|f| f.trim().is_empty()) {
             problem(
                 key("order_by"),

@@ -292,6 +292,15 @@ impl<'g, H: Handler> Loop<'g, H> {
     fn new(g: &'g Group<H>) -> Self {
         let cfg = &g.config;
         let now = Instant::now();
+        // The group's `order_by`, or the order its handler needs (a partitioned forward).
+        let ordering = cfg
+            .order_by
+            .clone()
+            .map(|field| streamworker_handlers::Ordering {
+                field,
+                partitions: None,
+            })
+            .or_else(|| g.handler.ordering());
         Self {
             g,
             origin: Arc::new(Origin {
@@ -319,7 +328,7 @@ impl<'g, H: Handler> Loop<'g, H> {
             claim_woke_reader: false,
             // An ordered group takes over the group's whole pending list first (its own
             // pending entries included), in id order: see `order.rs`.
-            resync: if cfg.order_by.is_some() {
+            resync: if ordering.is_some() {
                 Resync::Done
             } else {
                 Resync::Needed
@@ -340,7 +349,7 @@ impl<'g, H: Handler> Loop<'g, H> {
             refusals: HashMap::new(),
             requeued: HashSet::new(),
             flushing_len: 0,
-            resync_counts: cfg.order_by.is_none(),
+            resync_counts: ordering.is_none(),
             circuit_refresh_at: now,
             buffer: Vec::new(),
             buffer_since: None,
@@ -349,11 +358,11 @@ impl<'g, H: Handler> Loop<'g, H> {
             pause_checking: None,
             pause_check_at: now,
             policy: Policy::of(cfg),
-            order: cfg.order_by.as_deref().map(|field| {
+            order: ordering.map(|ordering| {
                 // Waiting entries cost memory only, not handler slots: a slow key holds
                 // up its own entries, and reading stops when this many wait.
                 let cap = (cfg.concurrency * 4).max(cfg.batch_size);
-                order::Order::new(field, cap, now)
+                order::Order::new(ordering, cap, now)
             }),
         }
     }

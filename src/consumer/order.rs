@@ -24,14 +24,14 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
-use streamworker_handlers::{Entry, EntryId};
+use streamworker_handlers::{Entry, EntryId, Ordering};
 use tokio::time::Instant;
 
 /// An entry and its consumer span.
 pub(super) type Started = (Entry, tracing::Span);
 
 pub(super) struct Order {
-    field: String,
+    ordering: Ordering,
     /// Every entry this loop holds (running, waiting, held for a retry, settled but not
     /// yet told Redis), with its key: a reclaim or resync bringing one again is dropped.
     keys: HashMap<EntryId, Option<Vec<u8>>>,
@@ -53,9 +53,9 @@ pub(super) struct Order {
 }
 
 impl Order {
-    pub(super) fn new(field: &str, cap: usize, now: Instant) -> Self {
+    pub(super) fn new(ordering: Ordering, cap: usize, now: Instant) -> Self {
         Self {
-            field: field.to_owned(),
+            ordering,
             keys: HashMap::new(),
             busy: HashMap::new(),
             waiting: 0,
@@ -76,7 +76,16 @@ impl Order {
 
     /// An admitted entry: returned when it may start now, else queued behind its key.
     pub(super) fn admit(&mut self, entry: Entry, span: tracing::Span) -> Option<Started> {
-        let key = entry.field(&self.field).map(<[u8]>::to_vec);
+        // The key is the field's value (looked up as every handler does, so a JSON
+        // payload's key works too), or the partition that value falls in.
+        let key = entry
+            .get(&self.ordering.field)
+            .map(|value| match self.ordering.partitions {
+                Some(n) => streamworker_handlers::partition_of(value.as_bytes(), n)
+                    .to_be_bytes()
+                    .to_vec(),
+                None => value.as_bytes().to_vec(),
+            });
         self.keys.insert(entry.id, key.clone());
         let Some(key) = key else {
             return Some((entry, span));
@@ -243,6 +252,13 @@ mod tests {
         Entry::new(origin, EntryId { ms, seq: 0 }, 1, fields)
     }
 
+    fn by(field: &str) -> Ordering {
+        Ordering {
+            field: field.into(),
+            partitions: None,
+        }
+    }
+
     fn ids(started: &[Started]) -> Vec<u64> {
         started.iter().map(|(e, _)| e.id.ms).collect()
     }
@@ -250,7 +266,7 @@ mod tests {
     #[test]
     fn a_key_runs_one_entry_at_a_time_in_id_order_and_passes_on_when_redis_has_it() {
         let now = Instant::now();
-        let mut o = Order::new("k", 10, now);
+        let mut o = Order::new(by("k"), 10, now);
         o.takeover = false;
         let none = tracing::Span::none;
         assert!(o.admit(entry(1, Some("a")), none()).is_some());
@@ -293,7 +309,7 @@ mod tests {
     #[test]
     fn queues_fill_up_and_drain_hands_everything_back() {
         let now = Instant::now();
-        let mut o = Order::new("k", 2, now);
+        let mut o = Order::new(by("k"), 2, now);
         let none = tracing::Span::none;
         o.admit(entry(1, Some("a")), none());
         o.admit(entry(2, Some("a")), none());

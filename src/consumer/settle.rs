@@ -567,7 +567,7 @@ impl<H: Handler> Loop<'_, H> {
             Fate::Ack => {
                 let kind = if effects
                     .iter()
-                    .any(|e| matches!(e, Effect::StreamAdd { .. }))
+                    .any(|e| matches!(e, Effect::StreamAdd { .. } | Effect::StreamAddAt { .. }))
                 {
                     AckKind::Forwarded
                 } else {
