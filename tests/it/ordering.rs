@@ -305,3 +305,41 @@ fn order_by_survives_sigkill_no_key_sees_its_entries_out_of_order_nothing_lost()
     });
     assert_per_key_order(&hook.hits());
 }
+
+#[test]
+fn check_refuses_order_by_on_a_partitioned_forward_and_an_empty_order_by() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        &dir,
+        &config(
+            "redis://127.0.0.1:1/0",
+            "r1",
+            r#"
+[groups.fanout]
+stream = "events"
+handler = "forward"
+order_by = "customer"
+[groups.fanout.options]
+to = "orders"
+partition_by = "customer"
+partitions = 4
+
+[groups.billing]
+stream = "orders:p1"
+handler = "noop"
+order_by = ""
+"#,
+        ),
+    );
+    let (code, _, err) = run_cli(&["check", "-c", &path], &[]);
+    assert_ne!(code, 0, "{err}");
+    assert!(
+        err.contains("groups.fanout.order_by")
+            && err.contains("cannot be combined with a forward's partition_by"),
+        "{err}"
+    );
+    assert!(
+        err.contains("groups.billing.order_by") && err.contains("is empty"),
+        "{err}"
+    );
+}
