@@ -343,3 +343,65 @@ order_by = ""
         "{err}"
     );
 }
+
+#[test]
+fn entries_waiting_for_their_key_stay_pending_here_with_their_idle_time_refreshed() {
+    let redis = RedisServer::start();
+    let mut con = redis.connection();
+    let a0 = produce(&mut con, "orders", &[vec![("key", "a".to_owned())]])[0].clone();
+    let a1 = produce(&mut con, "orders", &[vec![("key", "a".to_owned())]])[0].clone();
+    // a0 fails four times, 1.2 s apart: a1 waits over 3.6 s, longer than claim_idle (3 s).
+    let hook = {
+        let a0 = a0.clone();
+        webhook::WebhookServer::start_with(move |hit| {
+            if hit.id == a0 && hit.delivery_count < 5 {
+                (500, Duration::ZERO)
+            } else {
+                (200, Duration::ZERO)
+            }
+        })
+    };
+    let group = ordered_group(
+        &hook.url("orders"),
+        "max_deliveries = 6\nretry_backoff = { initial = \"1200ms\", max = \"1200ms\", multiplier = 1.0, jitter = 0.0 }",
+    );
+    let _daemon = Daemon::start(&config(&redis.url(), "r1", &group));
+    wait_until(Duration::from_secs(10), "a0's fourth attempt", || {
+        hook.hits().iter().filter(|h| h.id == a0).count() >= 4
+    });
+    // Both entries are pending on r1, idle less than claim_idle; a0's delivery count in
+    // Redis follows its in-process retries.
+    let rows: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+        .arg("orders")
+        .arg("billing")
+        .arg("-")
+        .arg("+")
+        .arg(10)
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for (id, consumer, idle_ms, count) in &rows {
+        assert_eq!(consumer, "r1", "{rows:?}");
+        assert!(*idle_ms < 3_000, "{id} idle {idle_ms} ms: {rows:?}");
+        if *id == a0 {
+            assert!(*count >= 3, "{rows:?}");
+        } else {
+            // Kept by a refresh of its idle time, not reclaimed (which would count a
+            // delivery).
+            assert_eq!(*count, 1, "{rows:?}");
+        }
+    }
+    assert!(hook.hits().iter().all(|h| h.id != a1), "a1 waits for a0");
+    wait_until(Duration::from_secs(15), "both handled", || {
+        let handled = hook.handled();
+        handled.contains_key(&a0) && handled.contains_key(&a1)
+    });
+    let hits = hook.hits();
+    assert_per_key_order(&hits);
+    let a1_hits: Vec<u64> = hits
+        .iter()
+        .filter(|h| h.id == a1)
+        .map(|h| h.delivery_count)
+        .collect();
+    assert_eq!(a1_hits, [1]);
+}
