@@ -53,7 +53,8 @@ pub struct Ordering {
 }
 
 /// The partition (0-based) of `key` among `partitions`: CRC-32 (zlib's) of the key's bytes
-/// modulo the partitions. The daemon's `partition::partition_of` is this function.
+/// modulo the partitions. The daemon's `partition::partition_of` re-exports it; its tests
+/// hold the known answers producers in other languages can check against.
 pub fn partition_of(key: &[u8], partitions: u32) -> u32 {
     crc32fast::hash(key) % partitions.max(1)
 }
