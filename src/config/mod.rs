@@ -374,6 +374,10 @@ pub struct GroupSettings {
         skip_serializing_if = "Option::is_none"
     )]
     pub partition_lease: Option<Duration>,
+    /// Per-key order: entries with the same value of this field are handled one at a
+    /// time, in id order, even across retries (`src/consumer/order.rs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub order_by: Option<String>,
 }
 
 impl Default for GroupSettings {
@@ -395,6 +399,7 @@ impl Default for GroupSettings {
             circuit_breaker: CircuitBreakerConfig::default(),
             partitions: None,
             partition_lease: None,
+            order_by: None,
         }
     }
 }

@@ -26,6 +26,7 @@ mod learning;
 mod observability;
 mod operate;
 mod ops_guards;
+mod ordering;
 mod partitions;
 mod pause;
 mod pg_tls;
