@@ -439,7 +439,7 @@ fn order_by_on_a_partitioned_stream_holds_across_sigkill_joins_and_handovers() {
     // few fail their first delivery (retries held in process when ownership moves).
     let hook = webhook::WebhookServer::start_with(|hit| {
         let n: u64 = hit.body["fields"]["n"].as_str().unwrap().parse().unwrap();
-        if n % 13 == 0 && hit.delivery_count == 1 {
+        if n.is_multiple_of(13) && hit.delivery_count == 1 {
             (500, Duration::from_millis(5))
         } else {
             (200, Duration::from_millis(5 + fastrand::u64(..20)))
