@@ -31,5 +31,6 @@ mod pg_tls;
 mod promises;
 mod scenarios;
 mod shutdown;
+mod tls_reader;
 mod topology;
 mod warehouse;
