@@ -26,18 +26,22 @@ WORKDIR /src
 # sources, so that editing src/ does not rebuild the dependency graph.
 COPY Cargo.toml Cargo.lock ./
 COPY handlers/Cargo.toml handlers/
+COPY examples/custom-handler/Cargo.toml examples/custom-handler/
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
-    mkdir -p src handlers/src \
+    mkdir -p src handlers/src examples/custom-handler/src \
     && echo 'fn main() {}' > src/main.rs \
-    && touch src/lib.rs handlers/src/lib.rs \
+    && echo 'fn main() {}' > examples/custom-handler/src/main.rs \
+    && touch src/lib.rs handlers/src/lib.rs examples/custom-handler/src/lib.rs \
     && cargo build --release --locked --package streamworker \
-    && rm -rf src handlers/src
+    && rm -rf src handlers/src examples/custom-handler/src
 
 # The real sources. COPY keeps their modification times, which may be older than the stub
 # build's outputs: touch the crate roots so cargo rebuilds both workspace crates instead of
 # shipping the stub (the --version check below would catch that: the stub prints nothing).
 COPY src src
 COPY handlers/src handlers/src
+# The example handler crate is a workspace member: cargo reads it, never builds it here.
+COPY examples/custom-handler/src examples/custom-handler/src
 # The commit the binary reports (`streamworker --version`, streamworker_build_info);
 # declared here so that a new commit does not invalidate the dependency layer above.
 ARG STREAMWORKER_COMMIT=unknown

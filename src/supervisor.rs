@@ -3,18 +3,12 @@
 //! owns the process-wide pieces: the Redis client, the readiness probe and the exit status.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use streamworker_handlers::{HandlerSpec, Store};
-
-use streamworker_handlers::alerts::Alerts;
-use streamworker_handlers::analytics::Analytics;
-use streamworker_handlers::forward::Forward;
-use streamworker_handlers::learning::Learning;
-use streamworker_handlers::noop::Noop;
-use streamworker_handlers::warehouse::{self, Warehouse};
-use streamworker_handlers::webhook::Webhook;
+use streamworker_handlers::{HandlerContext, HandlerKind, Register, Store};
 use tokio_util::task::TaskTracker;
 
 use crate::client::{Client, ClientError};
@@ -342,81 +336,115 @@ async fn supervise(group: Arc<GroupConfig>, shared: Shared, heartbeat: Heartbeat
     }
 }
 
-/// Builds the group's handler and runs the consumer loop with it: one match arm per
-/// handler kind, each monomorphized so the hot path has no dynamic dispatch.
+/// Builds the group's handler and runs the consumer loop with it, through the launcher its
+/// kind registered.
 async fn run_group(
     config: Arc<GroupConfig>,
     shared: Shared,
     heartbeat: Heartbeat,
 ) -> Result<GroupExit, GroupError> {
-    fn group<H>(
-        config: &Arc<GroupConfig>,
-        shared: &Shared,
-        heartbeat: &Heartbeat,
-        handler: H,
-    ) -> Group<H> {
-        Group {
-            metrics: shared.metrics.group(&config.stream, &config.name),
-            config: Arc::clone(config),
-            consumer: shared.consumer.clone(),
-            claim_interval: shared.claim_interval,
-            client: shared.client.clone(),
+    let kind = config.handler.kind();
+    let Some(launch) = launcher(kind) else {
+        return Err(GroupError::Handler(format!(
+            "no handler is registered as {kind:?} in this binary"
+        )));
+    };
+    let mut context = HandlerContext::new(
+        config.stream.clone(),
+        config.name.clone(),
+        Arc::clone(&shared.store),
+    );
+    context.consumer = shared.consumer.clone();
+    context.concurrency = config.concurrency;
+    let group = Group {
+        metrics: shared.metrics.group(&config.stream, &config.name),
+        config: Arc::clone(&config),
+        consumer: shared.consumer.clone(),
+        claim_interval: shared.claim_interval,
+        client: shared.client.clone(),
+        handler: (),
+        shutdown: shared.shutdown.clone(),
+        heartbeat: heartbeat.clone(),
+        lease_token: shared.lease_token.clone(),
+        events: None,
+    };
+    launch(context, group).await
+}
+
+type GroupRun = Pin<Box<dyn Future<Output = Result<GroupExit, GroupError>> + Send>>;
+
+/// Builds a kind's handler for a group and runs the group's loop with it. One
+/// instantiation per kind, so the hot path calls the handler without dynamic dispatch.
+type Launch = fn(HandlerContext, Group<()>) -> GroupRun;
+
+fn launch<H: HandlerKind>(context: HandlerContext, group: Group<()>) -> GroupRun {
+    Box::pin(async move {
+        let Some(options) = group.config.handler.options::<H::Options>() else {
+            return Err(GroupError::Handler(format!(
+                "the options of handler {:?} are not the kind's own",
+                group.config.handler.kind()
+            )));
+        };
+        let handler =
+            H::build(options, &context).map_err(|e| GroupError::Handler(e.to_string()))?;
+        let Group {
+            config,
+            consumer,
+            claim_interval,
+            client,
+            handler: (),
+            metrics,
+            shutdown,
+            heartbeat,
+            lease_token,
+            events,
+        } = group;
+        consumer::run(&Group {
+            config,
+            consumer,
+            claim_interval,
+            client,
             handler,
-            shutdown: shared.shutdown.clone(),
-            heartbeat: heartbeat.clone(),
-            lease_token: shared.lease_token.clone(),
-            events: None,
-        }
+            metrics,
+            shutdown,
+            heartbeat,
+            lease_token,
+            events,
+        })
+        .await
+    })
+}
+
+/// The launchers of every handler kind, by name.
+#[derive(Default)]
+pub(crate) struct Launchers(Vec<(&'static str, Launch)>);
+
+impl Register for Launchers {
+    fn kind<H: HandlerKind>(&mut self, name: &'static str) {
+        self.0.push((name, launch::<H>));
     }
-    match &config.handler {
-        HandlerSpec::Noop(options) => {
-            consumer::run(&group(&config, &shared, &heartbeat, Noop::new(options))).await
-        }
-        HandlerSpec::Webhook(options) => {
-            let webhook = Webhook::new(options, config.concurrency)
-                .map_err(|e| GroupError::Handler(e.to_string()))?;
-            consumer::run(&group(&config, &shared, &heartbeat, webhook)).await
-        }
-        HandlerSpec::Forward(options) => {
-            let forward = Forward::new(options, &config.stream)
-                .map_err(|e| GroupError::Handler(e.to_string()))?;
-            consumer::run(&group(&config, &shared, &heartbeat, forward)).await
-        }
-        HandlerSpec::Learning(options) => {
-            let learning = Learning::new(
-                options,
-                &config.stream,
-                &config.name,
-                Arc::clone(&shared.store),
-            )
-            .map_err(|e| GroupError::Handler(e.to_string()))?;
-            consumer::run(&group(&config, &shared, &heartbeat, learning)).await
-        }
-        HandlerSpec::Analytics(options) => {
-            let analytics = Analytics::new(options);
-            consumer::run(&group(&config, &shared, &heartbeat, analytics)).await
-        }
-        HandlerSpec::Warehouse(options) => {
-            let context = warehouse::Context {
-                stream: config.stream.clone(),
-                group: config.name.clone(),
-                consumer: shared.consumer.clone(),
-                concurrency: config.concurrency,
-                store: Arc::clone(&shared.store),
-            };
-            let warehouse =
-                Warehouse::new(options, context).map_err(|e| GroupError::Handler(e.to_string()))?;
-            consumer::run(&group(&config, &shared, &heartbeat, warehouse)).await
-        }
-        HandlerSpec::Alerts(options) => {
-            let alerts = Alerts::new(
-                options,
-                &config.stream,
-                &config.name,
-                Arc::clone(&shared.store),
-            )
-            .map_err(|e| GroupError::Handler(e.to_string()))?;
-            consumer::run(&group(&config, &shared, &heartbeat, alerts)).await
-        }
+}
+
+impl Launchers {
+    /// Makes these the launchers of this process. The first call wins; `false` after that.
+    pub(crate) fn install(self) -> bool {
+        LAUNCHERS.set(self).is_ok()
     }
+}
+
+/// Process-wide like the kinds configuration accepts (`config::handler_kinds`): `App::main`
+/// installs both from the same registrations; without an `App`, the built-ins.
+static LAUNCHERS: OnceLock<Launchers> = OnceLock::new();
+
+fn launcher(kind: &str) -> Option<Launch> {
+    let launchers = LAUNCHERS.get_or_init(|| {
+        let mut launchers = Launchers::default();
+        streamworker_handlers::register_builtins(&mut launchers);
+        launchers
+    });
+    launchers
+        .0
+        .iter()
+        .find(|(name, _)| *name == kind)
+        .map(|(_, launch)| *launch)
 }

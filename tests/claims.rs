@@ -192,7 +192,11 @@ fn test_exists(path: &str) -> Result<(), String> {
             }
             files
         }
-        [binary @ ("deploy" | "observability_assets" | "claims"), _] => {
+        ["example", krate, _] => rust_files(&repo().join("examples").join(krate)),
+        [
+            binary @ ("deploy" | "observability_assets" | "claims" | "public_api"),
+            _,
+        ] => {
             vec![repo().join(format!("tests/{binary}.rs"))]
         }
         ["unit", krate @ ("streamworker" | "handlers"), ..] => {
@@ -206,7 +210,8 @@ fn test_exists(path: &str) -> Result<(), String> {
         _ => {
             return Err(format!(
                 "`{path}` is not a test path: use it::<module>::<fn>, deploy::<fn>, \
-                 observability_assets::<fn>, claims::<fn> or unit::<streamworker|handlers>::<fn>"
+                 observability_assets::<fn>, claims::<fn>, public_api::<fn>, \
+                 example::<crate>::<fn> or unit::<streamworker|handlers>::<fn>"
             ));
         }
     };

@@ -9,7 +9,8 @@
 
 use std::time::Duration;
 
-/// One write. The set is closed on purpose: each maps to one Redis command.
+/// One write, described: the runtime turns each into one Redis command. The set is closed
+/// on purpose, so a handler cannot reach anything but these writes.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
     /// HINCRBY
@@ -38,44 +39,6 @@ pub enum Effect {
 pub type Effects = Vec<Effect>;
 
 impl Effect {
-    /// The command name and its arguments, as the runtime sends them.
-    pub fn command(&self) -> (&'static str, Vec<Vec<u8>>) {
-        fn s(v: &str) -> Vec<u8> {
-            v.as_bytes().to_vec()
-        }
-        match self {
-            Self::HashIncr { key, field, by } => {
-                ("HINCRBY", vec![s(key), s(field), s(&by.to_string())])
-            }
-            Self::HashIncrFloat { key, field, by } => (
-                "HINCRBYFLOAT",
-                vec![s(key), s(field), s(&format_float(*by))],
-            ),
-            Self::HashSet { key, field, value } => ("HSET", vec![s(key), s(field), s(value)]),
-            Self::Expire { key, ttl } => (
-                "PEXPIRE",
-                vec![s(key), s(&ttl.as_millis().max(1).to_string())],
-            ),
-            Self::StreamAdd {
-                key,
-                fields,
-                max_len,
-            } => {
-                let mut args = vec![s(key)];
-                if let Some(n) = max_len {
-                    args.extend([s("MAXLEN"), s("~"), s(&n.to_string())]);
-                }
-                args.push(s("*"));
-                for (k, v) in fields {
-                    args.push(k.clone());
-                    args.push(v.clone());
-                }
-                ("XADD", args)
-            }
-            Self::Publish { channel, message } => ("PUBLISH", vec![s(channel), s(message)]),
-        }
-    }
-
     /// The key written (the channel for Publish), for checks such as hash slots.
     pub fn key(&self) -> &str {
         match self {
@@ -86,52 +49,5 @@ impl Effect {
             | Self::StreamAdd { key, .. } => key,
             Self::Publish { channel, .. } => channel,
         }
-    }
-}
-
-/// Floats as Redis reads them back: no exponent, no trailing noise.
-fn format_float(x: f64) -> String {
-    if x.fract() == 0.0 && x.abs() < 1e15 {
-        format!("{}", x as i64)
-    } else {
-        let text = format!("{x:.12}");
-        text.trim_end_matches('0').trim_end_matches('.').to_owned()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn effects_become_commands() {
-        let (name, args) = Effect::HashIncrFloat {
-            key: "k".into(),
-            field: "f".into(),
-            by: 0.0023,
-        }
-        .command();
-        assert_eq!(name, "HINCRBYFLOAT");
-        assert_eq!(args[2], b"0.0023");
-        let (name, args) = Effect::StreamAdd {
-            key: "out".into(),
-            fields: vec![(b"a".to_vec(), b"1".to_vec())],
-            max_len: Some(100),
-        }
-        .command();
-        assert_eq!(name, "XADD");
-        assert_eq!(
-            args,
-            vec![
-                b"out".to_vec(),
-                b"MAXLEN".to_vec(),
-                b"~".to_vec(),
-                b"100".to_vec(),
-                b"*".to_vec(),
-                b"a".to_vec(),
-                b"1".to_vec()
-            ]
-        );
-        assert_eq!(format_float(3.0), "3");
     }
 }

@@ -3,12 +3,14 @@
 //! This crate knows nothing about Redis or the runtime on purpose. A handler gets an
 //! [`Entry`] and answers `Ok(effects)` or a [`HandlerError`] saying what should happen to the
 //! entry; the runtime alone decides when to acknowledge, retry or dead-letter, so a handler
-//! can neither acknowledge early nor lose an entry. A user's own handler depends on this
-//! crate only.
+//! can neither acknowledge early nor lose an entry. A user's own handler kind implements
+//! the same traits as the built-ins ([`Handler`], [`HandlerKind`], [`HandlerOptions`]); the
+//! `streamworker` crate re-exports them with `App`, which registers the kind by name.
 
 pub mod alerts;
 pub mod analytics;
 mod batch_wait;
+mod builtins;
 pub mod duration;
 mod effect;
 mod entry;
@@ -27,13 +29,17 @@ pub mod webhook;
 use std::future::Future;
 use std::time::Duration;
 
+pub use builtins::register_builtins;
 pub use effect::{Effect, Effects};
 pub use entry::{
     Entry, EntryId, Origin, Payload, PayloadFormat, REPLAY_GROUP_FIELD, REPLAY_OF_FIELD,
 };
 pub use error::{HandlerError, ResultExt, one_line};
 pub use slot::{hash_input, slot_tag, slot_tag_reaches};
-pub use spec::{Derived, HandlerSpec, Limits, Needs, OptionProblem};
+pub use spec::{
+    BuildError, Derived, HandlerContext, HandlerKind, HandlerOptions, Limits, Needs, OptionProblem,
+    Register,
+};
 
 pub use store::{MemoryStore, Store, StoreCall, StoreError, StoreFuture};
 
@@ -46,6 +52,9 @@ pub use store::{MemoryStore, Store, StoreCall, StoreError, StoreFuture};
 /// dead-letter it. Handlers are called at least once per entry: side effects outside Redis
 /// must be idempotent (key them on [`Entry::idempotency_id`]).
 pub trait Handler: Send + Sync + 'static {
+    /// Handles one entry: `Ok` with the writes to make together with its acknowledgement
+    /// (usually none), or the [`HandlerError`] that decides its fate (retry, dead-letter,
+    /// or acknowledge without effects).
     fn handle(&self, entry: &Entry) -> impl Future<Output = Result<Effects, HandlerError>> + Send;
 
     /// `Some` to receive entries in batches through [`Handler::handle_batch`].

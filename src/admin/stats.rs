@@ -2,7 +2,7 @@
 //! handler has aggregated, read from its aggregates in Redis, never by rereading the stream.
 //!
 //! One submodule per handler kind that keeps statistics, dispatched on the group's handler.
-//! To add a kind: a submodule with its `run`, an arm in [`run`] and its name in [`KINDS`];
+//! To add a kind: a submodule with its `run`, a branch in [`run`] and its name in [`KINDS`];
 //! [`minutes`] and [`read_hashes`] are there for any kind that keeps per-minute hashes.
 
 mod analytics;
@@ -12,7 +12,8 @@ use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use streamworker_handlers::HandlerSpec;
+use streamworker_handlers::analytics::AnalyticsOptions;
+use streamworker_handlers::learning::LearningOptions;
 
 use crate::client::{Client, ClientError};
 use crate::config::GroupConfig;
@@ -61,13 +62,14 @@ pub async fn run(
     group: &GroupConfig,
     query: &Query,
 ) -> Result<String, StatsError> {
-    match &group.handler {
-        HandlerSpec::Analytics(options) => Ok(analytics::run(client, group, options, query).await?),
-        HandlerSpec::Learning(options) => Ok(learning::run(client, group, options, query).await?),
-
-        _ => Err(StatsError::Unsupported(
+    if let Some(options) = group.handler.options::<AnalyticsOptions>() {
+        Ok(analytics::run(client, group, options, query).await?)
+    } else if let Some(options) = group.handler.options::<LearningOptions>() {
+        Ok(learning::run(client, group, options, query).await?)
+    } else {
+        Err(StatsError::Unsupported(
             supported(group).err().unwrap_or_default(),
-        )),
+        ))
     }
 }
 

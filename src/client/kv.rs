@@ -42,7 +42,7 @@ impl Client {
             pipe.atomic();
         }
         for effect in effects {
-            let (name, args) = effect.command();
+            let (name, args) = super::effects::command(effect);
             let mut cmd = redis::cmd(name);
             for a in args {
                 cmd.arg(a);

@@ -150,7 +150,7 @@ impl Client {
         let mut written = Vec::new();
         let mut others = Vec::new();
         for effect in effects {
-            let (name, args) = effect.command();
+            let (name, args) = super::effects::command(effect);
             if matches!(effect, Effect::StreamAdd { .. }) {
                 let mut cmd = redis::cmd(name);
                 for a in &args {

@@ -30,6 +30,7 @@ use redis::{RedisError, Value};
 
 pub mod admin;
 mod connection;
+mod effects;
 mod error;
 mod groups;
 mod kv;

@@ -215,7 +215,7 @@ impl Client {
         for (id, effects) in entries {
             inv.arg(id.to_string()).arg(effects.len());
             for effect in effects.iter() {
-                let (name, args) = effect.command();
+                let (name, args) = super::effects::command(effect);
                 inv.arg(name).arg(args.len());
                 for a in args {
                     inv.arg(a);

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 
 use config::{File, FileFormat, Source, Value, ValueKind};
 use serde::de::DeserializeOwned;
-use streamworker_handlers::HandlerSpec;
+use streamworker_handlers::noop::NoopOptions;
+
+use super::HandlerSpec;
 
 use super::validate::Explicit;
 use super::{
@@ -194,7 +196,7 @@ pub fn load_with_env(path: &Path, env: HashMap<String, String>) -> Result<Config
         // stand-in handler.
         let handler = report
             .handler_spec(&key, handler, options)
-            .unwrap_or(HandlerSpec::Noop(Default::default()));
+            .unwrap_or_else(|| HandlerSpec::new("noop", NoopOptions::default()));
         if let Some(settings) = settings {
             groups.insert(
                 name.clone(),
@@ -494,13 +496,14 @@ impl Report {
         options: Option<Value>,
     ) -> Option<HandlerSpec> {
         let key = format!("{prefix}.handler");
-        let kinds = HandlerSpec::KINDS.join(", ");
+        let known = super::kinds::names();
+        let kinds = known.join(", ");
         let Some(handler) = handler else {
             self.push(&key, format!("is missing: choose one of {kinds}"));
             return None;
         };
         let name = match handler.clone().into_string() {
-            Ok(name) if HandlerSpec::KINDS.contains(&name.as_str()) => name,
+            Ok(name) if known.contains(&name.as_str()) => name,
             Ok(name) => {
                 self.push(
                     &key,
@@ -517,7 +520,7 @@ impl Report {
             options.unwrap_or_else(|| Value::new(None, ValueKind::Table(Default::default())));
         let prefix = format!("{prefix}.options");
         let options = self.table(&prefix, options)?;
-        self.deserialize_with(&prefix, options, |d| HandlerSpec::from_options(&name, d))
+        self.deserialize_with(&prefix, options, |d| super::kinds::read_options(&name, d))
     }
 }
 
@@ -713,7 +716,10 @@ mod tests {
                 ],
             )
             .unwrap();
-            let HandlerSpec::Learning(options) = &config.groups["learn"].handler else {
+            let Some(options) = config.groups["learn"]
+                .handler
+                .options::<streamworker_handlers::learning::LearningOptions>()
+            else {
                 panic!("learning handler expected");
             };
             assert_eq!(options.threshold, 2.5);

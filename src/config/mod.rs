@@ -5,6 +5,7 @@
 //! components; each component's settings are a struct with `deny_unknown_fields`, checked
 //! when the file is loaded rather than when the group first runs.
 
+mod kinds;
 mod load;
 #[cfg(test)]
 mod proptests;
@@ -16,8 +17,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use streamworker_handlers::{EntryId, HandlerSpec, PayloadFormat};
+use streamworker_handlers::{EntryId, PayloadFormat};
 
+pub(crate) use kinds::OptionKinds;
+pub use kinds::{HandlerSpec, names as handler_kinds};
 pub use load::{ConfigError, Problem, load, load_with_env};
 
 /// The prefix of environment variables that override configuration keys, with `__`
@@ -439,7 +442,7 @@ impl Config {
                     "dead_letter_stream".into(),
                     toml::Value::String(g.dead_letter_stream()),
                 );
-                let handler = toml::Table::try_from(g.handler.redacted()).expect("spec serializes");
+                let handler = g.handler.redacted_table();
                 table.extend(handler);
                 (name.as_str(), table)
             })

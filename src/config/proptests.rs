@@ -224,7 +224,7 @@ fn group() -> impl Strategy<Value = Table> {
         prop::option::of(table(BACKOFF_KEYS)),
         prop::option::of(table(BREAKER_KEYS)),
         prop::option::of(leaf()),
-        prop::sample::select(super::HandlerSpec::KINDS),
+        prop::sample::select(super::handler_kinds()),
         prop::option::of(table(OPTION_KEYS)),
     )
         .prop_map(|(mut g, backoff, breaker, handler, kind, options)| {

@@ -629,7 +629,10 @@ mod tests {
     use super::same_slot;
     use crate::config::{Config, ConfigError, load_with_env};
     use std::time::Duration;
-    use streamworker_handlers::HandlerSpec;
+    use streamworker_handlers::alerts::AlertsOptions;
+    use streamworker_handlers::learning::LearningOptions;
+    use streamworker_handlers::warehouse::WarehouseOptions;
+    use streamworker_handlers::webhook::WebhookOptions;
 
     fn load(text: &str) -> Result<Config, ConfigError> {
         let dir = tempfile::tempdir().unwrap();
@@ -754,7 +757,7 @@ mod tests {
             "webhook",
             "handler_timeout = \"3s\"\noptions = { url = \"http://127.0.0.1:9/x\" }",
         );
-        let HandlerSpec::Webhook(o) = &c.groups["g"].handler else {
+        let Some(o) = c.groups["g"].handler.options::<WebhookOptions>() else {
             panic!()
         };
         assert_eq!(o.timeout, S(3));
@@ -780,7 +783,7 @@ mod tests {
                 "handler_timeout = \"2s\"\noptions.webhook = \"http://127.0.0.1:9/x\"\n{alerts}"
             ),
         );
-        let HandlerSpec::Alerts(o) = &c.groups["g"].handler else {
+        let Some(o) = c.groups["g"].handler.options::<AlertsOptions>() else {
             panic!()
         };
         assert_eq!(o.webhook_timeout, S(1));
@@ -813,14 +816,14 @@ mod tests {
     #[test]
     fn batch_handlers_options_follow_the_groups_limits_and_the_reverse() {
         let c = group("warehouse", "claim_idle = \"2s\"\nhandler_timeout = \"1s\"");
-        let HandlerSpec::Warehouse(o) = &c.groups["g"].handler else {
+        let Some(o) = c.groups["g"].handler.options::<WarehouseOptions>() else {
             panic!()
         };
         assert_eq!(o.max_wait, MS(500));
         assert_eq!(from(&c, "groups.g.options.max_wait"), Some("claim_idle"));
 
         let c = group("warehouse", "claim_idle = \"2d\"");
-        let HandlerSpec::Warehouse(o) = &c.groups["g"].handler else {
+        let Some(o) = c.groups["g"].handler.options::<WarehouseOptions>() else {
             panic!()
         };
         assert_eq!(o.dedupe_window(), S(4 * 86_400));
@@ -839,7 +842,7 @@ mod tests {
         assert_eq!(c.groups["g"].claim_idle, MS(45_500));
 
         let c = group("learning", "claim_idle = \"2d\"");
-        let HandlerSpec::Learning(o) = &c.groups["g"].handler else {
+        let Some(o) = c.groups["g"].handler.options::<LearningOptions>() else {
             panic!()
         };
         assert_eq!(o.marker_ttl, S(4 * 86_400));
@@ -852,7 +855,7 @@ mod tests {
             "learning",
             "options = { rating_min = 0.0, rating_max = 1.0 }",
         );
-        let HandlerSpec::Learning(o) = &c.groups["g"].handler else {
+        let Some(o) = c.groups["g"].handler.options::<LearningOptions>() else {
             panic!()
         };
         assert_eq!(o.threshold, 0.5);
@@ -862,13 +865,13 @@ mod tests {
         );
 
         let c = group("learning", "options = { rating_min = 6.0 }");
-        let HandlerSpec::Learning(o) = &c.groups["g"].handler else {
+        let Some(o) = c.groups["g"].handler.options::<LearningOptions>() else {
             panic!()
         };
         assert_eq!((o.rating_max, o.threshold), (10.0, 8.0));
 
         let c = group("learning", "options = { retention = \"30m\" }");
-        let HandlerSpec::Learning(o) = &c.groups["g"].handler else {
+        let Some(o) = c.groups["g"].handler.options::<LearningOptions>() else {
             panic!()
         };
         assert_eq!(o.window, S(1800));
@@ -883,7 +886,7 @@ mod tests {
         );
         assert!(c.derived.is_empty(), "{:?}", c.derived);
         let c = group("learning", "options = { check_every = \"90m\" }");
-        let HandlerSpec::Learning(o) = &c.groups["g"].handler else {
+        let Some(o) = c.groups["g"].handler.options::<LearningOptions>() else {
             panic!()
         };
         assert_eq!(o.window, S(5400));

@@ -64,7 +64,7 @@ impl History {
         series.samples.push_back(Sample { at_ms, lag, rate });
     }
 
-    /// The samples of the last [`WINDOW`], oldest first.
+    /// The samples of the last `WINDOW`, oldest first.
     pub fn samples(&self, stream: &str, group: &str) -> Vec<Sample> {
         self.series
             .get(&(stream.to_owned(), group.to_owned()))

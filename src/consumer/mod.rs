@@ -8,7 +8,7 @@
 //! bounds below `claim_idle`, so no other replica can reclaim an entry that is being
 //! handled.
 //!
-//! Each turn of [`Loop::run`]:
+//! Each turn of `Loop::run`:
 //!
 //! 1. **pump** starts whatever can start: a connection, a read, a reclaim or a page of
 //!    the own pending list (`fetch.rs`, only into free slots and as the circuit allows),

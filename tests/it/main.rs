@@ -9,6 +9,7 @@ mod support;
 mod admin_cli;
 mod alerts;
 mod analytics;
+mod bench;
 mod chaos;
 mod cli;
 mod cli_more;
