@@ -193,6 +193,16 @@ enum Command {
         /// Produce the incident variant (failing LLM calls, one model rated poorly).
         #[arg(long)]
         incident: bool,
+        /// The stream to write to (default: the scenario's).
+        #[arg(long)]
+        stream: Option<String>,
+        /// Write each event to the partition of the stream its value of FIELD picks
+        /// (`<stream>:p<crc32(value) % partitions>`); an event without FIELD is an error.
+        #[arg(long, value_name = "FIELD", requires = "partitions")]
+        partition_by: Option<String>,
+        /// How many partitions the stream has (with --partition-by).
+        #[arg(long, value_name = "N", requires = "partition_by", value_parser = clap::value_parser!(u32).range(1..))]
+        partitions: Option<u32>,
         /// Print the summary (stream, events added) as JSON on stdout.
         #[arg(long)]
         json: bool,
@@ -618,19 +628,41 @@ pub(crate) fn main() -> ExitCode {
             duration,
             traceparent,
             incident,
+            stream,
+            partition_by,
+            partitions,
             json,
-        } => match produce(scenario, &url, rate, count, duration, traceparent, incident) {
-            Ok(n) => {
-                if json {
-                    let value = serde_json::json!({ "stream": scenario.stream(), "added": n });
-                    println!("{value}");
-                } else {
-                    eprintln!("added {n} events to {}", scenario.stream());
+        } => {
+            let stream = stream.unwrap_or_else(|| scenario.stream().to_owned());
+            let partitioning = partition_by.zip(partitions).map(|(field, partitions)| {
+                streamworker::tools::produce::Partitioning { field, partitions }
+            });
+            match produce(
+                scenario,
+                &stream,
+                partitioning.as_ref(),
+                &url,
+                rate,
+                count,
+                duration,
+                traceparent,
+                incident,
+            ) {
+                Ok(n) => {
+                    let partitions = partitioning.as_ref().map(|p| p.partitions);
+                    if json {
+                        let value = serde_json::json!({ "stream": stream, "partitions": partitions, "added": n });
+                        println!("{value}");
+                    } else if let Some(p) = partitions {
+                        eprintln!("added {n} events to the {p} partitions of {stream}");
+                    } else {
+                        eprintln!("added {n} events to {stream}");
+                    }
+                    ExitCode::SUCCESS
                 }
-                ExitCode::SUCCESS
+                Err(code) => code,
             }
-            Err(code) => code,
-        },
+        }
         Command::BenchContender {
             url,
             stream,
@@ -1227,8 +1259,11 @@ fn serve(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn produce(
     scenario: streamworker::tools::produce::Scenario,
+    stream: &str,
+    partitioning: Option<&streamworker::tools::produce::Partitioning>,
     url: &str,
     rate: u64,
     count: Option<u64>,
@@ -1255,11 +1290,15 @@ fn produce(
         streamworker::tools::produce::Mood::Normal
     };
     let result = runtime.block_on(async {
-        let mut producer = streamworker::client::Producer::connect(url).await?;
+        let mut producer = streamworker::client::Producer::connect(url)
+            .await
+            .map_err(streamworker::tools::produce::ProduceError::from)?;
         let until = duration.map(|d| std::time::Instant::now() + d);
         streamworker::tools::produce::produce(
             &mut producer,
             scenario,
+            stream,
+            partitioning,
             rate,
             count,
             until,
@@ -1270,6 +1309,10 @@ fn produce(
     });
     match result {
         Ok(n) => Ok(n),
+        Err(e @ streamworker::tools::produce::ProduceError::MissingKey { .. }) => {
+            eprintln!("error: {e}");
+            Err(ExitCode::from(EXIT_FAILURE))
+        }
         Err(e) => {
             eprintln!(
                 "error: cannot write to {}: {e}",

@@ -13,14 +13,9 @@
 /// How the partition function is named in `check`, `status` and the docs.
 pub const PARTITION_FUNCTION: &str = "crc32(key) % partitions";
 
-/// The partition (0-based) that `key` belongs to among `partitions` (at least 1).
-pub fn partition_of(key: &[u8], partitions: u32) -> u32 {
-    debug_assert!(
-        partitions > 0,
-        "a partitioned stream has at least one partition"
-    );
-    crc32fast::hash(key) % partitions.max(1)
-}
+/// The partition (0-based) that `key` belongs to among `partitions` (at least 1). The
+/// handlers crate owns it (its `forward` fans out by it); this is the same function.
+pub use streamworker_handlers::partition_of;
 
 /// The stream key of partition `p` of `stream`.
 pub fn partition_stream(stream: &str, p: u32) -> String {
@@ -46,7 +41,7 @@ mod tests {
     /// can check its own implementation against the same table (docs/partitions.md).
     #[test]
     fn partitions_match_zlib_crc32() {
-        assert_eq!(crc32fast::hash(b"customer-42"), 1_241_360_405);
+        assert_eq!(partition_of(b"customer-42", u32::MAX), 1_241_360_405);
         assert_eq!(partition_of(b"customer-42", 16), 5);
         assert_eq!(partition_of(b"customer-42", 4), 1);
         assert_eq!(partition_of(b"order-1", 16), 15);

@@ -67,6 +67,11 @@ impl HandlerOptions for ForwardOptions {
         ForwardOptions::validate_with_stream(self, stream)
     }
     fn acked_with(&self) -> Vec<(&'static str, &str)> {
+        // A partitioned forward adds outside the acknowledgement's script (its partitions
+        // spread over slots on purpose).
+        if self.partition_by.is_some() {
+            return Vec::new();
+        }
         vec![("to", self.to.as_str())]
     }
 }

@@ -33,6 +33,17 @@ pub enum Effect {
     },
     /// PUBLISH
     Publish { channel: String, message: String },
+    /// XADD with an explicit id, applied *before* the acknowledgement and outside its
+    /// script, so `key` may be in another Redis Cluster slot (a partition of a forward's
+    /// target). Exactly once without a shared script: ids only grow in a stream, so a
+    /// repeat of the same XADD fails, and the runtime then looks the id up (`XRANGE id
+    /// id`) to tell "already added" (acknowledge) from "out of order" (refused, never
+    /// dropped).
+    StreamAddAt {
+        key: String,
+        id: crate::EntryId,
+        fields: Vec<(Vec<u8>, Vec<u8>)>,
+    },
 }
 
 /// What a successful handler call leaves behind; usually nothing.
@@ -46,7 +57,8 @@ impl Effect {
             | Self::HashIncrFloat { key, .. }
             | Self::HashSet { key, .. }
             | Self::Expire { key, .. }
-            | Self::StreamAdd { key, .. } => key,
+            | Self::StreamAdd { key, .. }
+            | Self::StreamAddAt { key, .. } => key,
             Self::Publish { channel, .. } => channel,
         }
     }

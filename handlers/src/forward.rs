@@ -87,6 +87,14 @@ pub struct ForwardOptions {
     /// (use `[streams.<to>] retention`, which respects the target's groups).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_len: Option<u64>,
+    /// Fan out into a partitioned stream: each entry goes to partition
+    /// `crc32(value of this field) % partitions` of `to` (`<to>:p<n>`), exactly once, in
+    /// id order per partition. Needs `partitions`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition_by: Option<String>,
+    /// How many partitions `to` has (with `partition_by`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<u32>,
 }
 
 fn default_source_id_field() -> String {
@@ -105,6 +113,8 @@ impl Default for ForwardOptions {
             extract: BTreeMap::new(),
             source_id_field: default_source_id_field(),
             max_len: None,
+            partition_by: None,
+            partitions: None,
         }
     }
 }
@@ -376,6 +386,40 @@ impl ForwardOptions {
                 problem(key.into(), "lists an empty field name".into());
             }
         }
+        match (&self.partition_by, self.partitions) {
+            (None, None) => {}
+            (Some(field), Some(n)) => {
+                if field.is_empty() {
+                    problem("partition_by".into(), "is empty: name the field whose value picks the partition".into());
+                }
+                if n == 0 {
+                    problem("partitions".into(), "= 0: a partitioned stream has at least 1 partition".into());
+                }
+                if self.max_len.is_some() {
+                    problem(
+                        "max_len".into(),
+                        "cannot be combined with partition_by: cap the partitions with [streams.<partition>] retention instead".into(),
+                    );
+                }
+                if crate::hash_input(&self.to) != self.to {
+                    problem(
+                        "to".into(),
+                        format!(
+                            "= {:?} has a hash tag, so all its partitions would share one Redis Cluster slot; name it without braces (each partition `<to>:p<n>` is hashed whole)",
+                            self.to
+                        ),
+                    );
+                }
+            }
+            (Some(_), None) => problem(
+                "partitions".into(),
+                "is missing: partition_by needs the number of partitions of `to`, e.g. partitions = 16".into(),
+            ),
+            (None, Some(_)) => problem(
+                "partition_by".into(),
+                "is missing: partitions needs the field whose value picks the partition, e.g. partition_by = \"customer_id\"".into(),
+            ),
+        }
         problems
     }
 
@@ -414,6 +458,8 @@ pub struct Forward {
     extract: Vec<(Vec<u8>, String)>,
     set: Vec<(Vec<u8>, Template)>,
     source_id_field: Option<Vec<u8>>,
+    /// `partition_by` and `partitions`.
+    partition: Option<(String, u32)>,
 }
 
 impl Forward {
@@ -446,6 +492,7 @@ impl Forward {
         Ok(Self {
             to: options.to.clone(),
             max_len: options.max_len,
+            partition: options.partition_by.clone().zip(options.partitions),
             filter: options
                 .filter
                 .iter()
@@ -545,11 +592,37 @@ impl Forward {
 impl Handler for Forward {
     async fn handle(&self, entry: &Entry) -> Result<Effects, HandlerError> {
         let fields = self.transform(entry)?;
+        if let Some((field, partitions)) = &self.partition {
+            let Some(value) = entry.get(field) else {
+                return Err(HandlerError::permanent(format!(
+                    "forward: no field `{field}` to partition by"
+                )));
+            };
+            let p = crate::partition_of(value.as_bytes(), *partitions);
+            // The source id as the partition entry's id: the runtime adds it before the
+            // acknowledgement, and a repeat after a crash is recognised (Effect docs).
+            return Ok(vec![Effect::StreamAddAt {
+                key: format!("{}:p{p}", self.to),
+                id: entry.id,
+                fields,
+            }]);
+        }
         Ok(vec![Effect::StreamAdd {
             key: self.to.clone(),
             fields,
             max_len: self.max_len,
         }])
+    }
+
+    /// A partitioned forward adds each partition's entries in id order, one at a time:
+    /// that is what makes a repeated XADD of the same id recognisable.
+    fn ordering(&self) -> Option<crate::Ordering> {
+        self.partition
+            .as_ref()
+            .map(|(field, partitions)| crate::Ordering {
+                field: field.clone(),
+                partitions: Some(*partitions),
+            })
     }
 }
 
@@ -558,6 +631,76 @@ mod tests {
     use super::*;
     use crate::{EntryId, PayloadFormat};
     use std::time::Duration;
+
+    #[tokio::test]
+    async fn partition_by_adds_to_the_keys_partition_under_the_source_id() {
+        let options = ForwardOptions {
+            to: "orders".into(),
+            partition_by: Some("customer".into()),
+            partitions: Some(16),
+            ..ForwardOptions::default()
+        };
+        let forward = Forward::new(&options, "events").unwrap();
+        let origin = std::sync::Arc::new(crate::Origin {
+            stream: "events".into(),
+            group: "fanout".into(),
+            consumer: "c".into(),
+        });
+        let id = EntryId { ms: 7, seq: 1 };
+        let mut entry = Entry::new(
+            origin.clone(),
+            id,
+            1,
+            vec![(b"customer".to_vec(), b"customer-42".to_vec())],
+        );
+        entry.decode(&PayloadFormat::Fields).unwrap();
+        let effects = forward.handle(&entry).await.unwrap();
+        // crc32("customer-42") % 16 = 5 (Python's zlib.crc32).
+        assert!(
+            matches!(&effects[..], [Effect::StreamAddAt { key, id: at, .. }] if key == "orders:p5" && *at == id),
+            "{effects:?}"
+        );
+        assert_eq!(
+            forward.ordering(),
+            Some(crate::Ordering {
+                field: "customer".into(),
+                partitions: Some(16)
+            })
+        );
+        let mut keyless = Entry::new(origin, id, 1, vec![(b"n".to_vec(), b"1".to_vec())]);
+        keyless.decode(&PayloadFormat::Fields).unwrap();
+        let error = forward.handle(&keyless).await.unwrap_err();
+        assert!(
+            matches!(error, HandlerError::Permanent(ref m) if m.contains("no field `customer`")),
+            "{error:?}"
+        );
+
+        let limits = Limits {
+            handler_timeout: Duration::from_secs(1),
+            claim_idle: Duration::from_secs(2),
+        };
+        let refused = |o: ForwardOptions| {
+            o.validate(&limits)
+                .into_iter()
+                .map(|p| p.key)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            refused(ForwardOptions {
+                partitions: None,
+                ..options.clone()
+            }),
+            ["partitions"]
+        );
+        assert_eq!(
+            refused(ForwardOptions {
+                to: "{orders}".into(),
+                max_len: Some(10),
+                ..options.clone()
+            }),
+            ["max_len", "to"]
+        );
+    }
 
     fn limits() -> Limits {
         Limits {

@@ -43,6 +43,22 @@ pub use spec::{
 
 pub use store::{MemoryStore, Store, StoreCall, StoreError, StoreFuture};
 
+/// How a handler asks for per-key order: entries with the same value of `field` (or, with
+/// `partitions`, whose values fall in the same partition, `crc32(value) % partitions`)
+/// are handled one at a time, in id order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ordering {
+    pub field: String,
+    pub partitions: Option<u32>,
+}
+
+/// The partition (0-based) of `key` among `partitions`: CRC-32 (zlib's) of the key's bytes
+/// modulo the partitions. The daemon's `partition::partition_of` re-exports it; its tests
+/// hold the known answers producers in other languages can check against.
+pub fn partition_of(key: &[u8], partitions: u32) -> u32 {
+    crc32fast::hash(key) % partitions.max(1)
+}
+
 /// Business logic for one consumer group.
 ///
 /// The runtime calls [`Handler::handle`] with up to `concurrency` entries at once, each under
@@ -59,6 +75,12 @@ pub trait Handler: Send + Sync + 'static {
 
     /// `Some` to receive entries in batches through [`Handler::handle_batch`].
     fn batching(&self) -> Option<Batching> {
+        None
+    }
+
+    /// `Some` when the handler needs entries handled in order per key, one at a time,
+    /// as with a group's `order_by` (which takes precedence).
+    fn ordering(&self) -> Option<Ordering> {
         None
     }
 

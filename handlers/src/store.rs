@@ -265,6 +265,11 @@ impl Data {
             Effect::Publish { channel, message } => {
                 self.published.push((channel.clone(), message.clone()));
             }
+            Effect::StreamAddAt { key, fields, .. } => {
+                let lossy = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+                let entries = self.streams.entry(key.clone()).or_default();
+                entries.push(fields.iter().map(|(k, v)| (lossy(k), lossy(v))).collect());
+            }
         }
         Ok(())
     }

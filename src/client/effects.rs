@@ -39,6 +39,15 @@ pub(crate) fn command(effect: &Effect) -> (&'static str, Vec<Vec<u8>>) {
             ("XADD", args)
         }
         Effect::Publish { channel, message } => ("PUBLISH", vec![s(channel), s(message)]),
+        // Applied on its own before the acknowledgement (`Client::ack_with_effects`).
+        Effect::StreamAddAt { key, id, fields } => {
+            let mut args = vec![s(key), s(&id.to_string())];
+            for (k, v) in fields {
+                args.push(k.clone());
+                args.push(v.clone());
+            }
+            ("XADD", args)
+        }
     }
 }
 

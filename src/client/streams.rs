@@ -144,6 +144,50 @@ impl Client {
         Ok(claimed)
     }
 
+    /// Keeps entries pending on `consumer` with their idle time reset (XCLAIM min-idle 0
+    /// JUSTID), each with the delivery count given (RETRYCOUNT) or its count kept; an
+    /// entry no longer pending is left alone. Ordered groups hold entries waiting for their
+    /// key this way, so that no reclaim takes them.
+    pub async fn touch(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        entries: &[(EntryId, Option<u64>)],
+    ) -> Result<()> {
+        let mut pipe = redis::pipe();
+        let kept: Vec<String> = entries
+            .iter()
+            .filter(|(_, count)| count.is_none())
+            .map(|(id, _)| id.to_string())
+            .collect();
+        for ids in kept.chunks(512) {
+            let cmd = pipe
+                .cmd("XCLAIM")
+                .arg(stream)
+                .arg(group)
+                .arg(consumer)
+                .arg(0);
+            cmd.arg(ids).arg("JUSTID").ignore();
+        }
+        for (id, count) in entries {
+            if let Some(count) = count {
+                pipe.cmd("XCLAIM")
+                    .arg(stream)
+                    .arg(group)
+                    .arg(consumer)
+                    .arg(0)
+                    .arg(id.to_string())
+                    .arg("RETRYCOUNT")
+                    .arg(*count)
+                    .arg("JUSTID")
+                    .ignore();
+            }
+        }
+        pipe.query_async::<()>(&mut self.commands()).await?;
+        Ok(())
+    }
+
     /// One page of this consumer's own pending entries after `after`; see
     /// `own_pending.lua`. `counts`: whether this re-delivery counts as a delivery (at
     /// startup, when a crash may have cut a handler call short) or keeps the count (after
@@ -179,6 +223,91 @@ impl Client {
     /// Returns the ids that were no longer pending (their effects were not applied) and
     /// those whose effects Redis refused (not applied, not acknowledged).
     pub async fn ack_with_effects(
+        &self,
+        stream: &str,
+        group: &str,
+        entries: &[(EntryId, &[Effect])],
+    ) -> Result<Applied> {
+        let adds_first = entries.iter().any(|(_, effects)| {
+            effects
+                .iter()
+                .any(|e| matches!(e, Effect::StreamAddAt { .. }))
+        });
+        if !adds_first {
+            return self.ack_in_slot(stream, group, entries).await;
+        }
+        // XADDs with explicit ids (a partitioned forward) go first, each on its own (their
+        // keys may be in other cluster slots), in id order; an entry is acknowledged only
+        // once its XADDs took or were found already made.
+        let mut sorted: Vec<&(EntryId, &[Effect])> = entries.iter().collect();
+        sorted.sort_by_key(|(id, _)| *id);
+        let mut refused = Vec::new();
+        let mut rest: Vec<(EntryId, Vec<Effect>)> = Vec::with_capacity(sorted.len());
+        'entries: for (id, effects) in sorted {
+            let mut others = Vec::new();
+            for effect in effects.iter() {
+                match effect {
+                    Effect::StreamAddAt {
+                        key,
+                        id: at,
+                        fields,
+                    } => match self.add_at(key, *at, fields).await {
+                        Ok(()) => {}
+                        Err(ClientError::Command(e)) => {
+                            refused.push((*id, e.to_string()));
+                            continue 'entries;
+                        }
+                        Err(e) => return Err(e),
+                    },
+                    other => others.push(other.clone()),
+                }
+            }
+            rest.push((*id, others));
+        }
+        let rest: Vec<(EntryId, &[Effect])> =
+            rest.iter().map(|(id, e)| (*id, e.as_slice())).collect();
+        let mut applied = self.ack_in_slot(stream, group, &rest).await?;
+        applied.refused.extend(refused);
+        Ok(applied)
+    }
+
+    /// XADD `key` `id` `fields`, exactly once: when the stream already has an entry at or
+    /// after `id`, the XADD fails and `id` is looked up. Found: added before (a crash
+    /// between the XADD and the acknowledgement); fine. Not found: an out-of-order id,
+    /// refused — never dropped (the caller retries, then dead-letters it).
+    async fn add_at(&self, key: &str, id: EntryId, fields: &[(Vec<u8>, Vec<u8>)]) -> Result<()> {
+        let id = id.to_string();
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(key).arg(&id);
+        for (k, v) in fields {
+            cmd.arg(&k[..]).arg(&v[..]);
+        }
+        match cmd.query_async::<Value>(&mut self.commands()).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.to_string().contains("equal or smaller") => {
+                let found: Vec<Value> = redis::cmd("XRANGE")
+                    .arg(key)
+                    .arg(&id)
+                    .arg(&id)
+                    .query_async(&mut self.commands())
+                    .await?;
+                if found.is_empty() {
+                    Err(ClientError::Command(RedisError::from((
+                        redis::ErrorKind::Client,
+                        "out of order",
+                        format!(
+                            "{key} already has entries after {id}, but not {id}: something else writes to this partition, or it was forwarded out of order; the entry is kept (dead-lettered after retries), never dropped"
+                        ),
+                    ))))
+                } else {
+                    Ok(())
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn ack_in_slot(
         &self,
         stream: &str,
         group: &str,

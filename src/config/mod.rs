@@ -363,6 +363,10 @@ pub struct GroupSettings {
     pub dead_letter_stream: Option<String>,
     pub payload: PayloadFormat,
     pub circuit_breaker: CircuitBreakerConfig,
+    /// Per-key order: entries with the same value of this field are handled one at a
+    /// time, in id order, even across retries (`src/consumer/order.rs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub order_by: Option<String>,
 }
 
 impl Default for GroupSettings {
@@ -382,6 +386,7 @@ impl Default for GroupSettings {
             dead_letter_stream: None,
             payload: PayloadFormat::Fields,
             circuit_breaker: CircuitBreakerConfig::default(),
+            order_by: None,
         }
     }
 }

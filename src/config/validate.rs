@@ -466,6 +466,22 @@ pub(super) fn validate(config: &Config) -> Vec<(String, String)> {
                 ),
             );
         }
+        if g.order_by.is_some()
+            && g.handler
+                .options::<streamworker_handlers::forward::ForwardOptions>()
+                .is_some_and(|o| o.partition_by.is_some())
+        {
+            problem(
+                key("order_by"),
+                "cannot be combined with a forward's partition_by: the forward already adds each partition's entries one at a time in id order, which is what makes it exactly once; remove order_by".into(),
+            );
+        }
+        if g.order_by.as_ref().is_some_and(|f| f.trim().is_empty()) {
+            problem(
+                key("order_by"),
+                "is empty: name the field whose value is the key to keep in order, e.g. order_by = \"customer_id\"".into(),
+            );
+        }
         if g.handler_timeout.is_zero() {
             problem(key("handler_timeout"), "must be greater than zero".into());
         }

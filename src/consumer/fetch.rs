@@ -106,7 +106,14 @@ impl<H: Handler> Loop<'_, H> {
                     self.claim_woke_reader = false;
                     let client = self.g.client.clone();
                     let t = self.target.clone();
-                    let (min_idle, cursor) = (cfg.claim_idle, self.claim_cursor);
+                    // An ordered group taking over takes every pending entry, idle or not.
+                    let takeover = self.order.as_ref().is_some_and(|o| o.takeover);
+                    let min_idle = if takeover {
+                        Duration::ZERO
+                    } else {
+                        cfg.claim_idle
+                    };
+                    let cursor = self.claim_cursor;
                     self.claiming = Some(Box::pin(async move {
                         let r = client
                             .claim(&t.stream, &t.group, &t.consumer, min_idle, cursor, count)
@@ -121,6 +128,8 @@ impl<H: Handler> Loop<'_, H> {
                         self.claim_woke_reader = true;
                         self.start_unblock();
                     }
+                } else if self.order.as_ref().is_some_and(|o| o.takeover) {
+                    // Nothing new until the pending list is taken over (`order.rs`).
                 } else {
                     let start_read = match self.reads.len() {
                         0 => roomy(free),
@@ -300,6 +309,9 @@ impl<H: Handler> Loop<'_, H> {
                     return Ok(Vec::new());
                 }
                 self.claim_cursor = claimed.next.unwrap_or(EntryId::ZERO);
+                if !more && let Some(o) = &mut self.order {
+                    o.takeover = false;
+                }
                 self.claim_at = if more {
                     now
                 } else {

@@ -24,6 +24,7 @@
 
 mod fate;
 mod fetch;
+mod order;
 mod run;
 mod settle;
 mod tick;
@@ -283,12 +284,23 @@ struct Loop<'g, H> {
     pause_checking: Option<BoxFuture<'static, crate::client::Result<Option<u64>>>>,
     pause_check_at: Instant,
     policy: Policy,
+    /// Per-key order (`order_by`): which keys are busy, what waits behind them.
+    order: Option<order::Order>,
 }
 
 impl<'g, H: Handler> Loop<'g, H> {
     fn new(g: &'g Group<H>) -> Self {
         let cfg = &g.config;
         let now = Instant::now();
+        // The group's `order_by`, or the order its handler needs (a partitioned forward).
+        let ordering = cfg
+            .order_by
+            .clone()
+            .map(|field| streamworker_handlers::Ordering {
+                field,
+                partitions: None,
+            })
+            .or_else(|| g.handler.ordering());
         Self {
             g,
             origin: Arc::new(Origin {
@@ -314,7 +326,13 @@ impl<'g, H: Handler> Loop<'g, H> {
             claim_cursor: EntryId::ZERO,
             claim_at: now,
             claim_woke_reader: false,
-            resync: Resync::Needed,
+            // An ordered group takes over the group's whole pending list first (its own
+            // pending entries included), in id order: see `order.rs`.
+            resync: if ordering.is_some() {
+                Resync::Done
+            } else {
+                Resync::Needed
+            },
             resyncing: None,
             pending: Settlements::default(),
             flushing: None,
@@ -331,7 +349,7 @@ impl<'g, H: Handler> Loop<'g, H> {
             refusals: HashMap::new(),
             requeued: HashSet::new(),
             flushing_len: 0,
-            resync_counts: true,
+            resync_counts: ordering.is_none(),
             circuit_refresh_at: now,
             buffer: Vec::new(),
             buffer_since: None,
@@ -340,6 +358,12 @@ impl<'g, H: Handler> Loop<'g, H> {
             pause_checking: None,
             pause_check_at: now,
             policy: Policy::of(cfg),
+            order: ordering.map(|ordering| {
+                // Waiting entries cost memory only, not handler slots: a slow key holds
+                // up its own entries, and reading stops when this many wait.
+                let cap = (cfg.concurrency * 4).max(cfg.batch_size);
+                order::Order::new(ordering, cap, now)
+            }),
         }
     }
 
@@ -370,6 +394,11 @@ impl<'g, H: Handler> Loop<'g, H> {
                 for (entry, span) in std::mem::take(&mut self.buffer) {
                     crate::telemetry::finish_span(&span, "handed_back", None);
                     self.hand_back(entry.id, entry.delivery_count);
+                }
+                // So are entries waiting for their key's turn, and held retries.
+                let unstarted = self.order.as_mut().map(order::Order::drain);
+                for (id, delivery_count) in unstarted.into_iter().flatten() {
+                    self.hand_back(id, delivery_count);
                 }
                 if running.is_empty() && batches.is_empty() && self.quiescent() {
                     return Ok(GroupExit::Drained);
@@ -468,20 +497,68 @@ impl<'g, H: Handler> Loop<'g, H> {
                 }
                 _ = sleep_until(wake) => Vec::new(),
             };
+            let mut start: Vec<(Entry, tracing::Span)> = Vec::with_capacity(admitted.len());
             for raw in admitted {
+                if let Some(o) = &self.order
+                    && o.holds(raw.id)
+                {
+                    // Already here (running, waiting or held): a reclaim or resync of
+                    // this consumer's own pending list brought it again.
+                    continue;
+                }
                 if let Some((entry, span)) = self.admit(raw) {
-                    self.breaker.started(entry.id);
-                    if batching.is_some() {
-                        if self.buffer.is_empty() {
-                            self.buffer_since = Some(Instant::now());
-                        }
-                        self.buffer.push((entry, span));
-                    } else {
-                        running.push(call(&g.handler, entry, timeout, span));
+                    match &mut self.order {
+                        Some(o) => start.extend(o.admit(entry, span)),
+                        None => start.push((entry, span)),
                     }
                 }
             }
+            if let Some(o) = &mut self.order
+                && !self.draining
+            {
+                let retries = self.breaker.may_fetch(running.len()) != Some(0);
+                let busy = running.len() + self.batched + self.buffer.len() + start.len();
+                let slots = self.g.config.concurrency.saturating_sub(busy);
+                start.extend(o.take_ready(Instant::now(), retries, slots));
+                self.touch_idle(Instant::now());
+            }
+            for (entry, span) in start {
+                self.breaker.started(entry.id);
+                if batching.is_some() {
+                    if self.buffer.is_empty() {
+                        self.buffer_since = Some(Instant::now());
+                    }
+                    self.buffer.push((entry, span));
+                } else {
+                    running.push(call(&g.handler, entry, timeout, span));
+                }
+            }
         }
+    }
+
+    /// Keeps entries waiting for their key (and held retries) pending on this consumer:
+    /// resets their idle time each `claim_interval`, so no reclaim takes them, and records
+    /// the deliveries a held retry had (which the in-process retry does not count in Redis).
+    fn touch_idle(&mut self, now: Instant) {
+        let Some(o) = &mut self.order else { return };
+        if now < o.touch_at {
+            return;
+        }
+        o.touch_at = now + self.g.claim_interval.min(self.g.config.claim_idle / 2);
+        let entries = o.idle_entries();
+        if entries.is_empty() {
+            return;
+        }
+        let client = self.g.client.clone();
+        let t = self.target.clone();
+        tokio::spawn(async move {
+            if let Err(e) = client
+                .touch(&t.stream, &t.group, &t.consumer, &entries)
+                .await
+            {
+                tracing::debug!(stream = %t.stream, group = %t.group, error = %e, "could not refresh the idle time of entries waiting for their key; trying again");
+            }
+        });
     }
 
     /// Reports an event when a test asked for them; builds nothing otherwise.
@@ -507,9 +584,13 @@ impl<'g, H: Handler> Loop<'g, H> {
     /// Slots left for new entries: none while the queue of unsent settlements is full
     /// (Redis is refusing or unreachable), so memory stays bounded.
     fn free(&self, running: usize) -> usize {
-        if self.pending.len() + self.flushing_len >= self.max_unsent() {
+        if self.pending.len() + self.flushing_len >= self.max_unsent()
+            || self.order.as_ref().is_some_and(order::Order::full)
+        {
             return 0;
         }
+        // Entries whose key's turn came take their slots before anything new.
+        let running = running + self.order.as_ref().map_or(0, order::Order::ready);
         let free = self.concurrency().saturating_sub(running + self.reserved);
         match self.breaker.may_fetch(running) {
             Some(limit) => free.min(limit.saturating_sub(self.reserved)),
@@ -564,6 +645,16 @@ impl<'g, H: Handler> Loop<'g, H> {
         }
         if let Some(at) = self.breaker.wakeup() {
             wake = wake.min(at);
+        }
+        if let Some(o) = &self.order
+            && !self.draining
+        {
+            if let Some(at) = o.next_due() {
+                wake = wake.min(at);
+            }
+            if !o.is_empty() {
+                wake = wake.min(o.touch_at);
+            }
         }
         wake.max(now)
     }

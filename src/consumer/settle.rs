@@ -536,12 +536,38 @@ impl<H: Handler> Loop<'_, H> {
             delivery_count: entry.delivery_count,
             fate: fate.clone(),
         });
+        if let Some(order) = &mut self.order {
+            match &fate {
+                Fate::Park { after, reason, .. } | Fate::GiveBack { after, reason, .. } => {
+                    // An ordered entry's retry stays here, its key busy: parked in Redis,
+                    // a reclaim could run it after later entries of its key.
+                    tracing::warn!(
+                        stream = %cfg.stream, group = %cfg.name, consumer = %self.g.consumer, id = %entry.id,
+                        delivery_count = entry.delivery_count, max_deliveries = cfg.max_deliveries,
+                        retry_in_ms = after.as_millis() as u64, error = %reason,
+                        "handler failed; the entry will be retried, and later entries of its key wait"
+                    );
+                    let mut entry = entry;
+                    entry.delivery_count = match &fate {
+                        Fate::GiveBack { delivery_count, .. } => delivery_count + 1,
+                        _ => entry.delivery_count + 1,
+                    };
+                    order.hold(entry, *after, Instant::now());
+                    if matches!(fate, Fate::Park { .. }) {
+                        self.g.metrics.retried.inc();
+                    }
+                    return;
+                }
+                Fate::HandBack { .. } => order.forget(entry.id),
+                _ => order.settled(entry.id),
+            }
+        }
         match fate {
             Fate::Ack if effects.is_empty() => self.pending.acks.push((entry.id, AckKind::Acked)),
             Fate::Ack => {
                 let kind = if effects
                     .iter()
-                    .any(|e| matches!(e, Effect::StreamAdd { .. }))
+                    .any(|e| matches!(e, Effect::StreamAdd { .. } | Effect::StreamAddAt { .. }))
                 {
                     AckKind::Forwarded
                 } else {
@@ -605,6 +631,9 @@ impl<H: Handler> Loop<'_, H> {
     /// at the next claim_interval of any replica.
     pub(super) fn hand_back(&mut self, id: EntryId, delivery_count: u64) {
         self.supersede(id);
+        if let Some(order) = &mut self.order {
+            order.forget(id);
+        }
         let fate = fate::hand_back(delivery_count, &self.policy);
         self.emit(|| LoopEvent::Settled {
             id,
@@ -756,6 +785,10 @@ impl<H: Handler> Loop<'_, H> {
             self.requeued.extend(flushed.retry.ids());
         }
         flushed.requeue_into(&mut self.pending);
+        if let Some(order) = &mut self.order {
+            // Settlements that reached Redis pass their keys on to the next entry.
+            order.flushed(&self.pending.ids());
+        }
         if !refused && self.pending.is_empty() {
             // Nothing refused is waiting any more.
             self.refusals.clear();

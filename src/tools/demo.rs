@@ -118,7 +118,7 @@ pub fn run(options: Options) -> Result<(), DemoError> {
                 let Ok(mut producer) = Producer::connect(&url).await else { return };
 
                 tokio::select! {
-                    _ = crate::tools::produce::produce(&mut producer, scenario, rate, None, until, false, || mood(started)) => {}
+                    _ = crate::tools::produce::produce(&mut producer, scenario, scenario.stream(), None, rate, None, until, false, || mood(started)) => {}
                     _ = shutdown.triggered() => {}
                 }
             })

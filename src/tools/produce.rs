@@ -162,17 +162,86 @@ pub fn traceparent() -> String {
     )
 }
 
-/// Writes `count` events (or until `deadline`) at `rate` per second, in pipelined slices
-/// every 10 ms. Returns how many were added.
+/// How `produce --partition-by FIELD --partitions N` spreads entries: each entry goes to
+/// partition `partition_of(value of FIELD, N)` of the stream (`docs/partitions.md`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partitioning {
+    pub field: String,
+    pub partitions: u32,
+}
+
+/// Why `produce` stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ProduceError {
+    #[error(transparent)]
+    Redis(#[from] ClientError),
+    /// The rule for entries without the key: refuse, rather than guess a partition that a
+    /// consumer ordering by the key could not agree with.
+    #[error(
+        "event {n} has no field `{field}` to partition by (its fields: {fields}); pick a field every event of the scenario has"
+    )]
+    MissingKey {
+        n: u64,
+        field: String,
+        fields: String,
+    },
+}
+
+/// Events as field/value pairs.
+pub type Events = Vec<Vec<(String, String)>>;
+
+/// Where each event goes: the stream itself, or its partition by the key field. Events
+/// keep their order within each destination, so entries of one key keep theirs.
+pub fn route(
+    stream: &str,
+    first: u64,
+    events: Events,
+    partitioning: Option<&Partitioning>,
+) -> Result<Vec<(String, Events)>, ProduceError> {
+    let Some(p) = partitioning else {
+        return Ok(vec![(stream.to_owned(), events)]);
+    };
+    let mut by_partition = std::collections::BTreeMap::<u32, Events>::new();
+    for (i, fields) in events.into_iter().enumerate() {
+        let Some((_, key)) = fields.iter().find(|(name, _)| *name == p.field) else {
+            return Err(ProduceError::MissingKey {
+                n: first + i as u64,
+                field: p.field.clone(),
+                fields: fields
+                    .iter()
+                    .map(|(name, _)| name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        };
+        let partition = crate::partition::partition_of(key.as_bytes(), p.partitions);
+        by_partition.entry(partition).or_default().push(fields);
+    }
+    Ok(by_partition
+        .into_iter()
+        .map(|(partition, events)| {
+            (
+                crate::partition::partition_stream(stream, partition),
+                events,
+            )
+        })
+        .collect())
+}
+
+/// Writes `count` events (or until `deadline`) at `rate` per second to `stream` (or its
+/// partitions), in pipelined slices every 10 ms. Returns how many were added.
+#[allow(clippy::too_many_arguments)]
 pub async fn produce(
     producer: &mut Producer,
     scenario: Scenario,
+    stream: &str,
+    partitioning: Option<&Partitioning>,
     rate: u64,
     count: Option<u64>,
     until: Option<Instant>,
     with_traceparent: bool,
     mood: impl Fn() -> Mood,
-) -> Result<u64, ClientError> {
+) -> Result<u64, ProduceError> {
     let started = Instant::now();
     let mut added = 0u64;
     loop {
@@ -183,14 +252,18 @@ pub async fn produce(
             ((started.elapsed().as_secs_f64() * rate as f64) as u64).min(count.unwrap_or(u64::MAX));
         if due > added {
             let m = mood();
-            let events = (added..due).map(|n| {
-                let mut fields = scenario.event(n, m);
-                if with_traceparent {
-                    fields.push(("traceparent".to_owned(), traceparent()));
-                }
-                fields
-            });
-            producer.add_all(scenario.stream(), events).await?;
+            let events = (added..due)
+                .map(|n| {
+                    let mut fields = scenario.event(n, m);
+                    if with_traceparent {
+                        fields.push(("traceparent".to_owned(), traceparent()));
+                    }
+                    fields
+                })
+                .collect();
+            for (stream, events) in route(stream, added, events, partitioning)? {
+                producer.add_all(&stream, events).await?;
+            }
             added = due;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -213,5 +286,44 @@ mod tests {
         let payload = raw.iter().find(|(k, _)| k == "payload").unwrap();
         assert!(serde_json::from_str::<serde_json::Value>(&payload.1).is_ok());
         assert!(traceparent().starts_with("00-") && traceparent().len() == 55);
+    }
+
+    fn event(user: &str) -> Vec<(String, String)> {
+        vec![
+            ("user_id".to_owned(), user.to_owned()),
+            ("n".to_owned(), "1".to_owned()),
+        ]
+    }
+
+    #[test]
+    fn routes_each_event_to_its_keys_partition_and_refuses_events_without_the_key() {
+        let p = Partitioning {
+            field: "user_id".into(),
+            partitions: 16,
+        };
+        let events = vec![event("customer-42"), event("order-1"), event("customer-42")];
+        let routed = route("orders", 0, events.clone(), Some(&p)).unwrap();
+        // Known answers from Python's zlib.crc32 (src/partition.rs).
+        assert_eq!(
+            routed,
+            vec![
+                (
+                    "orders:p5".to_owned(),
+                    vec![events[0].clone(), events[2].clone()]
+                ),
+                ("orders:p15".to_owned(), vec![events[1].clone()]),
+            ]
+        );
+        assert_eq!(
+            route("orders", 0, events.clone(), None).unwrap(),
+            vec![("orders".to_owned(), events)]
+        );
+        let missing = route("orders", 7, vec![vec![("n".into(), "1".into())]], Some(&p));
+        let message = missing.unwrap_err().to_string();
+        assert!(
+            message.contains("event 7 has no field `user_id`")
+                && message.contains("(its fields: n)"),
+            "{message}"
+        );
     }
 }

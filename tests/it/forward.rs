@@ -489,3 +489,202 @@ set = { source = "{host}" }
         assert!(stderr.contains(needle), "missing {needle:?} in:\n{stderr}");
     }
 }
+
+/// A forward fanning `events` out into 4 partitions of `orders` by `customer`.
+fn fan_out_group(extra: &str) -> String {
+    format!(
+        r#"
+[groups.fanout]
+stream = "events"
+start_id = "0"
+handler = "forward"
+concurrency = 8
+block = "200ms"
+handler_timeout = "1s"
+claim_idle = "2s"
+consumer_ttl = "1m"
+retry_backoff = {{ initial = "100ms", max = "100ms", multiplier = 1.0, jitter = 0.0 }}
+{extra}
+[groups.fanout.options]
+to = "orders"
+partition_by = "customer"
+partitions = 4
+"#
+    )
+}
+
+/// Every partition's entries as (id, customer, source_id).
+fn partitions_of(con: &mut impl redis::ConnectionLike) -> Vec<Vec<(String, String, String)>> {
+    (0..4)
+        .map(|p| {
+            let rows: Vec<(String, Fields)> = redis::cmd("XRANGE")
+                .arg(format!("orders:p{p}"))
+                .arg("-")
+                .arg("+")
+                .query(con)
+                .unwrap();
+            rows.into_iter()
+                .map(|(id, fields)| {
+                    let get = |name: &str| {
+                        fields
+                            .iter()
+                            .find(|(k, _)| k == name.as_bytes())
+                            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+                            .unwrap_or_default()
+                    };
+                    (id, get("customer"), get("source_id"))
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Adds 400 events for 20 customers, runs the fan-out, SIGKILLs it a third of the way in
+/// and starts another replica: every source entry ends up exactly once across the
+/// partitions, in the partition the function picks, under its own id.
+fn fan_out_survives_sigkill(
+    con: &mut impl redis::ConnectionLike,
+    config_for: impl Fn(&str) -> String,
+) {
+    let mut ids = Vec::new();
+    for i in 0..400 {
+        let id: String = redis::cmd("XADD")
+            .arg("events")
+            .arg("*")
+            .arg("customer")
+            .arg(format!("customer-{}", i % 20))
+            .arg("n")
+            .arg(i)
+            .query(con)
+            .unwrap();
+        ids.push(id);
+    }
+    let total = |con: &mut dyn redis::ConnectionLike| -> usize {
+        (0..4)
+            .map(|p| {
+                redis::cmd("XLEN")
+                    .arg(format!("orders:p{p}"))
+                    .query::<usize>(con)
+                    .unwrap()
+            })
+            .sum()
+    };
+    let mut first = Daemon::start(&config_for("r1"));
+    wait_until(Duration::from_secs(30), "a third forwarded", || {
+        total(con) >= 130
+    });
+    first.kill();
+    let _second = Daemon::start(&config_for("r2"));
+    wait_until(Duration::from_secs(60), "everything forwarded", || {
+        total(con) >= 400
+    });
+    // Settled: the source group has nothing pending.
+    wait_until(Duration::from_secs(20), "nothing pending", || {
+        let info: redis::Value = redis::cmd("XPENDING")
+            .arg("events")
+            .arg("fanout")
+            .query(con)
+            .unwrap();
+        matches!(&info, redis::Value::Array(v) if matches!(v.first(), Some(redis::Value::Int(0))))
+    });
+    let partitions = partitions_of(con);
+    let mut seen = HashSet::new();
+    for (p, rows) in partitions.iter().enumerate() {
+        for (id, customer, source_id) in rows {
+            assert_eq!(id, source_id, "each partition entry keeps its source id");
+            assert!(seen.insert(id.clone()), "{id} forwarded twice");
+            assert_eq!(
+                streamworker::partition::partition_of(customer.as_bytes(), 4) as usize,
+                p,
+                "{customer} in orders:p{p}"
+            );
+        }
+    }
+    assert_eq!(seen.len(), 400, "every source entry forwarded exactly once");
+    assert_eq!(seen, ids.into_iter().collect::<HashSet<_>>());
+}
+
+#[test]
+fn partition_by_fans_out_exactly_once_through_a_sigkill() {
+    let redis = RedisServer::start();
+    let mut con = redis.connection();
+    let url = redis.url();
+    fan_out_survives_sigkill(&mut con, |consumer| {
+        config(&url, consumer, &fan_out_group(""))
+    });
+}
+
+#[test]
+fn partition_by_fans_out_exactly_once_through_a_sigkill_on_a_cluster() {
+    let cluster = topology::Cluster::start();
+    let mut con = cluster.connection();
+    let redis_table = format!("[redis]\ncluster = {:?}", cluster.urls());
+    fan_out_survives_sigkill(&mut con, |consumer| {
+        let text = config("unused", consumer, &fan_out_group(""));
+        let start = text.find("[redis]").unwrap();
+        let end = text.find("[worker]").unwrap();
+        format!(
+            "{}{redis_table}\ncommand_timeout = \"2s\"\nconnect_timeout = \"1s\"\n\n{}",
+            &text[..start],
+            &text[end..]
+        )
+    });
+}
+
+#[test]
+fn partition_by_recognises_an_entry_already_forwarded_and_never_drops_an_out_of_order_one() {
+    let redis = RedisServer::start();
+    let mut con = redis.connection();
+    let p = |customer: &str| streamworker::partition::partition_of(customer.as_bytes(), 4);
+    // Two customers in different partitions.
+    let (a, b) = ("customer-1", "customer-2");
+    assert_ne!(p(a), p(b));
+    let first = produce(&mut con, "events", &[vec![("customer", a.to_owned())]])[0].clone();
+    let second = produce(&mut con, "events", &[vec![("customer", b.to_owned())]])[0].clone();
+    // As if a forwarder had added `first` and died before acknowledging it.
+    let _: String = redis::cmd("XADD")
+        .arg(format!("orders:p{}", p(a)))
+        .arg(&first)
+        .arg("customer")
+        .arg(a)
+        .arg("source_id")
+        .arg(&first)
+        .query(&mut con)
+        .unwrap();
+    // And something else wrote to b's partition after `second`'s id: `second` cannot be
+    // added in order.
+    let (ms, _) = second.split_once('-').unwrap();
+    let later = format!("{}-0", ms.parse::<u64>().unwrap() + 1000);
+    let _: String = redis::cmd("XADD")
+        .arg(format!("orders:p{}", p(b)))
+        .arg(&later)
+        .arg("foreign")
+        .arg("1")
+        .query(&mut con)
+        .unwrap();
+    let _daemon = Daemon::start(&config(&redis.url(), "r1", &fan_out_group("")));
+    wait_until(Duration::from_secs(20), "both settled", || {
+        !entries(&mut con, "{events}:dlq:fanout").is_empty()
+            && pending_of(&mut con, "events", "fanout", "r1") == 0
+    });
+    // `first` was recognised: still one copy, and acknowledged.
+    assert_eq!(entries(&mut con, &format!("orders:p{}", p(a))).len(), 1);
+    // `second` was not dropped: dead-lettered with the reason, after retries.
+    let dead = entries(&mut con, "{events}:dlq:fanout");
+    assert_eq!(dead.len(), 1);
+    let text = format!(
+        "{:?}",
+        String::from_utf8_lossy(
+            &dead[0]
+                .1
+                .iter()
+                .flat_map(|(k, v)| [k.clone(), v.clone()].concat())
+                .collect::<Vec<u8>>()
+        )
+    );
+    assert!(
+        text.contains(&second) && text.contains("out of order"),
+        "{text}"
+    );
+    assert_eq!(entries(&mut con, &format!("orders:p{}", p(b))).len(), 1);
+}

@@ -27,6 +27,7 @@ mod learning;
 mod observability;
 mod operate;
 mod ops_guards;
+mod ordering;
 mod pause;
 mod pg_tls;
 mod promises;
