@@ -138,8 +138,8 @@ enum Command {
         /// 320 MB of them), each reported in a table of its own.
         #[arg(long, value_delimiter = ',', default_value = "100,1024,16384")]
         entry_size: Vec<usize>,
-        /// Also drain 1, 4, 16… partition streams on a private three-primary Redis
-        /// Cluster, side by side with one stream on one server (e.g. 1,4,16).
+        /// Also drain this many partition streams (e.g. 1,4,16) on a private three-primary
+        /// Redis Cluster, side by side with one stream on one server.
         #[arg(long, value_delimiter = ',')]
         partitions: Vec<u32>,
     },

@@ -10,8 +10,7 @@
 //!   entry), a careful Python loop (COUNT 500, one XACK per batch) and the loop a Rust
 //!   engineer would hand-write with redis-rs (COUNT 512, one XACK per batch, read then ack);
 //! - steady state: entries produced at a fixed rate, end-to-end latency from the entry id's
-//!   time to the XACK reply (ids have millisecond resolution), and idle CPU.
-//!
+//!   time to the XACK reply (ids have millisecond resolution), and idle CPU;
 //! - scale-out (`--partitions`, see `cluster.rs`): the same drain from 1, 4 and 16
 //!   partition streams on a private three-primary Redis Cluster.
 //!
@@ -177,7 +176,7 @@ fn message(size: usize) -> String {
     m
 }
 
-/// Entries `from..to` of a drain, `size` bytes each.
+/// Entries `from..to` of a drain, with `message` (see [`message`]) setting their size.
 pub(crate) fn entries(
     from: usize,
     to: usize,
@@ -669,4 +668,24 @@ pub fn run(options: &Options) -> Result<String, crate::tools::local_redis::Local
         out.push_str(&cluster::run(options)?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An entry of `--entry-size N` has N bytes of field names and values, give or take
+    /// the event type's length (5 to 8 bytes).
+    #[test]
+    fn entries_have_the_size_asked_for() {
+        for size in [100, 1024, 16384] {
+            let message = message(size);
+            for fields in entries(0, 8, &message) {
+                let bytes: usize = fields.iter().map(|(k, v)| k.len() + v.len()).sum();
+                assert!(bytes >= size && bytes <= size + 3, "{size}: {bytes}");
+            }
+        }
+        assert_eq!(entries_for(200_000, 100), 200_000);
+        assert_eq!(entries_for(200_000, 16384), 20_480);
+    }
 }
