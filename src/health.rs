@@ -174,6 +174,7 @@ mod tests {
                 dead_letter_length: None,
                 circuits: Vec::new(),
                 paused: false,
+                partition: None,
             }],
         }]
     }

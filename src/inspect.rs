@@ -43,6 +43,22 @@ pub struct GroupReport {
     /// Paused by `streamworker pause` (every replica stops reading within a
     /// `claim_interval`); always false for a group not configured in this file.
     pub paused: bool,
+    /// For a partition of a partitioned group: which partition, and who runs it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partition: Option<PartitionReport>,
+}
+
+/// One partition of a partitioned group, as its lease says.
+#[derive(Debug, Clone, Serialize)]
+pub struct PartitionReport {
+    /// The partition's number, from 0.
+    pub partition: u32,
+    /// Of how many.
+    pub partitions: u32,
+    /// The base stream the partition belongs to.
+    pub stream: String,
+    /// The consumer name of the replica holding the partition's lease; `None`: nobody.
+    pub owner: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -67,13 +83,17 @@ impl GroupReport {
     }
 }
 
-/// The streams the configuration names: every group's stream, then `[streams.*]` tables.
+/// The streams the configuration names: every group's stream (each partition's, for a
+/// partitioned group), then `[streams.*]` tables.
 pub fn streams_of(config: &Config) -> Vec<String> {
     let mut seen = BTreeSet::new();
     config
         .groups
         .values()
-        .map(|g| g.stream.clone())
+        .flat_map(|g| match g.partitions {
+            Some(n) => crate::partition::partition_streams(&g.stream, n).collect(),
+            None => vec![g.stream.clone()],
+        })
         .chain(config.streams.keys().cloned())
         .filter(|s| seen.insert(s.clone()))
         .collect()
@@ -89,10 +109,38 @@ pub async fn inspect(client: &Client, config: &Config) -> Result<Vec<StreamRepor
         let length = client.xlen(&stream).await?;
         let mut groups = Vec::new();
         for info in client.groups(&stream).await? {
+            // A partition of a configured group counts as that group on that stream.
             let configured = config
                 .groups
                 .values()
-                .find(|g| g.name == info.name && g.stream == stream);
+                .filter(|g| g.name == info.name)
+                .find_map(|g| match g.partitions {
+                    None => (g.stream == stream).then_some((std::borrow::Cow::Borrowed(g), None)),
+                    Some(n) => (0..n)
+                        .find(|p| crate::partition::partition_stream(&g.stream, *p) == stream)
+                        .map(|p| {
+                            let part = PartitionReport {
+                                partition: p,
+                                partitions: n,
+                                stream: g.stream.clone(),
+                                owner: None,
+                            };
+                            let config = crate::partition::group_of(g, p);
+                            (std::borrow::Cow::Owned((*config).clone()), Some(part))
+                        }),
+                });
+            let (configured, partition) = match configured {
+                Some((g, part)) => (Some(g), part),
+                None => (None, None),
+            };
+            let partition = match partition {
+                Some(mut part) => {
+                    let key = crate::keys::partition_lease_key(&stream, &info.name);
+                    part.owner = client.get(&key).await?;
+                    Some(part)
+                }
+                None => None,
+            };
             // None: the group was destroyed since XINFO GROUPS listed it.
             let consumers = client
                 .consumers(&stream, &info.name)
@@ -114,7 +162,7 @@ pub async fn inspect(client: &Client, config: &Config) -> Result<Vec<StreamRepor
                 Some(_) => client.paused_since(&stream, &info.name).await?.is_some(),
                 None => false,
             };
-            let (dead_letter_stream, dead_letter_length, circuits) = match configured {
+            let (dead_letter_stream, dead_letter_length, circuits) = match &configured {
                 Some(g) => {
                     let dlq = g.dead_letter_stream();
                     let length = client.xlen(&dlq).await?;
@@ -147,6 +195,7 @@ pub async fn inspect(client: &Client, config: &Config) -> Result<Vec<StreamRepor
                 dead_letter_length,
                 circuits,
                 paused,
+                partition,
             });
         }
         reports.push(StreamReport {

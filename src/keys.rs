@@ -31,6 +31,22 @@ pub fn circuit_key(stream: &str, group: &str) -> String {
     format!("streamworker:circuit:{}:{group}", slot_tag(stream))
 }
 
+/// The lease on one partition of a partitioned group: its value is the consumer name of
+/// the replica that runs the partition (`crate::partition::owner`). `partition_stream` is
+/// the partition's own stream (`orders:p3`), so the key sits in the partition's slot.
+pub fn partition_lease_key(partition_stream: &str, group: &str) -> String {
+    format!(
+        "streamworker:partition:{}:{group}",
+        slot_tag(partition_stream)
+    )
+}
+
+/// The sorted set of a partitioned group's live replicas, each scored by when its last
+/// heartbeat expires (milliseconds, the server's clock). `stream` is the base stream.
+pub fn members_key(stream: &str, group: &str) -> String {
+    format!("streamworker:members:{}:{group}", slot_tag(stream))
+}
+
 /// The key whose presence pauses a group on every replica (`streamworker pause`).
 pub fn pause_key(stream: &str, group: &str) -> String {
     format!("{}:streamworker:paused:{group}", slot_tag(stream))
@@ -49,6 +65,8 @@ mod tests {
             ("tick", tick_key(stream, "billing")),
             ("circuit", circuit_key(stream, "billing")),
             ("pause", pause_key(stream, "billing")),
+            ("partition lease", partition_lease_key(stream, "billing")),
+            ("members", members_key(stream, "billing")),
             (
                 "dead letters",
                 crate::dead_letter::default_stream(stream, "billing"),
@@ -74,6 +92,23 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn each_partitions_lease_is_in_that_partitions_slot() {
+        for p in 0..8 {
+            let stream = crate::partition::partition_stream("orders", p);
+            let key = partition_lease_key(&stream, "billing");
+            assert_eq!(
+                key,
+                format!("streamworker:partition:{{orders:p{p}}}:billing")
+            );
+            assert_eq!(hash_input(&key), hash_input(&stream));
+        }
+        assert_eq!(
+            members_key("orders", "billing"),
+            "streamworker:members:{orders}:billing"
+        );
     }
 
     #[test]

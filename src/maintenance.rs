@@ -45,17 +45,24 @@ pub async fn run(
             *due = Instant::now()
                 + (group.consumer_ttl / 10)
                     .clamp(Duration::from_secs(10), Duration::from_secs(300));
-            match client
-                .forget_consumers(&group.stream, &group.name, group.consumer_ttl, &[&consumer])
-                .await
-            {
-                Ok(gone) if !gone.is_empty() => tracing::info!(
-                    stream = %group.stream, group = %group.name, consumers = ?gone,
-                    "deleted consumers with nothing pending, idle longer than consumer_ttl"
-                ),
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::debug!(stream = %group.stream, group = %group.name, error = %e, "could not clean up consumers")
+            // A partitioned group's consumers live on its partitions' streams.
+            let streams: Vec<String> = match group.partitions {
+                Some(n) => crate::partition::partition_streams(&group.stream, n).collect(),
+                None => vec![group.stream.clone()],
+            };
+            for stream in &streams {
+                match client
+                    .forget_consumers(stream, &group.name, group.consumer_ttl, &[&consumer])
+                    .await
+                {
+                    Ok(gone) if !gone.is_empty() => tracing::info!(
+                        stream = %stream, group = %group.name, consumers = ?gone,
+                        "deleted consumers with nothing pending, idle longer than consumer_ttl"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(stream = %stream, group = %group.name, error = %e, "could not clean up consumers")
+                    }
                 }
             }
         }

@@ -23,6 +23,12 @@ pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
 
+/// A partitioned group, whatever its partitions' streams.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionedLabels {
+    pub group: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     pub kind: &'static str,
@@ -74,6 +80,7 @@ pub struct Metrics {
     oldest_pending_seconds: Family<GroupLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     dead_letter_length: Family<GroupLabels, Gauge>,
     retention_blocked: Family<GroupLabels, Gauge>,
+    partitions_owned: Family<PartitionedLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -194,6 +201,12 @@ impl Metrics {
             "1 while this group's unacknowledged or undelivered entries hold back the stream's retention",
             retention_blocked.clone(),
         );
+        let partitions_owned = Family::<PartitionedLabels, Gauge>::default();
+        registry.register(
+            "streamworker_partitions_owned",
+            "Partitions of a partitioned group this replica runs",
+            partitions_owned.clone(),
+        );
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
             .get_or_create(&BuildLabels {
@@ -225,6 +238,7 @@ impl Metrics {
             oldest_pending_seconds,
             dead_letter_length,
             retention_blocked,
+            partitions_owned,
         }
     }
 
@@ -274,6 +288,15 @@ impl Metrics {
                 .get_or_create(&labels)
                 .set(i64::from(blocking.contains(group)));
         }
+    }
+
+    /// How many partitions of `group` this replica runs (`crate::partition::owner`).
+    pub fn partitions_owned(&self, group: &str) -> Gauge {
+        self.partitions_owned
+            .get_or_create(&PartitionedLabels {
+                group: group.to_owned(),
+            })
+            .clone()
     }
 
     /// The handles one group updates.

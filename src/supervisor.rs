@@ -299,11 +299,18 @@ async fn supervise(group: Arc<GroupConfig>, shared: Shared, heartbeat: Heartbeat
         .without_max_times()
         .build();
     loop {
-        let attempt = tokio::spawn(run_group(
-            Arc::clone(&group),
-            shared.clone(),
-            heartbeat.clone(),
-        ));
+        let attempt = match group.partitions {
+            Some(_) => tokio::spawn(run_partitions(
+                Arc::clone(&group),
+                shared.clone(),
+                heartbeat.clone(),
+            )),
+            None => tokio::spawn(run_group(
+                Arc::clone(&group),
+                shared.clone(),
+                heartbeat.clone(),
+            )),
+        };
         let failure = match attempt.await {
             Ok(Ok(GroupExit::Drained)) => return Outcome::Clean,
             Ok(Ok(GroupExit::CutOff { .. })) => return Outcome::CutOff,
@@ -334,6 +341,36 @@ async fn supervise(group: Arc<GroupConfig>, shared: Shared, heartbeat: Heartbeat
             }
         }
     }
+}
+
+/// Runs this replica's share of a partitioned group's partitions, each an ordinary group
+/// (`run_group`) on the partition's stream with a shutdown of its own.
+async fn run_partitions(
+    config: Arc<GroupConfig>,
+    shared: Shared,
+    heartbeat: Heartbeat,
+) -> Result<GroupExit, GroupError> {
+    let start: crate::partition::owner::Start = {
+        let (shared, heartbeat) = (shared.clone(), heartbeat.clone());
+        Arc::new(move |partition, stop| {
+            let shared = Shared {
+                shutdown: stop,
+                ..shared.clone()
+            };
+            Box::pin(run_group(partition, shared, heartbeat.clone()))
+        })
+    };
+    crate::partition::owner::Owner {
+        owned: shared.metrics.partitions_owned(&config.name),
+        group: config,
+        client: shared.client.clone(),
+        consumer: shared.consumer.clone(),
+        shutdown: shared.shutdown.clone(),
+        heartbeat,
+        start,
+    }
+    .run()
+    .await
 }
 
 /// Builds the group's handler and runs the consumer loop with it, through the launcher its

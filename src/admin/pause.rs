@@ -21,6 +21,7 @@ pub struct Outcome {
     pub paused: bool,
     /// False when the group already was in that state.
     pub changed: bool,
+    /// The pause key (of partition 0, for a partitioned group: every partition has one).
     pub key: String,
     /// The longest a replica takes to notice.
     pub within_seconds: f64,
@@ -32,13 +33,22 @@ pub async fn run(
     claim_interval: Duration,
     pause: bool,
 ) -> Result<Outcome, ClientError> {
-    let changed = client.set_paused(&group.stream, &group.name, pause).await?;
+    // A partitioned group is paused partition by partition: each partition's loop looks
+    // at the pause key in its own stream's slot.
+    let streams: Vec<String> = match group.partitions {
+        Some(n) => crate::partition::partition_streams(&group.stream, n).collect(),
+        None => vec![group.stream.clone()],
+    };
+    let mut changed = false;
+    for stream in &streams {
+        changed |= client.set_paused(stream, &group.name, pause).await?;
+    }
     Ok(Outcome {
         stream: group.stream.clone(),
         group: group.name.clone(),
         paused: pause,
         changed,
-        key: pause_key(&group.stream, &group.name),
+        key: pause_key(&streams[0], &group.name),
         within_seconds: claim_interval.as_secs_f64(),
     })
 }

@@ -156,6 +156,18 @@ pub fn render(reports: &[StreamReport]) -> String {
             out.push('\n');
         }
         for g in &stream.groups {
+            if let Some(p) = &g.partition {
+                out.push_str(&format!(
+                    "  {}: partition {} of {} of stream {}, owner {}\n",
+                    g.group,
+                    p.partition,
+                    p.partitions,
+                    p.stream,
+                    p.owner.as_deref().unwrap_or("none (free)")
+                ));
+            }
+        }
+        for g in &stream.groups {
             if g.consumers.is_empty() {
                 continue;
             }

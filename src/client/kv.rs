@@ -31,6 +31,26 @@ impl Client {
         Ok(())
     }
 
+    /// Heartbeats `consumer` into a partitioned group's members (or removes it when
+    /// `leave`), returning the live members sorted by name; see `members.lua`.
+    pub async fn members(
+        &self,
+        key: &str,
+        consumer: &str,
+        ttl: Duration,
+        leave: bool,
+    ) -> Result<Vec<String>> {
+        let mut names: Vec<String> = scripts::MEMBERS
+            .key(key)
+            .arg(consumer)
+            .arg(ttl.as_millis() as u64)
+            .arg(if leave { "1" } else { "0" })
+            .invoke_async(&mut self.commands())
+            .await?;
+        names.sort();
+        Ok(names)
+    }
+
     /// Applies effects at once in a MULTI transaction (not tied to an acknowledgement;
     /// under Cluster, where keys may live on several nodes, a plain pipeline).
     pub async fn apply(&self, effects: &[Effect]) -> Result<()> {

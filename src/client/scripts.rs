@@ -29,6 +29,7 @@ script!(OWN_PENDING, "own_pending.lua");
 // The daemon: leases and housekeeping.
 script!(LEASE, "lease.lua");
 script!(LEASE_RELEASE, "lease_release.lua");
+script!(MEMBERS, "members.lua");
 script!(RETENTION, "retention.lua");
 script!(FORGET_CONSUMERS, "forget_consumers.lua");
 // The operator's commands.

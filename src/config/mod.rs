@@ -363,6 +363,17 @@ pub struct GroupSettings {
     pub dead_letter_stream: Option<String>,
     pub payload: PayloadFormat,
     pub circuit_breaker: CircuitBreakerConfig,
+    /// Splits the group's stream into this many partition streams (`<stream>:p<n>`), each
+    /// run by one replica at a time (`crate::partition`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<u32>,
+    /// How long a replica's hold on a partition lives without renewal; defaults to
+    /// [`crate::partition::DEFAULT_LEASE`] or three handler timeouts, the longer.
+    #[serde(
+        with = "streamworker_handlers::duration::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub partition_lease: Option<Duration>,
     /// Per-key order: entries with the same value of this field are handled one at a
     /// time, in id order, even across retries (`src/consumer/order.rs`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -386,6 +397,8 @@ impl Default for GroupSettings {
             dead_letter_stream: None,
             payload: PayloadFormat::Fields,
             circuit_breaker: CircuitBreakerConfig::default(),
+            partitions: None,
+            partition_lease: None,
             order_by: None,
         }
     }
@@ -405,6 +418,15 @@ impl GroupConfig {
         self.settings.dead_letter_stream.clone().unwrap_or_else(|| {
             crate::dead_letter::default_stream(&self.settings.stream, &self.name)
         })
+    }
+}
+
+impl GroupConfig {
+    /// The partition lease: configured, or the default for this group's handler timeout.
+    pub fn partition_lease(&self) -> Duration {
+        self.settings
+            .partition_lease
+            .unwrap_or_else(|| crate::partition::default_lease(self.handler_timeout))
     }
 }
 
@@ -461,14 +483,35 @@ impl Config {
             groups,
         };
         let text = toml::to_string_pretty(&view).expect("configuration serializes to TOML");
-        mark_derived(&text, &self.derived)
+        let mut notes: BTreeMap<String, String> = self
+            .derived
+            .iter()
+            .map(|(key, from)| (key.clone(), format!("derived from {from}")))
+            .collect();
+        for (name, g) in &self.groups {
+            if let Some(n) = g.partitions {
+                let last = n.saturating_sub(1);
+                notes.insert(
+                    format!("groups.{name}.partitions"),
+                    format!(
+                        "partition of a key: {}; streams {} … {}",
+                        crate::partition::PARTITION_FUNCTION,
+                        crate::partition::partition_stream(&g.stream, 0),
+                        crate::partition::partition_stream(&g.stream, last)
+                    ),
+                );
+            }
+        }
+        mark_derived(&text, &notes)
     }
 }
 
-/// Appends `# derived from <key>` to the line of each derived key in `check`'s TOML, so
-/// the output stays valid TOML (and loads to the same values) while saying which values
-/// nobody wrote.
-fn mark_derived(text: &str, derived: &BTreeMap<String, String>) -> String {
+/// Appends `# derived from <key>` to the line of each derived key in `check`'s TOML (and
+/// `# partition of a key: …` to a group's `partitions`), so the output stays valid TOML
+/// (and loads to the same values) while saying which values nobody wrote. `notes` maps a
+/// dotted key to its comment.
+fn mark_derived(text: &str, notes: &BTreeMap<String, String>) -> String {
+    let derived = notes;
     if derived.is_empty() {
         return text.to_owned();
     }
@@ -506,8 +549,8 @@ fn mark_derived(text: &str, derived: &BTreeMap<String, String>) -> String {
                 .cloned()
                 .collect::<Vec<_>>()
                 .join(".");
-            if let Some(from) = derived.get(&full) {
-                line.push_str(&format!(" # derived from {from}"));
+            if let Some(note) = derived.get(&full) {
+                line.push_str(&format!(" # {note}"));
             }
         }
         out.push(line);

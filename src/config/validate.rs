@@ -57,6 +57,7 @@ pub(super) fn derive(config: &mut Config, explicit: &Explicit) -> BTreeMap<Strin
         derive_consumer_ttl(s, &set, &mut note);
         derive_backoff(s, &set, &mut note);
         derive_block(s, shutdown_timeout, &set, &mut note);
+        derive_partition_lease(s, &set, &mut note);
         let limits = Limits {
             handler_timeout: s.handler_timeout,
             claim_idle: s.claim_idle,
@@ -91,6 +92,19 @@ fn derive_shutdown_timeout(
             "worker.shutdown_timeout".into(),
             format!("groups.{name}.block"),
         );
+    }
+}
+
+/// Rule `partition_lease >= 3 × handler_timeout`: a partitioned group's lease left out is
+/// the default or three handler timeouts, the longer (written out, so `check` shows it).
+fn derive_partition_lease(s: &mut GroupSettings, set: &dyn Fn(&str) -> bool, note: Note) {
+    if s.partitions.is_none() || set("partition_lease") {
+        return;
+    }
+    let lease = crate::partition::default_lease(s.handler_timeout);
+    s.partition_lease = Some(lease);
+    if lease > crate::partition::DEFAULT_LEASE {
+        note("partition_lease", "handler_timeout");
     }
 }
 
@@ -553,6 +567,64 @@ pub(super) fn validate(config: &Config) -> Vec<(String, String)> {
                     human(g.claim_idle)
                 ),
             );
+        }
+        if let Some(n) = g.partitions {
+            if !(1..=crate::partition::MAX_PARTITIONS).contains(&n) {
+                problem(
+                    key("partitions"),
+                    format!(
+                        "= {n}: must be between 1 and {}",
+                        crate::partition::MAX_PARTITIONS
+                    ),
+                );
+            }
+            if !crate::partition::spreads(&g.stream) {
+                problem(
+                    key("partitions"),
+                    format!(
+                        "is set, but stream {:?} carries its own hash tag, which would put every partition in one Redis Cluster slot: name the stream without braces (e.g. \"orders\"), its partitions are then \"orders:p0\", \"orders:p1\", …",
+                        g.stream
+                    ),
+                );
+            }
+            if g.settings.dead_letter_stream.is_some() {
+                problem(
+                    key("dead_letter_stream"),
+                    format!(
+                        "is set, but a partitioned group keeps dead letters per partition ({}): leave it out",
+                        crate::dead_letter::default_stream(
+                            &crate::partition::partition_stream(&g.stream, 0),
+                            name
+                        )
+                    ),
+                );
+            }
+        }
+        if let Some(lease) = g.settings.partition_lease {
+            if g.partitions.is_none() {
+                problem(
+                    key("partition_lease"),
+                    "is set, but the group has no partitions: set partitions = N too, or leave it out".into(),
+                );
+            } else if lease < crate::partition::MIN_LEASE {
+                problem(
+                    key("partition_lease"),
+                    format!(
+                        "= {}: must be at least {}",
+                        human(lease),
+                        human(crate::partition::MIN_LEASE)
+                    ),
+                );
+            } else if lease < g.handler_timeout.saturating_mul(3) {
+                problem(
+                    key("partition_lease"),
+                    format!(
+                        "({}) must be at least three handler_timeouts ({}): a replica that cannot renew stops reading a partition when a third of its lease is left, and its handlers must end before the lease expires; raise partition_lease or lower handler_timeout",
+                        human(lease),
+                        human(g.handler_timeout.saturating_mul(3))
+                    ),
+                );
+            }
         }
         let dlq = g.dead_letter_stream();
         if dlq.is_empty() {
@@ -1070,5 +1142,83 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("http.console"), "{e}");
+    }
+
+    #[test]
+    fn partitioned_groups_are_checked() {
+        // The lease defaults to 10 s, or three handler timeouts when longer (marked).
+        let c = group("noop", "partitions = 8\nhandler_timeout = \"2s\"");
+        assert_eq!(c.groups["g"].partition_lease(), S(10));
+        assert_eq!(from(&c, "groups.g.partition_lease"), None);
+        let c = group("noop", "partitions = 8");
+        assert_eq!(c.groups["g"].partition_lease(), S(90));
+        assert_eq!(
+            from(&c, "groups.g.partition_lease"),
+            Some("handler_timeout")
+        );
+        let text = c.to_redacted_toml();
+        assert!(
+            text.contains(
+                "\npartitions = 8 # partition of a key: crc32(key) % partitions; streams s:p0 … s:p7\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("\npartition_lease = \"1m 30s\" # derived from handler_timeout\n"),
+            "{text}"
+        );
+        let c = group("noop", "");
+        assert!(!c.to_redacted_toml().contains("partition"));
+
+        let refused = |text: &str, key: &str, says: &str| {
+            let err = load(text).unwrap_err();
+            let p = err
+                .problems()
+                .iter()
+                .find(|p| p.key == key)
+                .unwrap_or_else(|| panic!("{text}: {err}"));
+            assert!(p.message.contains(says), "{text}: {p}");
+        };
+        let partitioned = |stream: &str, extra: &str| {
+            format!("[groups.g]\nstream = \"{stream}\"\nhandler = \"noop\"\n{extra}\n")
+        };
+        refused(
+            &partitioned("s", "partitions = 0"),
+            "groups.g.partitions",
+            "must be between 1 and 1024",
+        );
+        refused(
+            &partitioned("s", "partitions = 1025"),
+            "groups.g.partitions",
+            "must be between 1 and 1024",
+        );
+        refused(
+            &partitioned("{orders}:events", "partitions = 4"),
+            "groups.g.partitions",
+            "carries its own hash tag",
+        );
+        refused(
+            &partitioned("s", "partitions = 4\ndead_letter_stream = \"dlq\""),
+            "groups.g.dead_letter_stream",
+            "{s:p0}:dlq:g",
+        );
+        refused(
+            &partitioned("s", "partition_lease = \"10s\""),
+            "groups.g.partition_lease",
+            "the group has no partitions",
+        );
+        refused(
+            &partitioned("s", "partitions = 4\npartition_lease = \"10s\""),
+            "groups.g.partition_lease",
+            "must be at least three handler_timeouts (1m 30s)",
+        );
+        refused(
+            &partitioned(
+                "s",
+                "partitions = 4\npartition_lease = \"500ms\"\nhandler_timeout = \"100ms\"",
+            ),
+            "groups.g.partition_lease",
+            "must be at least 1s",
+        );
     }
 }

@@ -28,6 +28,7 @@ mod observability;
 mod operate;
 mod ops_guards;
 mod ordering;
+mod partitions;
 mod pause;
 mod pg_tls;
 mod promises;

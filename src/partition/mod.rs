@@ -10,6 +10,37 @@
 //!   and the partitions spread over the cluster's primaries; each partition's own derived
 //!   keys (dead letters, leases) carry `{orders:p3}` and stay in its slot.
 
+pub mod owner;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::GroupConfig;
+
+/// The most partitions a group may have.
+pub const MAX_PARTITIONS: u32 = 1024;
+/// A partition lease's lifetime when neither it nor a long `handler_timeout` says otherwise.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+/// The shortest partition lease: renewals go out every third of it.
+pub const MIN_LEASE: Duration = Duration::from_secs(1);
+
+/// The default partition lease for a group: [`DEFAULT_LEASE`], or three handler timeouts
+/// when longer, so a replica that stops reading with a third of its lease left has its
+/// handlers ended before the lease expires.
+pub fn default_lease(handler_timeout: Duration) -> Duration {
+    DEFAULT_LEASE.max(handler_timeout.saturating_mul(3))
+}
+
+/// The configuration partition `p` of `group` runs with: the same group, reading the
+/// partition's stream (so its dead letters, leases and metrics are the partition's).
+pub fn group_of(group: &GroupConfig, p: u32) -> Arc<GroupConfig> {
+    let mut partition = group.clone();
+    partition.settings.stream = partition_stream(&group.stream, p);
+    // The partition runs as an ordinary group on its own stream.
+    partition.settings.partitions = None;
+    Arc::new(partition)
+}
+
 /// How the partition function is named in `check`, `status` and the docs.
 pub const PARTITION_FUNCTION: &str = "crc32(key) % partitions";
 
@@ -66,5 +97,14 @@ mod tests {
         assert!(spreads("orders"));
         assert!(!spreads("{orders}"));
         assert!(!spreads("events:{eu}"));
+    }
+
+    #[test]
+    fn the_default_lease_outlasts_three_handler_timeouts() {
+        assert_eq!(default_lease(Duration::from_secs(1)), DEFAULT_LEASE);
+        assert_eq!(
+            default_lease(Duration::from_secs(30)),
+            Duration::from_secs(90)
+        );
     }
 }
