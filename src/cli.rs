@@ -110,7 +110,7 @@ enum Command {
     /// Measure throughput, cost per entry and latency against hand-written consumers, on
     /// a private redis-server (build with --release first).
     #[command(
-        after_help = "Examples:\n  streamworker bench\n  streamworker bench --entries 50000 --runs 1 --replicas 1 --no-python"
+        after_help = "Examples:\n  streamworker bench\n  streamworker bench --entries 50000 --runs 1 --replicas 1 --no-python\n  streamworker bench --entry-size 100 --partitions 1,4,16 --no-python"
     )]
     Bench {
         /// Pre-loaded entries each consumer drains.
@@ -134,6 +134,14 @@ enum Command {
         /// The redis-server binary to start.
         #[arg(long, default_value = "redis-server")]
         redis_server: String,
+        /// Entry sizes to drain, in bytes (4 fields; big entries drain fewer, at most
+        /// 320 MB of them), each reported in a table of its own.
+        #[arg(long, value_delimiter = ',', default_value = "100,1024,16384")]
+        entry_size: Vec<usize>,
+        /// Also drain this many partition streams (e.g. 1,4,16) on a private three-primary
+        /// Redis Cluster, side by side with one stream on one server.
+        #[arg(long, value_delimiter = ',')]
+        partitions: Vec<u32>,
     },
     /// The product on a fresh machine: a private redis-server, realistic events, the four
     /// built-in groups (analytics, alerts, warehouse, learning) with a live summary, and a
@@ -572,6 +580,8 @@ pub(crate) fn main() -> ExitCode {
             duration,
             no_python,
             redis_server,
+            entry_size,
+            partitions,
         } => {
             let options = streamworker::tools::bench::Options {
                 entries,
@@ -581,6 +591,8 @@ pub(crate) fn main() -> ExitCode {
                 duration,
                 python: !no_python,
                 redis_server,
+                entry_sizes: entry_size,
+                partitions,
             };
             match streamworker::tools::bench::run(&options) {
                 Ok(report) => {

@@ -106,7 +106,8 @@ impl Secrets {
 
 /// The kind of deployment, and what it takes to open more connections to it.
 pub(crate) enum Deployment {
-    Single(redis::Client),
+    /// One server, and its TLS material for the lean reader.
+    Single(redis::Client, Option<TlsCertificates>),
     Cluster {
         /// A template for direct connections to one node (readers).
         template: ConnectionInfo,
@@ -122,6 +123,8 @@ pub(crate) struct SentinelState {
     current: Mutex<Option<ConnectionManager>>,
     manager_config: ConnectionManagerConfig,
     db: i64,
+    /// TLS material for the lean reader's connections to the primary.
+    certs: Option<TlsCertificates>,
 }
 
 impl SentinelState {
@@ -279,6 +282,7 @@ pub(crate) async fn open(config: &RedisConfig) -> RedisResult<(Deployment, Comma
             current: Mutex::new(None),
             manager_config,
             db: s.db,
+            certs: secrets.certs.clone(),
         });
         state.manager().await?;
         return Ok((
@@ -292,7 +296,7 @@ pub(crate) async fn open(config: &RedisConfig) -> RedisResult<(Deployment, Comma
             .get_connection_manager_with_config(manager_config)
             .await?,
     );
-    Ok((Deployment::Single(client), commands))
+    Ok((Deployment::Single(client, secrets.certs), commands))
 }
 
 /// A connection of its own for one group's blocking reads, and a control connection to
@@ -307,7 +311,8 @@ pub struct Reader {
     pub(crate) response_timeout: Duration,
 }
 
-/// The lean XREADGROUP connection over TCP and Unix sockets; redis-rs over TLS.
+/// The lean XREADGROUP connection over TCP, TLS and Unix sockets; redis-rs only where
+/// certificate checks are turned off (`rediss://…#insecure`), which redis-rs handles.
 #[derive(Clone)]
 pub(crate) enum ReadConnection {
     Wire(super::wire::WireReader),
@@ -315,6 +320,11 @@ pub(crate) enum ReadConnection {
 }
 
 impl Reader {
+    /// Whether reads go through the lean reader (`wire.rs`) rather than redis-rs.
+    pub fn is_lean(&self) -> bool {
+        matches!(self.conn, ReadConnection::Wire(_))
+    }
+
     /// Wakes a blocked read, which then returns as if its `block` had run out.
     pub async fn unblock(&self) -> RedisResult<()> {
         let _: i64 = redis::cmd("CLIENT")
@@ -331,7 +341,7 @@ impl Deployment {
     /// the current primary.
     async fn server_for(&self, stream: &str, commands: &Commands) -> RedisResult<redis::Client> {
         match self {
-            Self::Single(client) => Ok(client.clone()),
+            Self::Single(client, _) => Ok(client.clone()),
             Self::Sentinel(state) => state.primary().await,
             Self::Cluster {
                 template, secrets, ..
@@ -348,6 +358,15 @@ impl Deployment {
                 };
                 secrets.client(template.clone().set_addr(addr))
             }
+        }
+    }
+
+    /// The TLS material of the deployment's connections.
+    fn certs(&self) -> Option<&TlsCertificates> {
+        match self {
+            Self::Single(_, certs) => certs.as_ref(),
+            Self::Sentinel(state) => state.certs.as_ref(),
+            Self::Cluster { secrets, .. } => secrets.certs.as_ref(),
         }
     }
 
@@ -388,20 +407,44 @@ impl Deployment {
             name,
         };
         let io = |e: std::io::Error| super::ClientError::from(RedisError::from(e));
+        let timed_out = || {
+            io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connect timed out",
+            ))
+        };
+        let tcp = async |host: &str, port: u16| {
+            let connecting = tokio::net::TcpStream::connect((host, port));
+            let socket = tokio::time::timeout(connect_timeout, connecting)
+                .await
+                .map_err(|_| timed_out())?
+                .map_err(io)?;
+            socket.set_nodelay(true).map_err(io)?;
+            Ok::<_, super::ClientError>(socket)
+        };
         let (conn, client_id) = match info.addr() {
             ConnectionAddr::Tcp(host, port) => {
-                let connecting = tokio::net::TcpStream::connect((host.as_str(), *port));
-                let socket = tokio::time::timeout(connect_timeout, connecting)
-                    .await
-                    .map_err(|_| {
-                        io(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "connect timed out",
-                        ))
-                    })?
-                    .map_err(io)?;
-                socket.set_nodelay(true).map_err(io)?;
+                let socket = tcp(host, *port).await?;
                 let (wire, id) = super::wire::connect(socket, handshake, connect_timeout).await?;
+                (ReadConnection::Wire(wire), id)
+            }
+            ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure: false,
+                ..
+            } => {
+                // The same trust and client certificate as redis-rs's own TLS connections,
+                // so a server they accept, this one accepts.
+                let connector = tls_connector(self.certs())?;
+                let name = rustls::pki_types::ServerName::try_from(host.clone())
+                    .map_err(|e| config_error("not a TLS server name", format!("{host:?}: {e}")))?;
+                let socket = tcp(host, *port).await?;
+                let stream = tokio::time::timeout(connect_timeout, connector.connect(name, socket))
+                    .await
+                    .map_err(|_| timed_out())?
+                    .map_err(io)?;
+                let (wire, id) = super::wire::connect(stream, handshake, connect_timeout).await?;
                 (ReadConnection::Wire(wire), id)
             }
             ConnectionAddr::Unix(path) => {
@@ -432,6 +475,53 @@ impl Deployment {
             response_timeout,
         })
     }
+}
+
+/// A TLS connector for the lean reader, built as redis-rs builds its own (with the `ring`
+/// provider both share): the configured CA instead of the system's roots when there is
+/// one, and the client certificate when there is one.
+fn tls_connector(certs: Option<&TlsCertificates>) -> RedisResult<tokio_rustls::TlsConnector> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let pem = |what: &'static str| {
+        move |e: rustls::pki_types::pem::Error| config_error(what, e.to_string())
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    match certs.and_then(|c| c.root_cert.as_deref()) {
+        Some(ca) => {
+            for cert in CertificateDer::pem_slice_iter(ca) {
+                let cert = cert.map_err(pem("cannot parse redis.tls.ca_file"))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| config_error("cannot use redis.tls.ca_file", e.to_string()))?;
+            }
+        }
+        None => {
+            // Certificates the system store holds but rustls cannot use are skipped, as
+            // redis-rs skips them.
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let config = match certs.and_then(|c| c.client_tls.as_ref()) {
+        Some(ClientTlsConfig {
+            client_cert,
+            client_key,
+        }) => {
+            let chain = CertificateDer::pem_slice_iter(client_cert)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(pem("cannot parse redis.tls.cert_file"))?;
+            let key = PrivateKeyDer::from_pem_slice(client_key)
+                .map_err(pem("cannot parse redis.tls.key_file"))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| config_error("cannot use the client certificate", e.to_string()))?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
 /// The primary serving `key`'s slot, from CLUSTER SLOTS.

@@ -140,6 +140,41 @@ impl Probe {
             .sum())
     }
 
+    /// CLUSTER ADDSLOTSRANGE: this node serves slots `first..=last` (a private cluster).
+    pub fn cluster_add_slots(&mut self, first: u16, last: u16) -> Result<()> {
+        let _: () = redis::cmd("CLUSTER")
+            .arg("ADDSLOTSRANGE")
+            .arg(first)
+            .arg(last)
+            .query(&mut self.con)?;
+        Ok(())
+    }
+
+    /// CLUSTER MEET: joins the node at `host:port` (cluster bus on `bus`) to this one's.
+    pub fn cluster_meet(&mut self, host: &str, port: u16, bus: u16) -> Result<()> {
+        let _: () = redis::cmd("CLUSTER")
+            .arg("MEET")
+            .arg(host)
+            .arg(port)
+            .arg(bus)
+            .query(&mut self.con)?;
+        Ok(())
+    }
+
+    /// Whether CLUSTER INFO says `cluster_state:ok` and every slot is served.
+    pub fn cluster_ok(&mut self) -> Result<bool> {
+        let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut self.con)?;
+        Ok(info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384"))
+    }
+
+    /// CLUSTER KEYSLOT: the slot of `key`.
+    pub fn key_slot(&mut self, key: &str) -> Result<u16> {
+        Ok(redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query(&mut self.con)?)
+    }
+
     /// XINFO GROUPS of `stream`: its groups as [`Client::groups`](super::Client::groups)
     /// reports them.
     pub fn groups(&mut self, stream: &str) -> Result<Vec<GroupInfo>> {

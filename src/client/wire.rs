@@ -4,8 +4,9 @@
 //! and in the allocations of its `Value` tree. This connection speaks just enough RESP2
 //! for a reader — the handshake (AUTH, SELECT, CLIENT SETNAME, CLIENT ID) and pipelined
 //! XREADGROUPs — and parses each reply straight from the socket buffer into
-//! [`RawEntry`]s: one allocation per field, nothing else. Everything else (and TLS, which
-//! keeps the redis-rs reader) goes through redis-rs.
+//! [`RawEntry`]s: one allocation per field, nothing else. It runs over any byte stream:
+//! TCP, a Unix socket, or TLS (tokio-rustls, set up in `connection.rs`). Everything else
+//! goes through redis-rs.
 //!
 //! One task owns the socket: it writes requests as they come and answers them in order as
 //! their replies complete, so several reads can be in flight.

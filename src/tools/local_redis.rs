@@ -1,5 +1,6 @@
 //! A private `redis-server` on a free port, for `streamworker bench` and
-//! `streamworker demo`: nothing on disk, gone when dropped.
+//! `streamworker demo`: nothing on disk, gone when dropped. And a private Redis Cluster of
+//! such servers, for the bench's scale-out drain.
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -26,6 +27,11 @@ pub struct LocalRedis {
 impl LocalRedis {
     /// Starts `binary` (normally `redis-server`) on a free loopback port.
     pub fn start(binary: &str) -> Result<Self, LocalRedisError> {
+        Self::start_with(binary, &[])
+    }
+
+    /// Starts `binary` on a free loopback port with `extra` arguments.
+    pub fn start_with(binary: &str, extra: &[String]) -> Result<Self, LocalRedisError> {
         let mut last = String::new();
         for _ in 0..5 {
             let dir = tempfile::tempdir().map_err(|e| LocalRedisError::Start(e.to_string()))?;
@@ -39,6 +45,7 @@ impl LocalRedis {
                 .arg("--dir")
                 .arg(dir.path())
                 .args(["--logfile", ""])
+                .args(extra)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -70,6 +77,108 @@ impl LocalRedis {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+}
+
+/// Free loopback ports, each distinct from the others.
+fn free_ports(n: usize) -> Result<Vec<u16>, LocalRedisError> {
+    // Hold every listener until all are chosen, so no port comes up twice.
+    let listeners = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| LocalRedisError::Start(e.to_string()))?;
+    listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| LocalRedisError::Start(e.to_string()))
+}
+
+/// A private Redis Cluster: `n` primaries, no replicas, the slots split evenly in order
+/// (node 0 serves the first third with three nodes, and so on).
+pub struct LocalCluster {
+    pub nodes: Vec<LocalRedis>,
+    /// The first and last slot each node serves.
+    pub ranges: Vec<(u16, u16)>,
+}
+
+impl LocalCluster {
+    pub fn start(binary: &str, n: usize) -> Result<Self, LocalRedisError> {
+        let n = n.max(1);
+        // The cluster bus listens on a port of its own; by default port + 10000, which may
+        // not exist for a high free port, so each node is given a free one.
+        let bus = free_ports(n)?;
+        let nodes = bus
+            .iter()
+            .map(|bus| {
+                let extra = [
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "5000",
+                    "--cluster-port",
+                    &bus.to_string(),
+                ]
+                .map(String::from);
+                LocalRedis::start_with(binary, &extra)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let start = |e: crate::client::ClientError| LocalRedisError::Start(e.to_string());
+        let per = 16384 / n as u32;
+        let ranges: Vec<(u16, u16)> = (0..n as u32)
+            .map(|i| {
+                let last = if i + 1 == n as u32 {
+                    16383
+                } else {
+                    (i + 1) * per - 1
+                };
+                ((i * per) as u16, last as u16)
+            })
+            .collect();
+        let mut probes = nodes
+            .iter()
+            .map(|node| Probe::connect(&node.url(), Some(Duration::from_secs(2))))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(start)?;
+        for (probe, &(first, last)) in probes.iter_mut().zip(&ranges) {
+            probe.cluster_add_slots(first, last).map_err(start)?;
+        }
+        for (node, bus) in nodes.iter().zip(&bus).skip(1) {
+            probes[0]
+                .cluster_meet("127.0.0.1", node.port, *bus)
+                .map_err(start)?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if probes.iter_mut().all(|p| p.cluster_ok().unwrap_or(false)) {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(LocalRedisError::Start(
+                    "the private cluster did not reach cluster_state:ok within 30 s".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Self { nodes, ranges })
+    }
+
+    /// Node URLs, for `[redis] cluster`.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .collect()
+    }
+
+    /// The node serving `slot`.
+    pub fn owner(&self, slot: u16) -> usize {
+        self.ranges
+            .iter()
+            .position(|&(first, last)| (first..=last).contains(&slot))
+            .unwrap_or(0)
     }
 }
 

@@ -3,15 +3,20 @@
 //!
 //! - drain: N pre-loaded entries, `noop` handler, `batch_size` 512, concurrency 1024,
 //!   reclaim and metrics on as in production; 1 and 3 replicas; entries/s, Redis
-//!   main-thread CPU per entry (`INFO cpu`), the consumer's own CPU per entry, peak RSS;
+//!   main-thread CPU per entry (`INFO cpu`), how busy Redis's main thread was while the
+//!   drain ran (its CPU time ÷ wall time, from `/proc`), the consumer's own CPU per entry,
+//!   peak RSS; once per entry size (`--entry-size`);
 //! - the same for three contenders: the write-ups' Python loop (COUNT 100, XACK per
 //!   entry), a careful Python loop (COUNT 500, one XACK per batch) and the loop a Rust
 //!   engineer would hand-write with redis-rs (COUNT 512, one XACK per batch, read then ack);
 //! - steady state: entries produced at a fixed rate, end-to-end latency from the entry id's
-//!   time to the XACK reply (ids have millisecond resolution), and idle CPU.
+//!   time to the XACK reply (ids have millisecond resolution), and idle CPU;
+//! - scale-out (`--partitions`, see `cluster.rs`): the same drain from 1, 4 and 16
+//!   partition streams on a private three-primary Redis Cluster.
 //!
 //! Every consumer runs as its own process, so CPU and memory are its own.
 
+pub mod cluster;
 pub mod contender;
 
 use std::path::PathBuf;
@@ -33,6 +38,19 @@ pub struct Options {
     pub duration: Duration,
     pub python: bool,
     pub redis_server: String,
+    /// Entry sizes to drain, in bytes (field names and values together).
+    pub entry_sizes: Vec<usize>,
+    /// Partition counts for the scale-out drain on a local cluster (none: skipped).
+    pub partitions: Vec<u32>,
+}
+
+/// At most this many bytes of entries are pre-loaded per drain, so that 16 KB entries do
+/// not need gigabytes: big entries drain fewer of them (the report says how many).
+const PRELOAD_BYTES: usize = 320 << 20;
+
+/// The entries a drain of `size`-byte entries pre-loads, out of the `entries` asked for.
+pub(crate) fn entries_for(entries: usize, size: usize) -> usize {
+    entries.min(PRELOAD_BYTES / size.max(1)).max(1)
 }
 
 /// One consumer setup to measure.
@@ -60,11 +78,13 @@ impl Contender {
 struct Drain {
     rate: f64,
     redis_us: f64,
+    /// Redis main-thread CPU time ÷ wall time, from the first entry read to the last acked.
+    busy: f64,
     consumer_us: f64,
     rss_mb: f64,
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
+pub(crate) fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     if xs.is_empty() {
         return 0.0;
@@ -77,7 +97,7 @@ fn median(mut xs: Vec<f64>) -> f64 {
     }
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -85,8 +105,19 @@ fn free_port() -> u16 {
 }
 
 /// CPU seconds (user + system) a process has used, from /proc.
-fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+pub(crate) fn cpu_seconds(pid: u32) -> f64 {
+    stat_cpu_seconds(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU seconds (user + system) of a process's main thread alone (its thread id is its
+/// pid): for redis-server, the thread that runs every command, without the background
+/// threads that free memory and close files.
+pub(crate) fn main_thread_cpu_seconds(pid: u32) -> f64 {
+    stat_cpu_seconds(&format!("/proc/{pid}/task/{pid}/stat"))
+}
+
+fn stat_cpu_seconds(path: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(path) else {
         return 0.0;
     };
     // Fields after the command name (which may contain spaces) start after ") ".
@@ -110,7 +141,7 @@ fn clock_ticks() -> f64 {
 }
 
 /// Peak resident memory of a process in MiB (VmHWM).
-fn peak_rss_mb(pid: u32) -> f64 {
+pub(crate) fn peak_rss_mb(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -133,21 +164,49 @@ fn progress(con: &mut Probe) -> (u64, u64, Option<u64>) {
     }
 }
 
-fn preload(con: &mut Probe, n: usize) {
-    con.flush_all().expect("FLUSHALL");
+/// The message field of a `size`-byte entry: the other three fields and the four names
+/// take 61 bytes (with a three-digit user id), the message the rest.
+fn message(size: usize) -> String {
+    let mut m = String::from("What is quantum computing?");
+    let want = size.saturating_sub(61);
+    while m.len() < want {
+        m.push_str(" Tell me more.");
+    }
+    m.truncate(want.max(26));
+    m
+}
+
+/// Entries `from..to` of a drain, with `message` (see [`message`]) setting their size.
+pub(crate) fn entries(
+    from: usize,
+    to: usize,
+    message: &str,
+) -> impl Iterator<Item = [(&'static str, String); 4]> + '_ {
     let types = ["click", "prompt", "pageview", "feedback"];
+    (from..to).map(move |j| {
+        [
+            ("user_id", (100 + j % 900).to_string()),
+            ("event_type", types[j % 4].to_owned()),
+            ("message", message.to_owned()),
+            ("timestamp", "2025-07-25T18:00:00Z".to_owned()),
+        ]
+    })
+}
+
+/// Pipelined XADDs per round trip: fewer for big entries, so a pipeline stays near 5 MB.
+pub(crate) fn preload_chunk(size: usize) -> usize {
+    (5 << 20) / size.max(1)
+}
+
+fn preload(con: &mut Probe, n: usize, size: usize) {
+    con.flush_all().expect("FLUSHALL");
+    let message = message(size);
+    let chunk = preload_chunk(size).clamp(1, 5000);
     let mut i = 0;
     while i < n {
-        let entries = (i..(i + 5000).min(n)).map(|j| {
-            [
-                ("user_id", (j % 1000).to_string()),
-                ("event_type", types[j % 4].to_owned()),
-                ("message", "What is quantum computing?".to_owned()),
-                ("timestamp", "2025-07-25T18:00:00Z".to_owned()),
-            ]
-        });
-        con.add_all(STREAM, entries).expect("XADD");
-        i += 5000;
+        con.add_all(STREAM, entries(i, (i + chunk).min(n), &message))
+            .expect("XADD");
+        i += chunk;
     }
     con.create_group(STREAM, GROUP, "0", false)
         .expect("XGROUP CREATE");
@@ -241,6 +300,19 @@ concurrency = 1024
     )
 }
 
+pub(crate) fn spawn_daemon(config: &std::path::Path) -> Child {
+    let exe = std::env::current_exe().expect("the streamworker binary");
+    Command::new(&exe)
+        .arg("run")
+        .arg("-c")
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("streamworker runs")
+}
+
 fn start(contender: &Contender, url: &str, python: Option<&PathBuf>) -> Running {
     let files = tempfile::tempdir().expect("temp dir");
     let exe = std::env::current_exe().expect("the streamworker binary");
@@ -256,17 +328,7 @@ fn start(contender: &Contender, url: &str, python: Option<&PathBuf>) -> Running 
                 if r == 0 {
                     http = Some(listen);
                 }
-                children.push(
-                    Command::new(&exe)
-                        .arg("run")
-                        .arg("-c")
-                        .arg(&path)
-                        .env("RUST_LOG", "warn")
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .spawn()
-                        .expect("streamworker runs"),
-                );
+                children.push(spawn_daemon(&path));
             }
         }
         Contender::RustLoop => children.push(
@@ -305,13 +367,14 @@ fn start(contender: &Contender, url: &str, python: Option<&PathBuf>) -> Running 
 
 fn drain_once(
     contender: &Contender,
-    url: &str,
+    (url, redis_pid): (&str, u32),
     con: &mut Probe,
-    n: usize,
+    (n, size): (usize, usize),
     python: Option<&PathBuf>,
 ) -> Option<Drain> {
-    preload(con, n);
+    preload(con, n, size);
     let cpu0 = redis_main_cpu(con);
+    let mut busy0 = 0.0;
     let running = start(contender, url, python);
     let pids = running.pids();
     // Time from the first entry read to the last acknowledged; startup is not counted.
@@ -322,6 +385,7 @@ fn drain_once(
         let now = Instant::now();
         if started.is_none() && read > 0 {
             started = Some(now);
+            busy0 = main_thread_cpu_seconds(redis_pid);
         }
         if lag == Some(0) && pending == 0 && read as usize >= n {
             break Some(now);
@@ -331,6 +395,7 @@ fn drain_once(
         }
         std::thread::sleep(Duration::from_millis(2));
     };
+    let busy1 = main_thread_cpu_seconds(redis_pid);
     let cpu1 = redis_main_cpu(con);
     let consumer_cpu: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
     let rss = pids.iter().map(|p| peak_rss_mb(*p)).fold(0.0, f64::max);
@@ -340,6 +405,7 @@ fn drain_once(
     Some(Drain {
         rate: n as f64 / secs,
         redis_us: (cpu1 - cpu0) * 1e6 / n as f64,
+        busy: (busy1 - busy0) / secs,
         consumer_us: consumer_cpu * 1e6 / n as f64,
         rss_mb: rss,
     })
@@ -458,6 +524,91 @@ fn steady(url: &str, con: &mut Probe, rate: u64, duration: Duration) -> Steady {
     }
 }
 
+/// Drains `n` entries of `size` bytes with every contender, `options.runs` times
+/// interleaved (so a noisy moment hurts every contender alike); the medians.
+fn drain_table(
+    options: &Options,
+    redis: (&str, u32),
+    con: &mut Probe,
+    (n, size): (usize, usize),
+    contenders: &[Contender],
+    python: Option<&PathBuf>,
+) -> Vec<(Contender, Drain)> {
+    let mut results: Vec<(Contender, Vec<Drain>)> =
+        contenders.iter().map(|c| (c.clone(), Vec::new())).collect();
+    for run in 0..options.runs {
+        for (contender, drains) in &mut results {
+            eprintln!(
+                "run {}/{}: {} draining {n} entries of {size} bytes…",
+                run + 1,
+                options.runs,
+                contender.name(),
+            );
+            if let Some(d) = drain_once(contender, redis, con, (n, size), python) {
+                eprintln!(
+                    "  {:.0} entries/s, Redis busy {:.0} %",
+                    d.rate,
+                    d.busy * 100.0
+                );
+                drains.push(d);
+            }
+        }
+    }
+    results
+        .into_iter()
+        .map(|(c, ds)| {
+            let d = Drain {
+                rate: median(ds.iter().map(|d| d.rate).collect()),
+                redis_us: median(ds.iter().map(|d| d.redis_us).collect()),
+                busy: median(ds.iter().map(|d| d.busy).collect()),
+                consumer_us: median(ds.iter().map(|d| d.consumer_us).collect()),
+                rss_mb: median(ds.iter().map(|d| d.rss_mb).collect()),
+            };
+            (c, d)
+        })
+        .collect()
+}
+
+/// The drain table of one entry size, in Markdown.
+fn table(summary: &[(Contender, Drain)]) -> String {
+    let baseline = summary
+        .iter()
+        .find(|(c, _)| *c == Contender::Streamworker { replicas: 1 })
+        .map(|(_, d)| *d)
+        .unwrap_or_default();
+    let rust = summary
+        .iter()
+        .find(|(c, _)| *c == Contender::RustLoop)
+        .map(|(_, d)| *d)
+        .unwrap_or_default();
+    let mut out = String::from(
+        "| consumer | entries/s | streamworker (1 replica) ÷ this | Redis CPU µs/entry | ÷ hand-written Rust's | Redis busy | consumer CPU µs/entry | peak RSS MiB |\n",
+    );
+    out.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    for (c, d) in summary {
+        out.push_str(&format!(
+            "| {} | {:.0} | {} | {:.2} | {:.2}× | {:.0} % | {:.2} | {:.1} |\n",
+            c.name(),
+            d.rate,
+            if *c == (Contender::Streamworker { replicas: 1 }) {
+                "—".to_owned()
+            } else {
+                format!("{:.2}×", baseline.rate / d.rate)
+            },
+            d.redis_us,
+            if rust.redis_us > 0.0 {
+                d.redis_us / rust.redis_us
+            } else {
+                f64::NAN
+            },
+            d.busy * 100.0,
+            d.consumer_us,
+            d.rss_mb
+        ));
+    }
+    out
+}
+
 /// Runs the benchmark and returns its report (Markdown).
 pub fn run(options: &Options) -> Result<String, crate::tools::local_redis::LocalRedisError> {
     let redis = LocalRedis::start(&options.redis_server)?;
@@ -479,74 +630,22 @@ pub fn run(options: &Options) -> Result<String, crate::tools::local_redis::Local
         contenders.push(Contender::PythonNaive);
     }
 
-    let mut results: Vec<(Contender, Vec<Drain>)> =
-        contenders.iter().map(|c| (c.clone(), Vec::new())).collect();
-    // Interleave the runs, so a noisy moment hurts every contender alike.
-    for run in 0..options.runs {
-        for (contender, drains) in &mut results {
-            eprintln!(
-                "run {}/{}: {} draining {} entries…",
-                run + 1,
-                options.runs,
-                contender.name(),
-                options.entries
-            );
-            if let Some(d) = drain_once(contender, &url, &mut con, options.entries, python.as_ref())
-            {
-                eprintln!("  {:.0} entries/s", d.rate);
-                drains.push(d);
-            }
-        }
-    }
-    let summary: Vec<(Contender, Drain)> = results
-        .into_iter()
-        .map(|(c, ds)| {
-            let d = Drain {
-                rate: median(ds.iter().map(|d| d.rate).collect()),
-                redis_us: median(ds.iter().map(|d| d.redis_us).collect()),
-                consumer_us: median(ds.iter().map(|d| d.consumer_us).collect()),
-                rss_mb: median(ds.iter().map(|d| d.rss_mb).collect()),
-            };
-            (c, d)
-        })
-        .collect();
-    let baseline = summary
-        .iter()
-        .find(|(c, _)| *c == Contender::Streamworker { replicas: 1 })
-        .map(|(_, d)| *d)
-        .unwrap_or_default();
-    let rust = summary
-        .iter()
-        .find(|(c, _)| *c == Contender::RustLoop)
-        .map(|(_, d)| *d)
-        .unwrap_or_default();
-
     let mut out = format!(
-        "Drain: {} pre-loaded entries (4 fields each), noop handler, batch_size 512, concurrency 1024, reclaim and metrics on; median of {} runs, interleaved. One private redis-server on the same machine.\n\n",
-        options.entries, options.runs
+        "Drain: pre-loaded entries of 4 fields, noop handler, batch_size 512, concurrency 1024, reclaim and metrics on; median of {} runs, interleaved. One private redis-server on the same machine. Redis busy = its main thread's CPU time ÷ the drain's wall time.\n",
+        options.runs
     );
-    out.push_str("| consumer | entries/s | streamworker (1 replica) ÷ this | Redis CPU µs/entry | ÷ hand-written Rust's | consumer CPU µs/entry | peak RSS MiB |\n");
-
-    out.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");
-    for (c, d) in &summary {
-        out.push_str(&format!(
-            "| {} | {:.0} | {} | {:.2} | {:.2}× | {:.2} | {:.1} |\n",
-            c.name(),
-            d.rate,
-            if *c == (Contender::Streamworker { replicas: 1 }) {
-                "—".to_owned()
-            } else {
-                format!("{:.2}×", baseline.rate / d.rate)
-            },
-            d.redis_us,
-            if rust.redis_us > 0.0 {
-                d.redis_us / rust.redis_us
-            } else {
-                f64::NAN
-            },
-            d.consumer_us,
-            d.rss_mb
-        ));
+    for &size in &options.entry_sizes {
+        let n = entries_for(options.entries, size);
+        let summary = drain_table(
+            options,
+            (&url, redis.pid()),
+            &mut con,
+            (n, size),
+            &contenders,
+            python.as_ref(),
+        );
+        out.push_str(&format!("\n{size}-byte entries, {n} of them:\n\n"));
+        out.push_str(&table(&summary));
     }
     eprintln!(
         "steady state: {} entries/s for {:?}…",
@@ -563,5 +662,30 @@ pub fn run(options: &Options) -> Result<String, crate::tools::local_redis::Local
         s.p999_ms,
         s.idle_cpu_ms_per_s
     ));
+    drop(con);
+    drop(redis);
+    if !options.partitions.is_empty() {
+        out.push_str(&cluster::run(options)?);
+    }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An entry of `--entry-size N` has N bytes of field names and values, give or take
+    /// the event type's length (5 to 8 bytes).
+    #[test]
+    fn entries_have_the_size_asked_for() {
+        for size in [100, 1024, 16384] {
+            let message = message(size);
+            for fields in entries(0, 8, &message) {
+                let bytes: usize = fields.iter().map(|(k, v)| k.len() + v.len()).sum();
+                assert!(bytes >= size && bytes <= size + 3, "{size}: {bytes}");
+            }
+        }
+        assert_eq!(entries_for(200_000, 100), 200_000);
+        assert_eq!(entries_for(200_000, 16384), 20_480);
+    }
 }
