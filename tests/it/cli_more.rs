@@ -233,6 +233,33 @@ fn wait_for_exit(child: &mut std::process::Child, timeout: Duration) -> Option<i
     None
 }
 
+/// `status --watch --json` every `interval` on a noop `billing` group of `orders`, with
+/// its output piped; the config lives in `dir`.
+fn watch_status(dir: &tempfile::TempDir, url: &str, interval: &str) -> std::process::Child {
+    let path = write_config(
+        dir,
+        &config(
+            url,
+            "r1",
+            "[groups.billing]\nstream = \"orders\"\nhandler = \"noop\"\n",
+        ),
+    );
+    Command::new(binary())
+        .args([
+            "status",
+            "-c",
+            &path,
+            "--watch",
+            "--interval",
+            interval,
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 #[test]
 fn status_watch_json_prints_a_document_per_interval_until_ctrl_c() {
     let redis = RedisServer::start();
@@ -246,28 +273,7 @@ fn status_watch_json_prints_a_document_per_interval_until_ctrl_c() {
             .collect::<Vec<_>>(),
     );
     let dir = tempfile::tempdir().unwrap();
-    let path = write_config(
-        &dir,
-        &config(
-            &redis.url(),
-            "r1",
-            "[groups.billing]\nstream = \"orders\"\nhandler = \"noop\"\n",
-        ),
-    );
-    let mut child = Command::new(binary())
-        .args([
-            "status",
-            "-c",
-            &path,
-            "--watch",
-            "--interval",
-            "1s",
-            "--json",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = watch_status(&dir, &redis.url(), "1s");
     let lines = lines_of(&mut child);
     let document = |timeout: Duration| -> (Instant, serde_json::Value) {
         let (at, line) = lines
@@ -323,28 +329,7 @@ fn status_watch_json_prints_a_document_per_interval_until_ctrl_c() {
 fn status_watch_keeps_going_while_redis_is_down() {
     let mut redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let path = write_config(
-        &dir,
-        &config(
-            &redis.url(),
-            "r1",
-            "[groups.billing]\nstream = \"orders\"\nhandler = \"noop\"\n",
-        ),
-    );
-    let mut child = Command::new(binary())
-        .args([
-            "status",
-            "-c",
-            &path,
-            "--watch",
-            "--interval",
-            "500ms",
-            "--json",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = watch_status(&dir, &redis.url(), "500ms");
     let stdout = lines_of(&mut child);
     let stderr = {
         let pipe = child.stderr.take().unwrap();
