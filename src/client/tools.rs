@@ -175,6 +175,12 @@ impl Probe {
             .query(&mut self.con)?)
     }
 
+    /// GET `key` as text, `None` when it does not exist (the bench reads a partition's
+    /// lease to see who holds it).
+    pub fn get(&mut self, key: &str) -> Result<Option<String>> {
+        Ok(redis::cmd("GET").arg(key).query(&mut self.con)?)
+    }
+
     /// XINFO GROUPS of `stream`: its groups as [`Client::groups`](super::Client::groups)
     /// reports them.
     pub fn groups(&mut self, stream: &str) -> Result<Vec<GroupInfo>> {

@@ -95,16 +95,32 @@ fn free_ports(n: usize) -> Result<Vec<u16>, LocalRedisError> {
 }
 
 /// A private Redis Cluster: `n` primaries, no replicas, the slots split evenly in order
-/// (node 0 serves the first third with three nodes, and so on).
+/// (node 0 serves the first third with three nodes, and so on), except the slots of keys
+/// placed on a chosen node ([`LocalCluster::start_placing`]).
 pub struct LocalCluster {
     pub nodes: Vec<LocalRedis>,
-    /// The first and last slot each node serves.
-    pub ranges: Vec<(u16, u16)>,
+    /// The node serving each slot.
+    owners: Vec<u8>,
 }
+
+/// Slots in a Redis Cluster.
+const SLOTS: usize = 16384;
 
 impl LocalCluster {
     pub fn start(binary: &str, n: usize) -> Result<Self, LocalRedisError> {
-        let n = n.max(1);
+        Self::start_placing(binary, n, &[])
+    }
+
+    /// Starts a cluster of `n` primaries whose slots are split evenly, except that the
+    /// slot of each key in `placed` is served by the node given with it: the bench uses it
+    /// to lay partition streams out evenly over the primaries, which hashing does not do
+    /// for a few partitions. Slots are assigned before the nodes meet, so nothing migrates.
+    pub fn start_placing(
+        binary: &str,
+        n: usize,
+        placed: &[(String, usize)],
+    ) -> Result<Self, LocalRedisError> {
+        let n = n.clamp(1, u8::MAX as usize);
         // The cluster bus listens on a port of its own; by default port + 10000, which may
         // not exist for a high free port, so each node is given a free one.
         let bus = free_ports(n)?;
@@ -126,24 +142,26 @@ impl LocalCluster {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let start = |e: crate::client::ClientError| LocalRedisError::Start(e.to_string());
-        let per = 16384 / n as u32;
-        let ranges: Vec<(u16, u16)> = (0..n as u32)
-            .map(|i| {
-                let last = if i + 1 == n as u32 {
-                    16383
-                } else {
-                    (i + 1) * per - 1
-                };
-                ((i * per) as u16, last as u16)
-            })
-            .collect();
+        let per = SLOTS / n;
+        let mut owners: Vec<u8> = (0..SLOTS).map(|s| (s / per).min(n - 1) as u8).collect();
         let mut probes = nodes
             .iter()
             .map(|node| Probe::connect(&node.url(), Some(Duration::from_secs(2))))
             .collect::<Result<Vec<_>, _>>()
             .map_err(start)?;
-        for (probe, &(first, last)) in probes.iter_mut().zip(&ranges) {
-            probe.cluster_add_slots(first, last).map_err(start)?;
+        for (key, node) in placed {
+            let slot = probes[0].key_slot(key).map_err(start)?;
+            owners[usize::from(slot)] = (*node).min(n - 1) as u8;
+        }
+        // Each node adds its runs of consecutive slots.
+        let mut first = 0;
+        for slot in 1..=SLOTS {
+            if slot == SLOTS || owners[slot] != owners[first] {
+                probes[usize::from(owners[first])]
+                    .cluster_add_slots(first as u16, (slot - 1) as u16)
+                    .map_err(start)?;
+                first = slot;
+            }
         }
         for (node, bus) in nodes.iter().zip(&bus).skip(1) {
             probes[0]
@@ -162,7 +180,7 @@ impl LocalCluster {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(Self { nodes, ranges })
+        Ok(Self { nodes, owners })
     }
 
     /// Node URLs, for `[redis] cluster`.
@@ -175,10 +193,9 @@ impl LocalCluster {
 
     /// The node serving `slot`.
     pub fn owner(&self, slot: u16) -> usize {
-        self.ranges
-            .iter()
-            .position(|&(first, last)| (first..=last).contains(&slot))
-            .unwrap_or(0)
+        self.owners
+            .get(usize::from(slot))
+            .map_or(0, |&o| usize::from(o))
     }
 }
 
