@@ -11,8 +11,9 @@
 //!   engineer would hand-write with redis-rs (COUNT 512, one XACK per batch, read then ack);
 //! - steady state: entries produced at a fixed rate, end-to-end latency from the entry id's
 //!   time to the XACK reply (ids have millisecond resolution), and idle CPU;
-//! - scale-out (`--partitions`, see `cluster.rs`): the same drain from 1, 4 and 16
-//!   partition streams on a private three-primary Redis Cluster.
+//! - scale-out (`--partitions`, see `cluster.rs`): the same drain from a group with
+//!   `partitions = 1, 4, 16` on a private three-primary Redis Cluster, through partition
+//!   ownership as users run it.
 //!
 //! Every consumer runs as its own process, so CPU and memory are its own.
 
