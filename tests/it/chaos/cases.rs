@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::harness::{Case, Fault, Group, HANDLER_TIMEOUT, Kind, two_percent};
+use super::harness::{Case, Fault, Group, HANDLER_TIMEOUT, KEY_FIELD, Kind, two_percent};
 use crate::support::Fields;
 
 /// How big a run is.
@@ -46,6 +46,7 @@ pub const CASES: &[&str] = &[
     "non_utf8",
     "webhook_hangs",
     "soak",
+    "partitioned_ordered",
 ];
 
 const AOF: &[&str] = &["--appendonly", "yes", "--appendfsync", "always"];
@@ -66,6 +67,7 @@ pub fn case(name: &str, s: &Scale) -> Case {
         rate: s.rate,
         redis_args: Vec::new(),
         stream: "orders",
+        partitions: None,
         groups: vec![Group::webhook("billing")],
         entry: two_percent(Kind::Retryable),
         faults: Vec::new(),
@@ -225,6 +227,50 @@ pub fn case(name: &str, s: &Scale) -> Case {
                     at: at(0.5),
                     down: Duration::from_secs(1),
                     erases: false,
+                },
+            ];
+        }
+        // A partitioned group (4 partitions) with per-key order, its 3 replicas SIGKILLed
+        // and SIGTERMed (each replaced at once) while entries keyed by 256 customers are
+        // produced into their partitions: the partitions rebalance at every stop and
+        // join. 5 % of entries fail once then succeed, 2 % always fail (dead-lettered after
+        // max_deliveries, holding their key meanwhile), 2 % are refused (dead-lettered at
+        // once). Beyond the usual rule: no key's entries called out of id order, and
+        // every partition held by a live replica at the end.
+        "partitioned_ordered" => {
+            c.replicas = s.replicas.max(3);
+            c.partitions = Some(4);
+            c.groups = vec![Group {
+                order_by: Some(KEY_FIELD),
+                ..Group::webhook("billing")
+            }];
+            c.entry = Box::new(|n| {
+                let kind = match n {
+                    n if n % 50 == 17 => Kind::Retryable,
+                    n if n % 50 == 33 => Kind::Permanent,
+                    n if n % 20 == 5 => Kind::RetryableOnce,
+                    _ => Kind::Healthy,
+                };
+                // Keys in no pattern of n (Fibonacci hashing), so each partition gets
+                // its keys' entries interleaved.
+                let customer = n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56;
+                (
+                    kind,
+                    vec![
+                        (
+                            KEY_FIELD.as_bytes().to_vec(),
+                            format!("customer-{customer}").into_bytes(),
+                        ),
+                        (b"payload".to_vec(), format!("order {n}").into_bytes()),
+                    ],
+                )
+            });
+            // SIGTERMs less often than SIGKILLs: a kill leaves partitions to their
+            // leases, a SIGTERM hands them over at once.
+            c.faults = vec![
+                Fault::KillReplicas { every: kill_every },
+                Fault::TerminateReplicas {
+                    every: kill_every * 2,
                 },
             ];
         }

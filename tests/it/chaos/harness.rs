@@ -14,8 +14,18 @@
 //!   group had in flight at the kills (a SIGKILLed replica's or a killed Redis' pending
 //!   entries: their handler may have finished without the acknowledgement being sent);
 //! - **stalled**: the group's lag (XINFO GROUPS) was not back to 0 within `claim_idle` +
-//!   the longest backoff after producing stopped (plus [`LOAD_SLACK`]), or the group was
-//!   missing.
+//!   the longest backoff after producing stopped (plus [`LOAD_SLACK`]; for a partitioned
+//!   group, plus a partition lease and a third, the most a SIGKILLed replica's partition
+//!   may wait for a new owner), or the group was missing;
+//! - **out of order** (groups with `order_by`): requests the receiver took for an entry of
+//!   a key after it had taken a newer entry of that key (every attempt counts, as in
+//!   `tests/it/ordering.rs`: an entry may come again, never an older one after a newer);
+//! - **unowned** (partitioned groups): partitions whose lease no live replica held once
+//!   everything settled.
+//!
+//! A partitioned case ([`Case::partitions`]) writes each entry to the partition of its
+//! [`KEY_FIELD`] (`partition_of`, as `produce --partition-by` does), and every account is
+//! kept per partition stream: ids are only unique within one stream.
 //!
 //! Every group runs with the default failure policy: a case may only shorten
 //! `handler_timeout`, `claim_idle` and the backoff's `initial`/`max` (so that it finishes
@@ -28,6 +38,8 @@ use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use streamworker::partition::{partition_of, partition_stream};
 
 use crate::support::*;
 
@@ -64,6 +76,9 @@ const LATE_FAILURE: Duration = Duration::from_millis(700);
 /// How long a hung webhook holds a request (the daemon gives up long before).
 const HUNG_REPLY: Duration = Duration::from_secs(30);
 
+/// The field a partitioned case's entries carry their key in (the group's `order_by`).
+pub const KEY_FIELD: &str = "key";
+
 /// What an entry is, for the webhook receiver (field `chaos`) and for the account.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kind {
@@ -71,6 +86,9 @@ pub enum Kind {
     Healthy,
     /// Answered 500 every time: retryable poison.
     Retryable,
+    /// Answered 500 the first time the receiver sees it, 2xx after: a retry that
+    /// succeeds, holding its key meanwhile in an ordered group.
+    RetryableOnce,
     /// Answered 500 every time, after [`LATE_FAILURE`]: retryable poison whose calls are
     /// still running when something else happens (Redis goes down).
     RetryableLate,
@@ -87,6 +105,7 @@ impl Kind {
         match self {
             Kind::Healthy => "ok",
             Kind::Retryable => "p500",
+            Kind::RetryableOnce => "p500once",
             Kind::RetryableLate => "p500late",
             Kind::Permanent => "p422",
             Kind::SlowOnce => "slow1",
@@ -97,6 +116,7 @@ impl Kind {
     fn from_tag(tag: &str) -> Kind {
         match tag {
             "p500" => Kind::Retryable,
+            "p500once" => Kind::RetryableOnce,
             "p500late" => Kind::RetryableLate,
             "p422" => Kind::Permanent,
             "slow1" => Kind::SlowOnce,
@@ -119,7 +139,7 @@ impl Kind {
             Kind::Retryable | Kind::RetryableLate => "answered 500",
             Kind::Permanent => "answered 422",
             Kind::SlowAlways => "timed out",
-            Kind::Healthy | Kind::SlowOnce => "",
+            Kind::Healthy | Kind::SlowOnce | Kind::RetryableOnce => "",
         }
     }
 }
@@ -141,6 +161,8 @@ pub struct Group {
     pub dlq_error: Option<&'static str>,
     /// More TOML for the group (the policy self-test sets keys the matrix must refuse).
     pub extra: &'static str,
+    /// `order_by`: its entries' calls are checked for per-key id order.
+    pub order_by: Option<&'static str>,
 }
 
 impl Group {
@@ -151,6 +173,7 @@ impl Group {
             dead: Kind::is_poison,
             dlq_error: None,
             extra: "",
+            order_by: None,
         }
     }
 
@@ -161,6 +184,7 @@ impl Group {
             dead: |_| false,
             dlq_error: None,
             extra: "",
+            order_by: None,
         }
     }
 }
@@ -170,6 +194,10 @@ pub enum Fault {
     /// SIGKILL a random replica about every `every` (±40 %) and start a new one under a
     /// new consumer name (the old name's lease outlives it by up to 10 s).
     KillReplicas { every: Duration },
+    /// SIGTERM a random replica about every `every` (±40 %) and start a new one at once:
+    /// the stopped one drains and hands its partitions over. Not counted in flight: a
+    /// graceful stop must not cause duplicates.
+    TerminateReplicas { every: Duration },
     /// SIGKILL redis-server, keep it down for `down`, start it again on the same port and
     /// directory. `erases` says whether the restart loses the data (no persistence).
     RestartRedis {
@@ -196,6 +224,8 @@ pub struct Case {
     pub rate: u64,
     pub redis_args: Vec<&'static str>,
     pub stream: &'static str,
+    /// `partitions = N` on every group: entries go to `stream:p<partition_of(key)>`.
+    pub partitions: Option<u32>,
     pub groups: Vec<Group>,
     pub entry: EntryMaker,
     pub faults: Vec<Fault>,
@@ -246,6 +276,16 @@ pub struct GroupReport {
     pub lost_sample: Vec<String>,
     /// A few of the duplicated ids.
     pub duplicate_sample: Vec<String>,
+    /// The group has `order_by`: `out_of_order` was checked.
+    pub ordered: bool,
+    /// Calls for an entry of a key after a newer entry of that key had been called.
+    pub out_of_order: usize,
+    /// A few of them, for the failure message.
+    pub order_sample: Vec<String>,
+    /// The group is partitioned: `unowned` was checked.
+    pub partitioned: bool,
+    /// Partitions no live replica held at the end, with the lease's holder if any.
+    pub unowned: Vec<String>,
 }
 
 #[derive(Debug, Default)]
@@ -254,6 +294,10 @@ pub struct Report {
     pub replicas: usize,
     pub seconds: f64,
     pub kills: usize,
+    pub terminations: usize,
+    /// SIGTERMed replicas still running `shutdown_timeout` + [`LOAD_SLACK`] after the
+    /// signal.
+    pub stuck_on_sigterm: usize,
     pub redis_restarts: usize,
     /// XADDs not confirmed (Redis down or refusing writes).
     pub unconfirmed: usize,
@@ -270,6 +314,12 @@ impl Report {
     /// Every broken rule, with its figures; empty when the case passes.
     pub fn failures(&self) -> Vec<String> {
         let mut out: Vec<String> = self.policy_problems.clone();
+        if self.stuck_on_sigterm > 0 {
+            out.push(format!(
+                "{} SIGTERMed replicas did not exit within shutdown_timeout",
+                self.stuck_on_sigterm
+            ));
+        }
         for g in &self.groups {
             let name = &g.group;
             if g.lost > 0 {
@@ -324,6 +374,18 @@ impl Report {
                     g.wrong_error
                 ));
             }
+            if g.out_of_order > 0 {
+                out.push(format!(
+                    "{name}: {} calls out of id order for their key: an older entry after a newer one (e.g. {:?})",
+                    g.out_of_order, g.order_sample
+                ));
+            }
+            if !g.unowned.is_empty() {
+                out.push(format!(
+                    "{name}: partitions unowned by any live replica at the end: {:?}",
+                    g.unowned
+                ));
+            }
         }
         out
     }
@@ -335,11 +397,12 @@ impl Report {
     /// The report as text: a header, one table row per group, the daemons' warnings.
     pub fn render(&self) -> String {
         let mut s = format!(
-            "chaos case {}: {:.0} s of producing, {} replicas, {} SIGKILLs, {} Redis restarts, {} XADDs unconfirmed; settled {}\n",
+            "chaos case {}: {:.0} s of producing, {} replicas, {} SIGKILLs, {} SIGTERMs, {} Redis restarts, {} XADDs unconfirmed; settled {}\n",
             self.case,
             self.seconds,
             self.replicas,
             self.kills,
+            self.terminations,
             self.redis_restarts,
             self.unconfirmed,
             match self.settled_after {
@@ -363,7 +426,7 @@ impl Report {
 
 pub fn table_header() -> String {
     format!(
-        "  {:<30} {:<10} {:>8} {:>8} {:>6} {:>9} {:>6} {:>5} {:>9} {:>8} {:>7} {:>5} {:>5}\n",
+        "  {:<30} {:<10} {:>8} {:>8} {:>6} {:>9} {:>6} {:>5} {:>9} {:>8} {:>7} {:>5} {:>7} {:>5} {:>5}\n",
         "case",
         "group",
         "produced",
@@ -376,13 +439,15 @@ pub fn table_header() -> String {
         "lag0",
         "stalled",
         "pend",
+        "order",
+        "unown",
         "ok"
     )
 }
 
 pub fn table_row(case: &str, g: &GroupReport, passed: bool) -> String {
     format!(
-        "  {:<30} {:<10} {:>8} {:>8} {:>6} {:>9} {:>6} {:>5} {:>9} {:>8} {:>7} {:>5} {:>5}\n",
+        "  {:<30} {:<10} {:>8} {:>8} {:>6} {:>9} {:>6} {:>5} {:>9} {:>8} {:>7} {:>5} {:>7} {:>5} {:>5}\n",
         case,
         g.group,
         g.produced,
@@ -399,6 +464,17 @@ pub fn table_row(case: &str, g: &GroupReport, passed: bool) -> String {
         g.pending_at_end
             .map(|p| p.to_string())
             .unwrap_or_else(|| "-".into()),
+        // Calls out of id order, or `-` for a group without `order_by`.
+        if g.ordered {
+            g.out_of_order.to_string()
+        } else {
+            "-".into()
+        },
+        if g.partitioned {
+            g.unowned.len().to_string()
+        } else {
+            "-".into()
+        },
         if passed { "pass" } else { "FAIL" }
     )
 }
@@ -406,6 +482,8 @@ pub fn table_row(case: &str, g: &GroupReport, passed: bool) -> String {
 /// One produced entry, as confirmed.
 struct Produced {
     id: String,
+    /// Index of its stream among the case's streams (its partition; 0 unpartitioned).
+    part: usize,
     kind: Kind,
     /// Of its fields, bytes as sent, in order.
     hash: u64,
@@ -481,6 +559,81 @@ fn group_state(probe: &mut Probe, stream: &str, group: &str) -> Option<(u64, boo
             .query(c)
     })?;
     Some((pending, next.is_empty()))
+}
+
+/// [`group_state`] over every stream of a group (its partitions): pending summed, lag 0
+/// when every one's is; `None` when any is missing.
+fn groups_state(probe: &mut Probe, streams: &[String], group: &str) -> Option<(u64, bool)> {
+    let mut total = (0, true);
+    for stream in streams {
+        let (pending, zero) = group_state(probe, stream, group)?;
+        total = (total.0 + pending, total.1 && zero);
+    }
+    Some(total)
+}
+
+/// The partitions of `group` whose lease no replica in `live` holds, as `stream (holder)`;
+/// `None` when Redis does not answer.
+fn unowned(
+    probe: &mut Probe,
+    streams: &[String],
+    group: &str,
+    live: &HashSet<&str>,
+) -> Option<Vec<String>> {
+    let mut out = Vec::new();
+    for stream in streams {
+        let key = streamworker::keys::partition_lease_key(stream, group);
+        let holder: Option<String> = probe.with(|c| redis::cmd("GET").arg(&key).query(c))?;
+        match holder {
+            Some(h) if live.contains(h.as_str()) => {}
+            Some(h) => out.push(format!("{stream} (held by {h}, not running)")),
+            None => out.push(format!("{stream} (no lease)")),
+        }
+    }
+    Some(out)
+}
+
+/// One request the receiver took for an entry with a [`KEY_FIELD`]: for the per-key
+/// order check.
+pub struct Call {
+    pub group: String,
+    pub key: String,
+    /// The entry's id as (ms, seq): a key's entries are all in one stream (its partition),
+    /// where ids order them.
+    pub id: (u64, u64),
+    pub at: Instant,
+}
+
+fn id_parts(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
+/// The calls of `group` that came for an entry of a key after a newer entry of that key
+/// had been called (by arrival at the receiver): how many, and a few described. A call
+/// for the same entry again (a retry, or after a SIGKILL the entry that was in flight) is
+/// in order.
+pub fn out_of_order(calls: &[Call], group: &str) -> (usize, Vec<String>) {
+    let mut mine: Vec<&Call> = calls.iter().filter(|c| c.group == group).collect();
+    mine.sort_by_key(|c| c.at);
+    let mut newest: HashMap<&str, (u64, u64)> = HashMap::new();
+    let mut count = 0;
+    let mut sample = Vec::new();
+    for c in mine {
+        let seen = newest.entry(c.key.as_str()).or_insert(c.id);
+        if c.id < *seen {
+            count += 1;
+            if sample.len() < 5 {
+                sample.push(format!(
+                    "key {}: {}-{} after {}-{}",
+                    c.key, c.id.0, c.id.1, seen.0, seen.1
+                ));
+            }
+        } else {
+            *seen = c.id;
+        }
+    }
+    (count, sample)
 }
 
 /// One observed take of an entry: how often, and the fields' hash of the first.
@@ -616,10 +769,12 @@ struct Policy {
     handler_timeout: Duration,
     max_deliveries: u32,
     pause: Duration,
+    /// A partitioned group's `partition_lease` (set or derived from `handler_timeout`).
+    partition_lease: Option<Duration>,
 }
 
 impl Policy {
-    fn from(resolved: &Resolved, stream: &str, group: &str) -> Self {
+    fn from(resolved: &Resolved, stream: &str, group: &str, partitioned: bool) -> Self {
         let d = |k: &str, default: Duration| {
             resolved
                 .get(k)
@@ -630,6 +785,7 @@ impl Policy {
             .get("retry_backoff.jitter")
             .and_then(|v| v.parse().ok())
             .unwrap_or(0.2);
+        let handler_timeout = d("handler_timeout", Duration::from_secs(30));
         Self {
             dead_letter_stream: resolved
                 .get("dead_letter_stream")
@@ -637,18 +793,33 @@ impl Policy {
                 .unwrap_or_else(|| format!("{{{stream}}}:dlq:{group}")),
             claim_idle: d("claim_idle", Duration::from_secs(120)),
             longest_backoff: d("retry_backoff.max", Duration::from_secs(60)).mul_f64(1.0 + jitter),
-            handler_timeout: d("handler_timeout", Duration::from_secs(30)),
+            handler_timeout,
             max_deliveries: resolved
                 .get("max_deliveries")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(5),
             pause: d("circuit_breaker.pause", Duration::from_secs(5)),
+            partition_lease: partitioned.then(|| {
+                d(
+                    "partition_lease",
+                    streamworker::partition::default_lease(handler_timeout),
+                )
+            }),
         }
     }
 
-    /// The stall rule's bound: `claim_idle` + the longest backoff.
+    /// How long a SIGKILLed replica's partition may wait for a new owner: its lease's
+    /// lifetime, then a third of one for a survivor's next turn (docs/partitions.md).
+    fn handover(&self) -> Duration {
+        self.partition_lease
+            .map(|lease| lease + lease / 3)
+            .unwrap_or_default()
+    }
+
+    /// The stall rule's bound: `claim_idle` + the longest backoff (+ the handover of a
+    /// partition).
     fn stall_bound(&self) -> Duration {
-        self.claim_idle + self.longest_backoff
+        self.claim_idle + self.longest_backoff + self.handover()
     }
 
     /// Long enough for an entry produced last to go through every attempt: a reclaim
@@ -658,6 +829,7 @@ impl Policy {
             + (self.handler_timeout + self.longest_backoff + Duration::from_secs(1))
                 * self.max_deliveries
             + self.pause
+            + self.handover()
     }
 }
 
@@ -677,8 +849,17 @@ fn group_toml(case: &Case, g: &Group, hook: Option<&WebhookServer>, timings: boo
         ),
         Sink::Forward { to } => ("forward", format!("to = \"{to}\"")),
     };
+    // The group's shape, not its failure policy: in the baseline too.
+    let partitions = case
+        .partitions
+        .map(|n| format!("partitions = {n}\n"))
+        .unwrap_or_default();
+    let order_by = g
+        .order_by
+        .map(|f| format!("order_by = \"{f}\"\n"))
+        .unwrap_or_default();
     format!(
-        "[groups.{name}]\nstream = \"{stream}\"\nhandler = \"{handler}\"\n{timings}\n{extra}\n[groups.{name}.options]\n{options}\n",
+        "[groups.{name}]\nstream = \"{stream}\"\nhandler = \"{handler}\"\n{partitions}{order_by}{timings}\n{extra}\n[groups.{name}.options]\n{options}\n",
         name = g.name,
         stream = case.stream,
         timings = if timings {
@@ -688,6 +869,16 @@ fn group_toml(case: &Case, g: &Group, hook: Option<&WebhookServer>, timings: boo
         },
         extra = if timings { g.extra } else { "" },
     )
+}
+
+/// Whether a partitioned group's lease is the default for its (shortened)
+/// `handler_timeout`, as `check` derives it: not something the case set.
+fn lease_is_derived(resolved: &Resolved) -> bool {
+    let get = |k: &str| resolved.get(k).and_then(|v| parse_duration(v));
+    match (get("handler_timeout"), get("partition_lease")) {
+        (Some(timeout), Some(lease)) => lease == streamworker::partition::default_lease(timeout),
+        _ => false,
+    }
 }
 
 /// Runs `streamworker check` on `config`; the resolved groups, or what check said.
@@ -728,7 +919,10 @@ fn policy_problems(
         };
         let keys: HashSet<&String> = a.keys().chain(b.keys()).collect();
         for key in keys {
-            if key.starts_with("options.") || ALLOWED_OVERRIDES.contains(&key.as_str()) {
+            if key.starts_with("options.")
+                || ALLOWED_OVERRIDES.contains(&key.as_str())
+                || (key == "partition_lease" && lease_is_derived(a))
+            {
                 continue;
             }
             if a.get(key) != b.get(key) {
@@ -766,7 +960,8 @@ fn tally_log(text: &str, into: &mut HashMap<String, usize>) {
 /// of unconfirmed XADDs.
 fn spawn_producer(
     url: String,
-    stream: &'static str,
+    streams: Vec<String>,
+    partitions: Option<u32>,
     rate: u64,
     entry: Arc<EntryMaker>,
     stop: Arc<AtomicBool>,
@@ -793,16 +988,26 @@ fn spawn_producer(
                 (b"chaos".to_vec(), kind.tag().as_bytes().to_vec()),
             ];
             fields.extend(extra);
+            // The partition of the entry's key, as `produce --partition-by` picks it.
+            let part = partitions.map_or(0, |n| {
+                let key = fields
+                    .iter()
+                    .find(|(k, _)| k == KEY_FIELD.as_bytes())
+                    .map(|(_, v)| v.as_slice())
+                    .expect("a partitioned case's entries carry a key");
+                partition_of(key, n) as usize
+            });
             match con.as_mut() {
                 Some(c) => {
                     let mut cmd = redis::cmd("XADD");
-                    cmd.arg(stream).arg("*");
+                    cmd.arg(&streams[part]).arg("*");
                     for (k, v) in &fields {
                         cmd.arg(k.as_slice()).arg(v.as_slice());
                     }
                     match cmd.query::<String>(c) {
                         Ok(id) => produced.push(Produced {
                             id,
+                            part,
                             kind,
                             hash: fields_hash(
                                 fields.iter().map(|(k, v)| (k.as_slice(), v.as_slice())),
@@ -831,33 +1036,58 @@ fn spawn_producer(
     })
 }
 
+/// 2xx answered in time, by (group, stream, id).
+type Taken = HashMap<(String, String, String), usize>;
+
 /// The webhook receiver of a case: answers by the entry's `chaos` field, hangs while
-/// `hang` is set, and counts the 2xx it answered in time, by (group, id).
+/// `hang` is set, counts the 2xx it answered in time, by (group, stream, id), and records
+/// every call for an entry with a key.
 fn receiver(
     hang: Arc<AtomicBool>,
-    taken: Arc<Mutex<HashMap<(String, String), usize>>>,
+    taken: Arc<Mutex<Taken>>,
+    calls: Arc<Mutex<Vec<Call>>>,
 ) -> WebhookServer {
     let slowed: Mutex<HashSet<String>> = Mutex::default();
+    let failed_once: Mutex<HashSet<(String, String)>> = Mutex::default();
     WebhookServer::start_with(move |hit| {
+        let stream = hit.body["stream"].as_str().unwrap_or_default().to_owned();
+        if let (Some(key), Some(id)) = (hit.body["fields"][KEY_FIELD].as_str(), id_parts(&hit.id)) {
+            calls.lock().unwrap().push(Call {
+                group: hit.path.clone(),
+                key: key.to_owned(),
+                id,
+                at: hit.at,
+            });
+        }
         if hang.load(Ordering::Relaxed) {
             return (503, HUNG_REPLY);
         }
         let kind = Kind::from_tag(hit.body["fields"]["chaos"].as_str().unwrap_or("ok"));
         let (status, delay) = match kind {
             Kind::Retryable => (500, Duration::ZERO),
+            Kind::RetryableOnce
+                if failed_once
+                    .lock()
+                    .unwrap()
+                    .insert((stream.clone(), hit.id.clone())) =>
+            {
+                (500, Duration::ZERO)
+            }
             Kind::RetryableLate => (500, LATE_FAILURE),
             Kind::Permanent => (422, Duration::ZERO),
             Kind::SlowAlways => (503, SLOW_REPLY),
             // Slow the first time the receiver sees it, whatever its delivery count says
             // (a given-back attempt does not count).
             Kind::SlowOnce if slowed.lock().unwrap().insert(hit.id.clone()) => (503, SLOW_REPLY),
-            Kind::SlowOnce | Kind::Healthy => (200, Duration::from_millis(fastrand::u64(0..5))),
+            Kind::SlowOnce | Kind::Healthy | Kind::RetryableOnce => {
+                (200, Duration::from_millis(fastrand::u64(0..5)))
+            }
         };
         if status == 200 {
             *taken
                 .lock()
                 .unwrap()
-                .entry((hit.path.clone(), hit.id.clone()))
+                .entry((hit.path.clone(), stream, hit.id.clone()))
                 .or_default() += 1;
         }
         (status, delay)
@@ -872,13 +1102,31 @@ impl Case {
         if let Some(setup) = case.setup {
             setup(&mut redis.connection());
         }
+        // The streams entries go to: the case's stream, or each of its partitions.
+        let streams: Vec<String> = match case.partitions {
+            Some(n) => (0..n).map(|p| partition_stream(case.stream, p)).collect(),
+            None => vec![case.stream.to_owned()],
+        };
+        if case.partitions.is_some() {
+            // A forward's `source_id` does not say which partition an entry came from, and
+            // a restart's check reads the one stream.
+            assert!(
+                case.groups.iter().all(|g| matches!(g.sink, Sink::Webhook))
+                    && !case
+                        .faults
+                        .iter()
+                        .any(|f| matches!(f, Fault::RestartRedis { .. })),
+                "a partitioned case runs webhook groups without Redis restarts"
+            );
+        }
         let hang = Arc::new(AtomicBool::new(false));
-        let taken: Arc<Mutex<HashMap<(String, String), usize>>> = Arc::default();
+        let taken: Arc<Mutex<Taken>> = Arc::default();
+        let calls: Arc<Mutex<Vec<Call>>> = Arc::default();
         let hook = case
             .groups
             .iter()
             .any(|g| matches!(g.sink, Sink::Webhook))
-            .then(|| receiver(hang.clone(), taken.clone()));
+            .then(|| receiver(hang.clone(), taken.clone(), calls.clone()));
 
         let mut report = Report {
             case: case.name.clone(),
@@ -894,7 +1142,14 @@ impl Case {
         let policies: Vec<Policy> = case
             .groups
             .iter()
-            .map(|g| Policy::from(&resolved[g.name], case.stream, g.name))
+            .map(|g| {
+                Policy::from(
+                    &resolved[g.name],
+                    case.stream,
+                    g.name,
+                    case.partitions.is_some(),
+                )
+            })
             .collect();
 
         let groups_toml: String = case
@@ -920,20 +1175,36 @@ impl Case {
         wait_until(Duration::from_secs(30), "every group created", || {
             case.groups
                 .iter()
-                .all(|g| group_state(&mut probe, case.stream, g.name).is_some())
+                .all(|g| groups_state(&mut probe, &streams, g.name).is_some())
         });
 
         // Produce, and inject the faults on schedule.
         let stop = Arc::new(AtomicBool::new(false));
         let entry = Arc::new(case.entry);
-        let producer = spawn_producer(url.clone(), case.stream, case.rate, entry, stop.clone());
+        let producer = spawn_producer(
+            url.clone(),
+            streams.clone(),
+            case.partitions,
+            case.rate,
+            entry,
+            stop.clone(),
+        );
         let started = Instant::now();
         let producing = Duration::from_secs_f64(case.seconds);
         let mut in_flight = vec![0usize; case.groups.len()];
-        let mut next_kill = case.faults.iter().find_map(|f| match f {
-            Fault::KillReplicas { every } => Some(every.mul_f64(0.6 + 0.8 * fastrand::f64())),
-            _ => None,
-        });
+        // When each fault that stops replicas strikes next.
+        let mut next_stop: Vec<Option<Duration>> = case
+            .faults
+            .iter()
+            .map(|f| match f {
+                Fault::KillReplicas { every } | Fault::TerminateReplicas { every } => {
+                    Some(every.mul_f64(0.6 + 0.8 * fastrand::f64()))
+                }
+                _ => None,
+            })
+            .collect();
+        // SIGTERMed replicas draining, with when they were told.
+        let mut stopping: Vec<(Instant, Daemon)> = Vec::new();
         // (scope starts at, because a restart erased what came before)
         let mut scope_from: Option<Instant> = None;
         let mut done: HashSet<usize> = HashSet::new();
@@ -943,7 +1214,7 @@ impl Case {
             for (i, fault) in case.faults.iter().enumerate() {
                 match fault {
                     Fault::KillReplicas { every } => {
-                        if next_kill.is_some_and(|at| now >= at) {
+                        if next_stop[i].is_some_and(|at| now >= at) {
                             let victim = fastrand::usize(..replicas.len());
                             let (name, mut daemon) =
                                 std::mem::replace(&mut replicas[victim], start_replica());
@@ -951,29 +1222,42 @@ impl Case {
                             tally_log(&daemon.logs(), &mut logs);
                             // Frozen now: nobody claims its entries before claim_idle.
                             for (gi, g) in case.groups.iter().enumerate() {
-                                let n = probe
-                                    .with(|c| {
-                                        redis::cmd("XPENDING")
-                                            .arg(case.stream)
-                                            .arg(g.name)
-                                            .arg("-")
-                                            .arg("+")
-                                            .arg(100_000)
-                                            .arg(&name)
-                                            .query::<Vec<redis::Value>>(c)
-                                    })
-                                    .map(|rows| rows.len())
-                                    .unwrap_or(0);
-                                in_flight[gi] += n;
+                                for stream in &streams {
+                                    let n = probe
+                                        .with(|c| {
+                                            redis::cmd("XPENDING")
+                                                .arg(stream)
+                                                .arg(g.name)
+                                                .arg("-")
+                                                .arg("+")
+                                                .arg(100_000)
+                                                .arg(&name)
+                                                .query::<Vec<redis::Value>>(c)
+                                        })
+                                        .map(|rows| rows.len())
+                                        .unwrap_or(0);
+                                    in_flight[gi] += n;
+                                }
                             }
                             report.kills += 1;
-                            next_kill = Some(now + every.mul_f64(0.6 + 0.8 * fastrand::f64()));
+                            next_stop[i] = Some(now + every.mul_f64(0.6 + 0.8 * fastrand::f64()));
+                        }
+                    }
+                    Fault::TerminateReplicas { every } => {
+                        if next_stop[i].is_some_and(|at| now >= at) {
+                            let victim = fastrand::usize(..replicas.len());
+                            let (_, daemon) =
+                                std::mem::replace(&mut replicas[victim], start_replica());
+                            daemon.terminate();
+                            stopping.push((Instant::now(), daemon));
+                            report.terminations += 1;
+                            next_stop[i] = Some(now + every.mul_f64(0.6 + 0.8 * fastrand::f64()));
                         }
                     }
                     Fault::RestartRedis { at, down, erases } => {
                         if now >= *at && done.insert(i) {
                             for (gi, g) in case.groups.iter().enumerate() {
-                                in_flight[gi] += group_state(&mut probe, case.stream, g.name)
+                                in_flight[gi] += groups_state(&mut probe, &streams, g.name)
                                     .map(|(p, _)| p as usize)
                                     .unwrap_or(0);
                             }
@@ -1082,12 +1366,22 @@ impl Case {
         }
 
         // Watch until every entry has its fate and nothing is pending, or time is up.
-        let mut dlqs: Vec<StreamReader> = policies
+        // Per group, per stream: a partition's dead letters are its own.
+        let mut dlqs: Vec<Vec<StreamReader>> = case
+            .groups
             .iter()
-            .map(|p| {
-                StreamReader::new(p.dead_letter_stream.clone(), b"dlq_origin_id", |k| {
-                    k.starts_with(b"dlq_")
-                })
+            .zip(&policies)
+            .map(|(g, policy)| {
+                streams
+                    .iter()
+                    .map(|stream| {
+                        let key = match case.partitions {
+                            Some(_) => streamworker::dead_letter::default_stream(stream, g.name),
+                            None => policy.dead_letter_stream.clone(),
+                        };
+                        StreamReader::new(key, b"dlq_origin_id", |k| k.starts_with(b"dlq_"))
+                    })
+                    .collect()
             })
             .collect();
         let mut targets: Vec<Option<StreamReader>> = case
@@ -1100,16 +1394,25 @@ impl Case {
                 Sink::Webhook => None,
             })
             .collect();
-        let handled_of = |gi: usize, targets: &Vec<Option<StreamReader>>, id: &str| -> usize {
+        let handled_of = |gi: usize, targets: &Vec<Option<StreamReader>>, p: &Produced| -> usize {
             match &targets[gi] {
-                Some(t) => t.seen.get(id).map(|s| s.count).unwrap_or(0),
+                Some(t) => t.seen.get(&p.id).map(|s| s.count).unwrap_or(0),
                 None => taken
                     .lock()
                     .unwrap()
-                    .get(&(case.groups[gi].name.to_owned(), id.to_owned()))
+                    .get(&(
+                        case.groups[gi].name.to_owned(),
+                        streams[p.part].clone(),
+                        p.id.clone(),
+                    ))
                     .copied()
                     .unwrap_or(0),
             }
+        };
+        // Where an entry is, for messages.
+        let describe = |p: &Produced| match case.partitions {
+            Some(_) => format!("{}/{} ({})", streams[p.part], p.id, p.kind.tag()),
+            None => format!("{} ({})", p.id, p.kind.tag()),
         };
         let in_scope = |p: &Produced| scope_from.is_none_or(|from| p.at >= from);
         let settle_limit = policies
@@ -1123,7 +1426,7 @@ impl Case {
         let mut next_account = Instant::now();
         loop {
             for (gi, g) in case.groups.iter().enumerate() {
-                let state = group_state(&mut probe, case.stream, g.name);
+                let state = groups_state(&mut probe, &streams, g.name);
                 pending[gi] = state.map(|(p, _)| p);
                 if lag_zero[gi].is_none() && state.is_some_and(|(_, zero)| zero) {
                     lag_zero[gi] = Some(ended.elapsed());
@@ -1131,15 +1434,24 @@ impl Case {
             }
             if Instant::now() >= next_account {
                 next_account = Instant::now() + Duration::from_millis(250);
-                for r in dlqs.iter_mut().chain(targets.iter_mut().flatten()) {
+                for r in dlqs
+                    .iter_mut()
+                    .flatten()
+                    .chain(targets.iter_mut().flatten())
+                {
                     r.poll(&mut probe);
                 }
-                let settled = case.groups.iter().enumerate().all(|(gi, _)| {
+                let live: HashSet<&str> = replicas.iter().map(|(n, _)| n.as_str()).collect();
+                let settled = case.groups.iter().enumerate().all(|(gi, g)| {
                     pending[gi] == Some(0)
                         && lag_zero[gi].is_some()
                         && produced.iter().filter(|p| in_scope(p)).all(|p| {
-                            handled_of(gi, &targets, &p.id) > 0 || dlqs[gi].seen.contains_key(&p.id)
+                            handled_of(gi, &targets, p) > 0
+                                || dlqs[gi][p.part].seen.contains_key(&p.id)
                         })
+                        && (case.partitions.is_none()
+                            || unowned(&mut probe, &streams, g.name, &live)
+                                .is_some_and(|u| u.is_empty()))
                 });
                 if settled {
                     report.settled_after = Some(ended.elapsed());
@@ -1151,26 +1463,51 @@ impl Case {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        for r in dlqs.iter_mut().chain(targets.iter_mut().flatten()) {
+        for r in dlqs
+            .iter_mut()
+            .flatten()
+            .chain(targets.iter_mut().flatten())
+        {
             r.poll(&mut probe);
         }
+        // The SIGTERMed replicas must have exited (drained) by now.
+        let shutdown_timeout = Duration::from_secs(10);
+        for (told, mut daemon) in stopping {
+            let left =
+                (told + shutdown_timeout + LOAD_SLACK).saturating_duration_since(Instant::now());
+            if daemon.wait(left).is_none() {
+                report.stuck_on_sigterm += 1;
+                daemon.kill();
+            }
+            tally_log(&daemon.logs(), &mut logs);
+        }
+        let live: HashSet<&str> = replicas.iter().map(|(n, _)| n.as_str()).collect();
+        let calls = std::mem::take(&mut *calls.lock().unwrap());
 
         // The account.
         for (gi, g) in case.groups.iter().enumerate() {
             let policy = &policies[gi];
-            let dlq = &dlqs[gi].seen;
             let mut r = GroupReport {
                 group: g.name.to_owned(),
                 in_flight_at_kills: in_flight[gi],
                 lag_zero_after: lag_zero[gi],
                 stall_bound: policy.stall_bound() + LOAD_SLACK,
                 pending_at_end: pending[gi],
+                ordered: g.order_by.is_some(),
+                partitioned: case.partitions.is_some(),
                 ..Default::default()
             };
+            if r.ordered {
+                (r.out_of_order, r.order_sample) = out_of_order(&calls, g.name);
+            }
+            if r.partitioned {
+                r.unowned = unowned(&mut probe, &streams, g.name, &live)
+                    .unwrap_or_else(|| vec!["(Redis did not answer)".into()]);
+            }
             r.stalled = lag_zero[gi].is_none_or(|d| d > r.stall_bound);
             for p in &produced {
-                let handled = handled_of(gi, &targets, &p.id);
-                let dead = dlq.get(&p.id);
+                let handled = handled_of(gi, &targets, p);
+                let dead = dlqs[gi][p.part].seen.get(&p.id);
                 if !in_scope(p) {
                     if handled == 0 && dead.is_none() {
                         r.erased += 1;
@@ -1183,7 +1520,7 @@ impl Case {
                     r.duplicates += handled - 1;
                     if handled > 1 && r.duplicate_sample.len() < 5 {
                         r.duplicate_sample
-                            .push(format!("{} ({}) ×{handled}", p.id, p.kind.tag()));
+                            .push(format!("{} ×{handled}", describe(p)));
                     }
                     if let Some(t) = &targets[gi]
                         && t.seen[&p.id].hash != p.hash
@@ -1218,7 +1555,7 @@ impl Case {
                 if handled == 0 && dead.is_none() {
                     r.lost += 1;
                     if r.lost_sample.len() < 5 {
-                        r.lost_sample.push(format!("{} ({})", p.id, p.kind.tag()));
+                        r.lost_sample.push(describe(p));
                     }
                 }
             }

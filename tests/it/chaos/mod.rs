@@ -1,7 +1,8 @@
 //! The fault matrix (issue 10): each case a named scenario — SIGKILLed replicas, Redis
 //! restarts with and without persistence, retryable and permanent poison, slow handlers,
 //! a refusing forward target, `maxmemory` with `noeviction`, huge entries, bytes that are
-//! not UTF-8, a hanging webhook, and the old soak combining kills, a restart and poison —
+//! not UTF-8, a hanging webhook, the old soak combining kills, a restart and poison, and a
+//! partitioned group with per-key order whose replicas are SIGKILLed and SIGTERMed —
 //! run with the **default failure policy** (only `handler_timeout`, `claim_idle` and the
 //! backoff's bounds are shortened, so that a case takes seconds; `check` must accept the
 //! result and must resolve every other key to its default).
@@ -11,7 +12,9 @@
 //! `claim_idle` + the longest backoff after producing stops), every poison entry is
 //! dead-lettered exactly once (with a `dlq_error` naming the cause), no healthy entry is
 //! dead-lettered, duplicates are no more than the entries in flight at the kills, and what
-//! was dead-lettered or forwarded is byte for byte what was produced.
+//! was dead-lettered or forwarded is byte for byte what was produced; and for a group with
+//! `order_by`, no key's entries were called out of id order, and for a partitioned group,
+//! every partition was held by a live replica at the end.
 //!
 //! CI runs every case in its short form (a few seconds each) as an ordinary test;
 //! `scripts/chaos [seconds] [case]` runs the full form and prints one table.
@@ -100,6 +103,11 @@ fn soak() {
     short("soak");
 }
 
+#[test]
+fn partitioned_ordered() {
+    short("partitioned_ordered");
+}
+
 /// The pass rule itself: every broken rule is named with its figures, and a clean account
 /// passes.
 #[test]
@@ -179,6 +187,22 @@ fn the_pass_rule_names_every_broken_rule() {
                 ..clean.clone()
             },
         ),
+        (
+            "out of id order",
+            harness::GroupReport {
+                ordered: true,
+                out_of_order: 1,
+                ..clean.clone()
+            },
+        ),
+        (
+            "unowned",
+            harness::GroupReport {
+                partitioned: true,
+                unowned: vec!["orders:p2 (no lease)".into()],
+                ..clean.clone()
+            },
+        ),
     ];
     for (what, g) in broken {
         let failures = report(g).failures();
@@ -187,6 +211,49 @@ fn the_pass_rule_names_every_broken_rule() {
             "{what}: {failures:?}"
         );
     }
+    // A replica that does not exit on SIGTERM breaks the case, whatever its groups say.
+    let stuck = Report {
+        stuck_on_sigterm: 1,
+        ..report(clean.clone())
+    };
+    let failures = stuck.failures();
+    assert!(
+        failures.len() == 1 && failures[0].contains("SIGTERM"),
+        "{failures:?}"
+    );
+}
+
+/// The order check: a call for an older entry of a key after a newer one of that key is
+/// flagged (by arrival, whatever order the calls were recorded in); a call for the same
+/// entry again, and other keys' entries in between, are not; other groups are not looked at.
+#[test]
+fn the_order_check_flags_an_older_entry_after_a_newer_one_of_its_key() {
+    let t0 = std::time::Instant::now();
+    let call = |group: &str, key: &str, id: (u64, u64), ms: u64| harness::Call {
+        group: group.into(),
+        key: key.into(),
+        id,
+        at: t0 + std::time::Duration::from_millis(ms),
+    };
+    let in_order = [
+        call("billing", "a", (1, 0), 0),
+        call("billing", "b", (5, 0), 1),
+        call("billing", "a", (1, 0), 2), // a retry of the same entry
+        call("billing", "a", (2, 0), 3),
+        call("billing", "b", (5, 1), 4),
+        call("other", "a", (1, 0), 5), // another group's order is its own
+    ];
+    assert_eq!(harness::out_of_order(&in_order, "billing").0, 0);
+    let broken = [
+        call("billing", "a", (2, 0), 3),
+        call("billing", "a", (1, 5), 4), // older than (2, 0), recorded first
+        call("billing", "a", (1, 0), 0),
+        call("billing", "b", (9, 0), 1),
+        call("billing", "a", (3, 0), 5),
+    ];
+    let (count, sample) = harness::out_of_order(&broken, "billing");
+    assert_eq!(count, 1, "{sample:?}");
+    assert!(sample[0].contains("key a: 1-5 after 2-0"), "{sample:?}");
 }
 
 /// The matrix refuses a configuration that strays from the default failure policy.
