@@ -1,4 +1,9 @@
 //! What `/livez` and `/readyz` report: per-group heartbeats and whether Redis answers.
+//!
+//! A partitioned group has one heartbeat for the replica's owner of its partitions (the
+//! group's: running or not is `/readyz`'s concern) and one per partition whose loop this
+//! replica runs, so a wedged partition loop fails `/livez` as an ordinary group's loop does
+//! while the owner and the other partitions keep beating.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,7 +21,25 @@ pub struct Health {
 struct Inner {
     epoch: Instant,
     redis_up: AtomicBool,
-    groups: std::sync::Mutex<Vec<(String, Heartbeat)>>,
+    groups: std::sync::Mutex<Vec<Registered>>,
+}
+
+#[derive(Debug)]
+struct Registered {
+    group: String,
+    /// The partition stream, for a partition's loop; `None` for a group's own heartbeat.
+    partition: Option<String>,
+    beat: Heartbeat,
+}
+
+impl Registered {
+    /// How `/livez` names it: the group, and the partition's stream.
+    fn name(&self) -> String {
+        match &self.partition {
+            Some(stream) => format!("{} ({stream})", self.group),
+            None => self.group.clone(),
+        }
+    }
 }
 
 impl Default for Health {
@@ -41,6 +64,8 @@ impl Health {
     /// lag.
     pub fn register(&self, group: &str, stall_after: Duration, idle_after: Duration) -> Heartbeat {
         let beat = Heartbeat {
+            health: Arc::downgrade(&self.inner),
+            group: group.into(),
             epoch: self.inner.epoch,
             last_ms: Arc::new(AtomicU64::new(0)),
             progress_ms: Arc::new(AtomicU64::new(0)),
@@ -55,7 +80,11 @@ impl Health {
             .groups
             .lock()
             .expect("health lock")
-            .push((group.to_owned(), beat.clone()));
+            .push(Registered {
+                group: group.to_owned(),
+                partition: None,
+                beat: beat.clone(),
+            });
         beat
     }
 
@@ -77,32 +106,38 @@ impl Health {
             .lock()
             .expect("health lock")
             .iter()
-            .filter(|(_, b)| b.running.load(Ordering::Relaxed) && b.is_stalled())
-            .map(|(name, _)| name.clone())
+            .filter(|r| r.beat.running.load(Ordering::Relaxed) && r.beat.is_stalled())
+            .map(Registered::name)
             .collect()
     }
 
-    /// Records each group's lag, as the housekeeping last read it.
+    /// Records each group's lag, as the housekeeping last read it: a partition's on its
+    /// loop's heartbeat (the owner of a group's partitions reads nothing itself).
     pub fn set_lags(&self, reports: &[crate::inspect::StreamReport]) {
         let groups = self.inner.groups.lock().expect("health lock");
         for report in reports {
             for g in report.groups.iter().filter(|g| g.managed) {
-                for (_, beat) in groups.iter().filter(|(name, _)| *name == g.group) {
-                    beat.lag.store(g.lag.unwrap_or(0), Ordering::Relaxed);
+                let partition = g.partition.as_ref().map(|_| &report.stream);
+                for r in groups
+                    .iter()
+                    .filter(|r| r.group == g.group && r.partition.as_ref() == partition)
+                {
+                    r.beat.lag.store(g.lag.unwrap_or(0), Ordering::Relaxed);
                 }
             }
         }
     }
 
-    /// Groups not currently running their consumer loop.
+    /// Groups not currently running their consumer loop (for a partitioned group, the
+    /// owner of its partitions: a partition this replica does not run is someone else's).
     pub fn not_running(&self) -> Vec<String> {
         self.inner
             .groups
             .lock()
             .expect("health lock")
             .iter()
-            .filter(|(_, b)| !b.running.load(Ordering::Relaxed))
-            .map(|(name, _)| name.clone())
+            .filter(|r| r.partition.is_none() && !r.beat.running.load(Ordering::Relaxed))
+            .map(Registered::name)
             .collect()
     }
 }
@@ -111,6 +146,9 @@ impl Health {
 /// read timing out, so a silent stream still beats every `block`.
 #[derive(Clone, Debug)]
 pub struct Heartbeat {
+    /// Where partition heartbeats are registered ([`Heartbeat::partition`]).
+    health: std::sync::Weak<Inner>,
+    group: String,
     epoch: Instant,
     last_ms: Arc<AtomicU64>,
     /// When the loop last fetched or settled entries, or waited on purpose.
@@ -123,6 +161,51 @@ pub struct Heartbeat {
 }
 
 impl Heartbeat {
+    /// The heartbeat of partition `stream`'s loop in this (partitioned) group, with the
+    /// group's limits: registered the first time the partition runs here, the same one
+    /// each time after. It counts for `/livez` only while the loop runs, so the guard the
+    /// caller holds marks it stopped however the loop ends (a panic included).
+    pub fn partition(&self, stream: &str) -> (Heartbeat, Stopped) {
+        let beat = match self.health.upgrade() {
+            Some(inner) => {
+                let mut groups = inner.groups.lock().expect("health lock");
+                let found = groups
+                    .iter()
+                    .find(|r| r.group == self.group && r.partition.as_deref() == Some(stream))
+                    .map(|r| r.beat.clone());
+                found.unwrap_or_else(|| {
+                    let beat = self.fresh();
+                    groups.push(Registered {
+                        group: self.group.clone(),
+                        partition: Some(stream.to_owned()),
+                        beat: beat.clone(),
+                    });
+                    beat
+                })
+            }
+            // Nothing reads it any more (the process is ending): a heartbeat of its own.
+            None => self.fresh(),
+        };
+        beat.beat();
+        beat.progress();
+        (beat.clone(), Stopped(beat))
+    }
+
+    /// A heartbeat with this one's limits, not running, no lag.
+    fn fresh(&self) -> Heartbeat {
+        Heartbeat {
+            health: self.health.clone(),
+            group: self.group.clone(),
+            epoch: self.epoch,
+            last_ms: Arc::new(AtomicU64::new(0)),
+            progress_ms: Arc::new(AtomicU64::new(0)),
+            lag: Arc::new(AtomicU64::new(0)),
+            running: Arc::new(AtomicBool::new(false)),
+            stall_after: self.stall_after,
+            idle_after: self.idle_after,
+        }
+    }
+
     pub fn beat(&self) {
         self.last_ms
             .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -149,6 +232,16 @@ impl Heartbeat {
         self.since(&self.last_ms) > self.stall_after
             || (self.lag.load(Ordering::Relaxed) > 0
                 && self.since(&self.progress_ms) > self.idle_after)
+    }
+}
+
+/// Marks a partition's heartbeat as not running when dropped ([`Heartbeat::partition`]).
+#[derive(Debug)]
+pub struct Stopped(Heartbeat);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        self.0.running.store(false, Ordering::Relaxed);
     }
 }
 
@@ -197,5 +290,63 @@ mod tests {
         assert!(health.stalled().is_empty(), "progress clears it");
         tokio::time::advance(Duration::from_secs(11)).await;
         assert_eq!(health.stalled(), vec!["g".to_owned()], "no beat at all");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wedged_partition_loop_is_stalled_while_its_owner_beats() {
+        let health = Health::new();
+        let owner = health.register("g", Duration::from_secs(10), Duration::from_secs(30));
+        owner.set_running(true);
+        let (p0, stopped0) = owner.partition("s:p0");
+        let (p1, _stopped1) = owner.partition("s:p1");
+        p0.set_running(true);
+        p1.set_running(true);
+        for _ in 0..12 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            owner.beat();
+            p1.beat();
+        }
+        assert_eq!(health.stalled(), vec!["g (s:p0)".to_owned()]);
+        assert!(health.not_running().is_empty());
+        // The partition released: its loop's end is not a stall, nor the group not running.
+        drop(stopped0);
+        assert!(health.stalled().is_empty());
+        assert!(health.not_running().is_empty());
+        // Taken again: the same heartbeat, beating afresh.
+        let (again, _stopped) = owner.partition("s:p0");
+        again.set_running(true);
+        assert!(health.stalled().is_empty());
+        assert_eq!(health.inner.groups.lock().unwrap().len(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_partition_with_lag_and_no_progress_is_stalled_not_its_siblings() {
+        let health = Health::new();
+        let owner = health.register("g", Duration::from_secs(10), Duration::from_secs(30));
+        owner.set_running(true);
+        let (p0, _s0) = owner.partition("s:p0");
+        let (p1, _s1) = owner.partition("s:p1");
+        p0.set_running(true);
+        p1.set_running(true);
+        let mut reports = report("g", 0);
+        reports[0].stream = "s:p0".into();
+        reports[0].groups[0].partition = Some(crate::inspect::PartitionReport {
+            partition: 0,
+            partitions: 2,
+            stream: "s".into(),
+            owner: None,
+        });
+        let mut p1_report = reports[0].clone();
+        p1_report.stream = "s:p1".into();
+        p1_report.groups[0].lag = Some(7);
+        reports.push(p1_report);
+        health.set_lags(&reports);
+        for _ in 0..40 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            owner.beat();
+            p0.beat();
+            p1.beat();
+        }
+        assert_eq!(health.stalled(), vec!["g (s:p1)".to_owned()]);
     }
 }

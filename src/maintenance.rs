@@ -81,23 +81,100 @@ pub async fn run(
     }
 }
 
-async fn retention(client: &Client, config: &Config, metrics: &Metrics) {
+/// One stream key retention trims, with the bounds that apply to it and the configured
+/// groups that read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Target<'a> {
+    key: String,
+    max_len: Option<u64>,
+    max_age: Option<Duration>,
+    /// Configured groups reading `key`: trimming waits until each exists on it.
+    groups: Vec<&'a str>,
+}
+
+/// What `[streams.<name>] retention` trims. The stream `<name>` itself, as written; and when
+/// a partitioned group reads `<name>`, each of its partition streams: `max_age` as is, and
+/// `max_len` split evenly, `ceil(max_len / partitions)` each, so the partitions together
+/// keep at least `max_len` entries (and at most `partitions - 1` more), as one stream
+/// would. A partition with a `[streams.<name>:p<n>] retention` of its own is left to that.
+fn targets(config: &Config) -> Vec<Target<'_>> {
+    let mut targets = Vec::new();
     for (stream, settings) in &config.streams {
         let Some(retention) = &settings.retention else {
             continue;
         };
+        targets.push(Target {
+            key: stream.clone(),
+            max_len: retention.max_len,
+            max_age: retention.max_age,
+            groups: readers(config, stream),
+        });
+        // `check` lets partitioned groups on one stream disagree on the count; the
+        // partition streams are then those of the largest.
+        let Some(partitions) = config
+            .groups
+            .values()
+            .filter(|g| &g.stream == stream)
+            .filter_map(|g| g.partitions)
+            .max()
+        else {
+            continue;
+        };
+        for key in crate::partition::partition_streams(stream, partitions) {
+            if config
+                .streams
+                .get(&key)
+                .is_some_and(|s| s.retention.is_some())
+            {
+                continue;
+            }
+            targets.push(Target {
+                max_len: retention
+                    .max_len
+                    .map(|n| n.div_ceil(u64::from(partitions.max(1)))),
+                max_age: retention.max_age,
+                groups: readers(config, &key),
+                key,
+            });
+        }
+    }
+    targets
+}
+
+/// The configured groups that read the stream `key`: ordinary groups on it, and
+/// partitioned groups with `key` among their partition streams.
+fn readers<'a>(config: &'a Config, key: &str) -> Vec<&'a str> {
+    config
+        .groups
+        .values()
+        .filter(|g| match g.partitions {
+            None => g.stream == key,
+            Some(n) => key
+                .strip_prefix(g.stream.as_str())
+                .and_then(|rest| rest.strip_prefix(":p"))
+                .and_then(|p| p.parse::<u32>().ok())
+                .is_some_and(|p| p < n && crate::partition::partition_stream(&g.stream, p) == key),
+        })
+        .map(|g| g.name.as_str())
+        .collect()
+}
+
+async fn retention(client: &Client, config: &Config, metrics: &Metrics) {
+    for target in targets(config) {
+        let stream = &target.key;
         let groups: Vec<String> = match client.groups(stream).await {
             Ok(groups) => groups.into_iter().map(|g| g.name).collect(),
             Err(_) => continue,
         };
-        // A configured group that does not exist yet (its replica has not started) would
-        // lose everything trimmed now: wait for it.
-        if let Some(missing) = config
+        // A configured group that does not exist yet (its replica has not started, or no
+        // replica has taken this partition yet) would lose everything trimmed now: wait
+        // for it.
+        if let Some(missing) = target
             .groups
-            .values()
-            .find(|g| &g.stream == stream && !groups.contains(&g.name))
+            .iter()
+            .find(|g| !groups.iter().any(|have| have == *g))
         {
-            tracing::debug!(stream = %stream, group = %missing.name, "retention waits until every configured group exists");
+            tracing::debug!(stream = %stream, group = %missing, "retention waits until every configured group exists");
             continue;
         }
         let mut total = 0;
@@ -107,13 +184,7 @@ async fn retention(client: &Client, config: &Config, metrics: &Metrics) {
                 .unwrap_or_default()
                 .as_millis() as u64;
             match client
-                .retain(
-                    stream,
-                    retention.max_len,
-                    retention.max_age,
-                    now_ms,
-                    TRIM_STEP,
-                )
+                .retain(stream, target.max_len, target.max_age, now_ms, TRIM_STEP)
                 .await
             {
                 Ok(done) => {
@@ -135,5 +206,98 @@ async fn retention(client: &Client, config: &Config, metrics: &Metrics) {
         if total > 0 {
             tracing::debug!(stream = %stream, trimmed = total, "retention trimmed the stream");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Config {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("streamworker.toml");
+        std::fs::write(&path, text).unwrap();
+        crate::config::load_with_env(&path, Default::default())
+            .unwrap_or_else(|e| panic!("{text}\n→ {e}"))
+    }
+
+    fn target(key: &str, max_len: Option<u64>, groups: &[&'static str]) -> Target<'static> {
+        Target {
+            key: key.into(),
+            max_len,
+            max_age: Some(Duration::from_secs(3600)),
+            groups: groups.to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_partitioned_streams_retention_is_split_over_its_partitions() {
+        let config = load(
+            r#"
+[streams.orders]
+retention = { max_len = 10, max_age = "1h" }
+
+[groups.billing]
+stream = "orders"
+handler = "noop"
+partitions = 4
+
+[groups.audit]
+stream = "orders"
+handler = "noop"
+"#,
+        );
+        assert_eq!(
+            targets(&config),
+            vec![
+                target("orders", Some(10), &["audit"]),
+                target("orders:p0", Some(3), &["billing"]),
+                target("orders:p1", Some(3), &["billing"]),
+                target("orders:p2", Some(3), &["billing"]),
+                target("orders:p3", Some(3), &["billing"]),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_partitions_own_retention_wins_and_counts_may_differ() {
+        let config = load(
+            r#"
+[streams.orders]
+retention = { max_len = 5, max_age = "1h" }
+
+[streams."orders:p1"]
+retention = { max_len = 100, max_age = "1h" }
+
+[groups.billing]
+stream = "orders"
+handler = "noop"
+partitions = 2
+
+[groups.shipping]
+stream = "orders"
+handler = "noop"
+partitions = 3
+"#,
+        );
+        assert_eq!(
+            targets(&config),
+            vec![
+                target("orders", Some(5), &[]),
+                // ceil(5 / 3): the partition streams are the larger group's.
+                target("orders:p0", Some(2), &["billing", "shipping"]),
+                target("orders:p2", Some(2), &["shipping"]),
+                target("orders:p1", Some(100), &["billing", "shipping"]),
+            ]
+        );
+    }
+
+    #[test]
+    fn max_len_below_the_partition_count_keeps_one_per_partition() {
+        let config = load(
+            "[streams.s]\nretention = { max_len = 1 }\n[groups.g]\nstream = \"s\"\nhandler = \"noop\"\npartitions = 3\n",
+        );
+        let lens: Vec<_> = targets(&config).iter().map(|t| t.max_len).collect();
+        assert_eq!(lens, vec![Some(1), Some(1), Some(1), Some(1)]);
     }
 }

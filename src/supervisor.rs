@@ -357,7 +357,13 @@ async fn run_partitions(
                 shutdown: stop,
                 ..shared.clone()
             };
-            Box::pin(run_group(partition, shared, heartbeat.clone()))
+            // Each partition's loop beats its own heartbeat, so a wedged one fails
+            // `/livez` though the owner and the other partitions keep beating.
+            let (beat, stopped) = heartbeat.partition(&partition.stream);
+            Box::pin(async move {
+                let _stopped = stopped;
+                run_group(partition, shared, beat).await
+            })
         })
     };
     crate::partition::owner::Owner {

@@ -110,6 +110,22 @@ fn describe(y: &Yaml) -> String {
 // ---- the Kubernetes manifests -------------------------------------------------------------
 
 const KUBE_DIR: &str = "deploy/kubernetes";
+/// Examples beside the manifests, which `kubectl apply -k` leaves out (a second
+/// ScaledObject for the same Deployment, say): checked on their own.
+const KUBE_EXAMPLES: &str = "examples";
+
+/// The manifests `kubectl apply -k deploy/kubernetes` may apply: every YAML file there but
+/// the kustomization and the examples.
+fn kube_manifests() -> Vec<PathBuf> {
+    let dir = repo().join(KUBE_DIR);
+    yaml_files(&dir)
+        .into_iter()
+        .filter(|p| {
+            let relative = p.strip_prefix(&dir).unwrap();
+            relative != Path::new("kustomization.yaml") && !relative.starts_with(KUBE_EXAMPLES)
+        })
+        .collect()
+}
 
 struct Kube {
     objects: Vec<Yaml>,
@@ -117,11 +133,7 @@ struct Kube {
 
 impl Kube {
     fn load() -> Self {
-        let objects = yaml_files(&repo().join(KUBE_DIR))
-            .iter()
-            .filter(|p| p.file_name().is_some_and(|n| n != "kustomization.yaml"))
-            .flat_map(|p| yaml_docs(p))
-            .collect();
+        let objects = kube_manifests().iter().flat_map(|p| yaml_docs(p)).collect();
         Self { objects }
     }
 
@@ -898,10 +910,9 @@ fn the_kustomization_lists_every_manifest_and_each_kind_has_its_api_version() {
         .iter()
         .map(scalar)
         .collect();
-    let present: BTreeSet<String> = yaml_files(&dir)
+    let present: BTreeSet<String> = kube_manifests()
         .iter()
         .map(|p| p.strip_prefix(&dir).unwrap().display().to_string())
-        .filter(|p| p != "kustomization.yaml")
         .collect();
     assert_eq!(
         listed, present,
@@ -1319,6 +1330,105 @@ fn keda_scales_the_deployment_on_the_lag_of_a_configured_group() {
             Kube::key_for(volume, "secret", &file)
         );
     }
+}
+
+const KEDA_PARTITIONED: &str = "deploy/kubernetes/examples/keda-partitioned.yaml";
+
+/// The configuration a file under `deploy/` shows in its comments, between
+/// `# --- streamworker.toml ---` and `# --- end ---`, uncommented.
+fn commented_toml(path: &str) -> String {
+    let text = read(path);
+    let start = text
+        .find("# --- streamworker.toml ---\n")
+        .unwrap_or_else(|| panic!("{path} shows no `# --- streamworker.toml ---` block"));
+    let block = &text[start..];
+    let end = block
+        .find("# --- end ---")
+        .unwrap_or_else(|| panic!("{path}: the streamworker.toml block has no `# --- end ---`"));
+    block[..end]
+        .lines()
+        .skip(1)
+        .map(|l| {
+            l.strip_prefix("# ")
+                .or_else(|| l.strip_prefix('#'))
+                .unwrap_or_else(|| panic!("{path}: {l:?} in the TOML block is not a comment"))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn the_partitioned_keda_example_scales_on_every_partitions_lag_up_to_the_partition_count() {
+    let docs = yaml_docs(&repo().join(KEDA_PARTITIONED));
+    let [so] = docs.as_slice() else {
+        panic!(
+            "{KEDA_PARTITIONED}: expected one document, found {}",
+            docs.len()
+        );
+    };
+    assert_eq!(str_at(so, "apiVersion"), "keda.sh/v1alpha1");
+    assert_eq!(str_at(so, "kind"), "ScaledObject");
+    // Not applied with the shipped manifests: KEDA refuses two ScaledObjects on one
+    // Deployment, and the shipped ConfigMap has no partitioned group.
+    let kustomization = read(&format!("{KUBE_DIR}/kustomization.yaml"));
+    assert!(
+        !kustomization.contains(KUBE_EXAMPLES),
+        "kustomization.yaml applies the examples"
+    );
+    let kube = Kube::load();
+    assert_eq!(
+        str_at(so, "spec.scaleTargetRef.name"),
+        str_at(kube.deployment(), "metadata.name"),
+        "the example scales another workload than the shipped Deployment"
+    );
+
+    // The configuration it goes with is valid, and its group is partitioned.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("streamworker.toml");
+    std::fs::write(&file, commented_toml(KEDA_PARTITIONED)).unwrap();
+    let resolved = check_passes(KEDA_PARTITIONED, &file, &BTreeMap::new());
+    let triggers = list_at(so, "spec.triggers");
+    let [trigger] = triggers else {
+        panic!("one trigger: KEDA scales on the largest of several, not their sum");
+    };
+    assert_eq!(str_at(trigger, "type"), "prometheus");
+    let m = string_map(at(trigger, "metadata"));
+    let query = m.get("query").expect("query");
+    let (name, group) = groups(&resolved)
+        .into_iter()
+        .find(|(name, _)| query.contains(&format!("streamworker_group_lag{{group=\"{name}\"}}")))
+        .unwrap_or_else(|| panic!("{query:?} sums the lag of no group of the example's TOML"));
+    assert!(
+        query.starts_with("sum(max by (stream, group) (streamworker_group_lag{"),
+        "{query:?}: the max per partition stream (every replica exports each), summed"
+    );
+    let partitions = resolved["groups"][&name]
+        .get("partitions")
+        .and_then(toml::Value::as_integer)
+        .unwrap_or_else(|| panic!("group {name} on {group} is not partitioned"));
+
+    let min = at(so, "spec.minReplicaCount")
+        .as_i64()
+        .expect("minReplicaCount");
+    let max = at(so, "spec.maxReplicaCount")
+        .as_i64()
+        .expect("maxReplicaCount");
+    assert!(1 <= min && min <= max, "min {min}, max {max}");
+    assert!(
+        max <= partitions,
+        "maxReplicaCount {max} above the {partitions} partitions: the replicas beyond them own none"
+    );
+    let threshold: f64 = m.get("threshold").expect("threshold").parse().unwrap();
+    let activation: f64 = m
+        .get("activationThreshold")
+        .expect("activationThreshold")
+        .parse()
+        .unwrap();
+    assert!(0.0 < activation && activation <= threshold);
+    assert!(
+        m.get("serverAddress")
+            .is_some_and(|a| a.starts_with("http"))
+    );
 }
 
 #[test]

@@ -1031,3 +1031,60 @@ fn promtool_alert_scenarios_fire_as_expected() {
     .unwrap();
     println!("{}", promtool(&["test", "rules", path.to_str().unwrap()]));
 }
+
+// ------------------------------------------------------------------------------------------
+// The KEDA query for a partitioned group (deploy/kubernetes/examples/keda-partitioned.yaml).
+// ------------------------------------------------------------------------------------------
+
+const KEDA_PARTITIONED: &str = "deploy/kubernetes/examples/keda-partitioned.yaml";
+
+/// The example ScaledObject's prometheus query.
+fn keda_partitioned_query() -> String {
+    let docs = yaml_docs(&repo_path(KEDA_PARTITIONED));
+    docs[0]["spec"]["triggers"][0]["metadata"]["query"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{KEDA_PARTITIONED}: no prometheus query"))
+        .to_owned()
+}
+
+#[test]
+fn the_partitioned_keda_query_reads_the_group_gauge_the_right_way() {
+    let query = keda_partitioned_query();
+    let (problems, used) = expr_problems(&query);
+    assert!(problems.is_empty(), "{query}: {}", problems.join("\n"));
+    assert_eq!(used, BTreeSet::from(["streamworker_group_lag"]));
+}
+
+/// Two replicas export the lag of all four partitions (the same figures, read a moment
+/// apart), a third replica of another group exports its own: the query is the group's
+/// backlog, each partition counted once.
+#[test]
+fn promtool_evaluates_the_partitioned_keda_query_to_the_groups_backlog() {
+    require_promtool("promtool test rules");
+    let query = keda_partitioned_query();
+    let mut series = String::new();
+    for (instance, lags) in [("a", [3, 0, 5, 9]), ("b", [3, 0, 4, 9])] {
+        for (p, lag) in lags.iter().enumerate() {
+            series.push_str(&format!(
+                "      - series: 'streamworker_group_lag{{instance=\"{instance}\",group=\"billing\",stream=\"orders:p{p}\"}}'\n        values: '{lag}x10'\n"
+            ));
+        }
+    }
+    series.push_str(
+        "      - series: 'streamworker_group_lag{instance=\"c\",group=\"shipping\",stream=\"orders\"}'\n        values: '100x10'\n",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("none.yml");
+    std::fs::write(&rules, "groups: []\n").unwrap();
+    let test = dir.path().join("keda-test.yml");
+    std::fs::write(
+        &test,
+        format!(
+            "rule_files:\n  - {}\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n{series}    promql_expr_test:\n      - expr: {}\n        eval_time: 5m\n        exp_samples:\n          - labels: '{{}}'\n            value: 17\n",
+            serde_json::to_string(rules.to_str().unwrap()).unwrap(),
+            serde_json::to_string(&query).unwrap(),
+        ),
+    )
+    .unwrap();
+    println!("{}", promtool(&["test", "rules", test.to_str().unwrap()]));
+}

@@ -335,6 +335,146 @@ block = "500ms"
     });
 }
 
+/// A partitioned group's partition loop wedged on one replica: the owner of the partitions
+/// and the other partition keep beating, yet `/livez` names the wedged partition, as it
+/// names an ordinary group's wedged loop.
+#[test]
+fn liveness_fails_when_a_partition_loop_is_wedged() {
+    let redis = RedisServer::start();
+    let groups = r#"
+[groups.stuck]
+stream = "jobs"
+handler = "noop"
+partitions = 2
+block = "500ms"
+handler_timeout = "1m"
+claim_idle = "2m"
+[groups.stuck.options]
+busy = "40s"
+"#;
+    let (cfg, http) = config_with_http(&redis.url(), "r1", groups);
+    let _daemon = Daemon::start(&cfg);
+    let live = || http_get(&http, "/livez");
+    let ready = || http_get(&http, "/readyz").map(|(s, _)| s);
+    let mut con = redis.connection();
+    wait_until(Duration::from_secs(20), "both partitions taken", || {
+        ready() == Some(200)
+            && (0..2).all(|p| group_info(&mut con, &format!("jobs:p{p}"), "stuck").is_some())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        live().map(|(s, _)| s),
+        Some(200),
+        "idle partitions are live"
+    );
+    produce(&mut con, "jobs:p1", &[vec![("n", "1".to_owned())]]);
+    // The blocked thread may hold up other tasks too (the owner, partition 0, through a
+    // connection whose driver waits behind it), so only the wedged partition is certain.
+    wait_until(
+        Duration::from_secs(25),
+        "the wedged partition reported",
+        || live().is_some_and(|(s, why)| s == 503 && why.contains("stuck (jobs:p1)")),
+    );
+}
+
+/// What docs/partitions.md and deploy/kubernetes/examples/keda-partitioned.yaml scale a
+/// partitioned group on: every replica exports `streamworker_group_lag{group, stream}` for
+/// every partition of the group, those it runs or not, so
+/// `sum(max by (stream) (streamworker_group_lag{group="billing"}))` is the group's backlog.
+#[test]
+fn every_replica_exports_the_lag_of_every_partition() {
+    const PARTITIONS: u32 = 4;
+    let redis = RedisServer::start();
+    let mut con = redis.connection();
+    let groups = format!(
+        r#"
+[groups.billing]
+stream = "orders"
+handler = "noop"
+partitions = {PARTITIONS}
+block = "500ms"
+"#
+    );
+    let (cfg_a, http_a) = config_with_http(&redis.url(), "a", &groups);
+    let (cfg_b, http_b) = config_with_http(&redis.url(), "b", &groups);
+    let a = Daemon::start(&cfg_a);
+    let _b = Daemon::start(&cfg_b);
+    let part = |p: u32| streamworker::partition::partition_stream("orders", p);
+    wait_until(Duration::from_secs(30), "every partition's group", || {
+        (0..PARTITIONS).all(|p| group_info(&mut con, &part(p), "billing").is_some())
+    });
+    let path = a.config_path.to_str().unwrap();
+    let (code, out, err) = run_cli(&["pause", "-c", path, "--group", "billing"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    // Every replica stops reading within claim_interval (200 ms here).
+    std::thread::sleep(Duration::from_secs(1));
+    let backlog = [3_usize, 0, 5, 9];
+    for (p, n) in backlog.iter().enumerate() {
+        let entries: Vec<_> = (0..*n).map(|i| vec![("n", i.to_string())]).collect();
+        produce(&mut con, &part(p as u32), &entries);
+    }
+    let total: usize = backlog.iter().sum();
+    let lags = |text: &str| -> Vec<Option<f64>> {
+        (0..PARTITIONS)
+            .map(|p| {
+                metric(
+                    text,
+                    "streamworker_group_lag",
+                    &[("group", "billing"), ("stream", &part(p))],
+                )
+            })
+            .collect()
+    };
+    let want: Vec<Option<f64>> = backlog.iter().map(|n| Some(*n as f64)).collect();
+    let mut texts = Vec::new();
+    for http in [&http_a, &http_b] {
+        let mut last = String::new();
+        wait_until(
+            Duration::from_secs(20),
+            "each partition's lag on /metrics",
+            || {
+                last = http_get(http, "/metrics")
+                    .map(|(_, t)| t)
+                    .unwrap_or_default();
+                lags(&last) == want
+            },
+        );
+        texts.push(last);
+    }
+    // The query, evaluated over both replicas' samples: the max per stream, summed.
+    let mut per_stream: std::collections::BTreeMap<String, f64> = Default::default();
+    for text in &texts {
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("streamworker_group_lag{") && l.contains("group=\"billing\""))
+        {
+            let stream = line
+                .split("stream=\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap()
+                .to_owned();
+            let value: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+            let max = per_stream.entry(stream).or_insert(value);
+            *max = max.max(value);
+        }
+    }
+    assert_eq!(
+        per_stream.keys().cloned().collect::<Vec<_>>(),
+        (0..PARTITIONS).map(part).collect::<Vec<_>>(),
+        "one series per partition, none for the base stream"
+    );
+    let undelivered: u64 = (0..PARTITIONS)
+        .map(|p| {
+            group_info(&mut con, &part(p), "billing")
+                .and_then(|(_, lag)| lag)
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(undelivered, total as u64);
+    assert_eq!(per_stream.values().sum::<f64>(), total as f64);
+}
+
 #[test]
 fn logs_are_json_with_entry_fields_and_never_show_the_password() {
     let password = "pw-Zq8-never-logged";

@@ -448,3 +448,81 @@ fn forgetting_consumers_keeps_those_holding_entries_and_our_own() {
         "the holder's entry is still pending"
     );
 }
+
+/// `[streams.orders] retention` with a partitioned group on `orders`: every partition
+/// stream is trimmed to its share of `max_len` (ceil(max_len / partitions)), never below
+/// what a group on that partition still needs, and `orders` itself, read by an ordinary
+/// group, keeps the whole `max_len`.
+#[test]
+fn retention_trims_every_partition_of_a_partitioned_stream() {
+    const PARTITIONS: u32 = 4;
+    let redis = RedisServer::start();
+    let mut con = redis.connection();
+    let part = |p: u32| streamworker::partition::partition_stream("orders", p);
+    let numbered = |n: usize| {
+        (0..n)
+            .map(|i| vec![("n", i.to_string())])
+            .collect::<Vec<_>>()
+    };
+    let mut ids = Vec::new();
+    for p in 0..PARTITIONS {
+        ids.push(produce(&mut con, &part(p), &numbered(20)));
+    }
+    produce(&mut con, "orders", &numbered(25));
+    // Another application's group on partition 1 read 8 entries and acknowledged 5.
+    create_group(&mut con, &part(1), "outsider", "0");
+    read_as(&mut con, &part(1), "outsider", "x", 8);
+    ack(&mut con, &part(1), "outsider", &ids[1][..5]);
+
+    // max_len 10 over 4 partitions: 3 each (ceil), so together they keep at least 10.
+    let groups = format!(
+        r#"
+[streams.orders]
+retention = {{ max_len = 10 }}
+
+[groups.billing]
+stream = "orders"
+handler = "noop"
+partitions = {PARTITIONS}
+block = "500ms"
+
+[groups.audit]
+stream = "orders"
+handler = "noop"
+block = "500ms"
+"#
+    );
+    let (cfg, http) = config_with_http(&redis.url(), "r1", &groups);
+    let _daemon = Daemon::start(&cfg);
+    let xlen = |con: &mut redis::Connection, key: &str| {
+        redis::cmd("XLEN").arg(key).query::<u64>(con).unwrap()
+    };
+    wait_until(Duration::from_secs(30), "every partition trimmed", || {
+        [0, 2, 3].iter().all(|p| xlen(&mut con, &part(*p)) == 3) && xlen(&mut con, "orders") == 10
+    });
+    for p in [0, 2, 3] {
+        assert_eq!(entries(&mut con, &part(p))[0].0, ids[p as usize][17]);
+    }
+    // Partition 1: entries 6–8 are pending for outsider, 9–20 undelivered to it.
+    assert_eq!(xlen(&mut con, &part(1)), 15);
+    assert_eq!(entries(&mut con, &part(1))[0].0, ids[1][5]);
+    let (_, text) = http_get(&http, "/metrics").unwrap();
+    let blocked = |stream: &str, group: &str| {
+        metric(
+            &text,
+            "streamworker_retention_blocked",
+            &[("stream", stream), ("group", group)],
+        )
+    };
+    assert_eq!(blocked(&part(1), "outsider"), Some(1.0), "{text}");
+    assert_eq!(blocked(&part(1), "billing"), Some(0.0), "{text}");
+    assert_eq!(blocked(&part(0), "billing"), Some(0.0), "{text}");
+    assert_eq!(blocked("orders", "audit"), Some(0.0), "{text}");
+
+    // outsider catches up: partition 1 goes down to its share too.
+    read_as(&mut con, &part(1), "outsider", "x", usize::MAX);
+    ack(&mut con, &part(1), "outsider", &ids[1][5..]);
+    wait_until(Duration::from_secs(20), "partition 1 trimmed", || {
+        xlen(&mut con, &part(1)) == 3
+    });
+}
