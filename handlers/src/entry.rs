@@ -64,8 +64,12 @@ impl EntryId {
 
     /// Writes `ms-seq` into `out` without allocating a `String`.
     pub fn write_to(&self, out: &mut Vec<u8>) {
-        use std::io::Write;
-        let _ = write!(out, "{}-{}", self.ms, self.seq);
+        // itoa, not `write!`: an acknowledgement writes one id per entry, and the
+        // formatting machinery was a few per cent of the daemon's CPU while draining.
+        let mut digits = itoa::Buffer::new();
+        out.extend_from_slice(digits.format(self.ms).as_bytes());
+        out.push(b'-');
+        out.extend_from_slice(digits.format(self.seq).as_bytes());
     }
 }
 
