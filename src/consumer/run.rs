@@ -4,6 +4,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -32,16 +33,16 @@ pub(super) async fn call<H: Handler>(
     timeout: Duration,
     span: tracing::Span,
 ) -> Done {
-    let started = std::time::Instant::now();
-    let outcome = tokio::time::timeout(
-        timeout,
+    let started = tokio::time::Instant::now();
+    let outcome = within(
+        started + timeout,
         AssertUnwindSafe(handler.handle(&entry).instrument(span.clone())).catch_unwind(),
     )
     .await;
     let result = match outcome {
-        Ok(Ok(result)) => result,
-        Ok(Err(panic)) => Err(panicked(panic.as_ref())),
-        Err(_) => Err(timed_out(timeout)),
+        Some(Ok(result)) => result,
+        Some(Err(panic)) => Err(panicked(panic.as_ref())),
+        None => Err(timed_out(timeout)),
     };
     Done {
         entry,
@@ -49,6 +50,27 @@ pub(super) async fn call<H: Handler>(
         elapsed: started.elapsed(),
         span,
     }
+}
+
+/// `future`'s output, or `None` once `deadline` has passed: `tokio::time::timeout`, except
+/// that the timer is set only when the future first has to wait. Most handler calls finish
+/// on their first poll (`noop`, counting, buffering for a batch); setting and clearing a
+/// timer for each of them, and carrying it in every call's future, was a measurable share
+/// of the daemon's CPU per entry while draining.
+pub(super) async fn within<F: Future>(
+    deadline: tokio::time::Instant,
+    future: F,
+) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    let mut timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(output) = future.as_mut().poll(cx) {
+            return Poll::Ready(Some(output));
+        }
+        let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        timer.as_mut().poll(cx).map(|()| None)
+    })
+    .await
 }
 
 /// Runs one batch under `timeout` (the whole batch): a panic, a timeout or a wrong number
@@ -59,16 +81,16 @@ pub(super) async fn call_batch<H: Handler>(
     timeout: Duration,
 ) -> Vec<Done> {
     let (entries, spans): (Vec<Entry>, Vec<tracing::Span>) = batch.into_iter().unzip();
-    let started = std::time::Instant::now();
-    let outcome = tokio::time::timeout(
-        timeout,
+    let started = tokio::time::Instant::now();
+    let outcome = within(
+        started + timeout,
         AssertUnwindSafe(handler.handle_batch(&entries)).catch_unwind(),
     )
     .await;
     let elapsed = started.elapsed();
     let results = match outcome {
-        Ok(Ok(results)) if results.len() == entries.len() => results,
-        Ok(Ok(results)) => {
+        Some(Ok(results)) if results.len() == entries.len() => results,
+        Some(Ok(results)) => {
             let e = HandlerError::retry(format!(
                 "handler returned {} results for a batch of {}",
                 results.len(),
@@ -76,8 +98,8 @@ pub(super) async fn call_batch<H: Handler>(
             ));
             vec![Err(e); entries.len()]
         }
-        Ok(Err(panic)) => vec![Err(panicked(panic.as_ref())); entries.len()],
-        Err(_) => vec![Err(timed_out(timeout)); entries.len()],
+        Some(Err(panic)) => vec![Err(panicked(panic.as_ref())); entries.len()],
+        None => vec![Err(timed_out(timeout)); entries.len()],
     };
     entries
         .into_iter()
@@ -167,5 +189,38 @@ impl<H: Handler> Loop<'_, H> {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
+    use super::within;
+
+    #[tokio::test]
+    async fn within_answers_what_finishes_and_gives_up_on_what_does_not() {
+        let soon = || Instant::now() + Duration::from_millis(200);
+        // Ready at once: no timer needed.
+        assert_eq!(within(soon(), async { 7 }).await, Some(7));
+        // Waits, then finishes before the deadline: the timer set on the first wait must
+        // not end it early.
+        let waits = async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            8
+        };
+        assert_eq!(within(soon(), waits).await, Some(8));
+        // Never finishes: gives up at the deadline, not before.
+        let started = Instant::now();
+        let never = within(
+            started + Duration::from_millis(50),
+            std::future::pending::<()>(),
+        );
+        assert_eq!(never.await, None);
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        // A deadline already past still lets a ready future answer.
+        assert_eq!(within(started, async { 9 }).await, Some(9));
     }
 }
