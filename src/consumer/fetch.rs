@@ -43,6 +43,9 @@ pub(super) enum Resync {
     Done,
 }
 
+/// The most reads one loop keeps queued at Redis while the backlog is deep.
+const PIPELINED_READS: usize = 4;
+
 impl<H: Handler> Loop<'_, H> {
     /// Starts the fetching that can start now: a connection, a resync page, a reclaim or
     /// a read (as free slots, the circuit and a pause allow), waking a blocked read when
@@ -131,10 +134,13 @@ impl<H: Handler> Loop<'_, H> {
                 } else if self.order.as_ref().is_some_and(|o| o.takeover) {
                     // Nothing new until the pending list is taken over (`order.rs`).
                 } else {
+                    // While the backlog is deep, keep up to `PIPELINED_READS` reads queued
+                    // at Redis (as many as free slots allow whole batches for), so that it
+                    // serves the next while this loop handles the last: with one or two,
+                    // Redis waited for the daemon a third of a drain (BENCHMARKS.md).
                     let start_read = match self.reads.len() {
                         0 => roomy(free),
-                        1 => self.backlog && free >= want,
-                        _ => false,
+                        n => n < PIPELINED_READS && self.backlog && free >= want,
                     };
                     if start_read {
                         let count = free.min(cfg.batch_size);
