@@ -331,6 +331,10 @@ struct DlqTarget {
     /// The consumer group (a `[groups.<name>]` table of the configuration).
     #[arg(short, long)]
     group: String,
+    /// For a partitioned group (`partitions = N`): the partition, 0 to N-1, whose stream,
+    /// dead letters and pending entries to work on (each partition has its own).
+    #[arg(long, value_name = "P")]
+    partition: Option<u32>,
 }
 
 #[derive(clap::Args)]
@@ -530,7 +534,7 @@ pub(crate) fn main() -> ExitCode {
                 count,
                 json,
             };
-            on_group(target, move |client, config, group| {
+            on_group(target, false, move |client, config, group| {
                 Box::pin(async move {
                     let text = streamworker::admin::pending::run(
                         &client,
@@ -549,7 +553,7 @@ pub(crate) fn main() -> ExitCode {
             to,
             yes,
             json,
-        } => on_group(target, move |client, _, group| {
+        } => on_group(target, false, move |client, _, group| {
             Box::pin(async move {
                 let plan = streamworker::admin::rewind::run(&client, &group, &to, yes).await?;
                 if json {
@@ -1016,34 +1020,68 @@ fn dlq(action: DlqAction) -> ExitCode {
             )
         }
     };
-    on_group(target, move |client, _, group| work(client, group))
+    on_group(target, false, move |client, _, group| work(client, group))
 }
 
 /// Runs an operator command on one group of the configuration: a group the file does not
-/// have is bad usage (exit 2), named with the groups it has.
+/// have is bad usage (exit 2), named with the groups it has. On a partitioned group the
+/// command works on the partition `--partition` names, as the ordinary group that partition
+/// runs as; without it, only a command that acts on the `whole` group (pause, resume) runs,
+/// since there is no one stream, pending list or dead-letter stream to show.
 fn on_group(
     target: DlqTarget,
+    whole: bool,
     work: impl FnOnce(Client, config::Config, config::GroupConfig) -> AdminFuture + 'static,
 ) -> ExitCode {
     let group_name = target.group.clone();
     let path = target.config.clone();
-    let exists = match load(&path) {
-        Ok(c) => c
-            .groups
-            .contains_key(&group_name)
-            .then_some(())
-            .ok_or_else(|| c.groups.keys().cloned().collect::<Vec<_>>().join(", ")),
+    let partition = target.partition;
+    let config = match load(&path) {
+        Ok(c) => c,
         Err(code) => return code,
     };
-    if let Err(known) = exists {
+    let Some(group) = config.groups.get(&group_name) else {
         eprintln!(
-            "error: {} has no group {group_name:?}; its groups: {known}",
-            path.display()
+            "error: {} has no group {group_name:?}; its groups: {}",
+            path.display(),
+            config.groups.keys().cloned().collect::<Vec<_>>().join(", ")
         );
         return ExitCode::from(EXIT_BAD_CONFIG);
+    };
+    match (group.partitions, partition) {
+        (Some(n), None) if !whole => {
+            eprintln!(
+                "error: group {group_name:?} is partitioned: it has {n} streams ({} … {}), with their own pending entries and dead letters ({}); add --partition P (0 to {}) to choose one",
+                streamworker::partition::partition_stream(&group.stream, 0),
+                streamworker::partition::partition_stream(&group.stream, n.saturating_sub(1)),
+                group.partition_dead_letter_streams(n),
+                n.saturating_sub(1)
+            );
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+        (Some(n), Some(p)) if p >= n => {
+            eprintln!(
+                "error: --partition {p}: group {group_name:?} has {n} partitions, numbered 0 to {}",
+                n - 1
+            );
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+        (None, Some(p)) => {
+            eprintln!(
+                "error: --partition {p}: group {group_name:?} is not partitioned (no `partitions` in its table); leave --partition out"
+            );
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+        _ => {}
     }
     admin(&path, move |client, config| {
         let group = config.groups[&group_name].clone();
+        // A partition runs as an ordinary group on its own stream, with its own dead
+        // letters: the command works on exactly that.
+        let group = match partition {
+            Some(p) => (*streamworker::partition::group_of(&group, p)).clone(),
+            None => group,
+        };
         work(client, config, group)
     })
 }
@@ -1146,7 +1184,7 @@ fn healthcheck(
 }
 
 fn pause(target: DlqTarget, json: bool, pause: bool) -> ExitCode {
-    on_group(target, move |client, config, group| {
+    on_group(target, true, move |client, config, group| {
         Box::pin(async move {
             let outcome = streamworker::admin::pause::run(
                 &client,

@@ -93,7 +93,8 @@ struct Target<'a> {
 }
 
 /// What `[streams.<name>] retention` trims. The stream `<name>` itself, as written; and when
-/// a partitioned group reads `<name>`, each of its partition streams: `max_age` as is, and
+/// `<name>` is partitioned (a group reads it partitioned, or a forward fans out into it),
+/// each of its partition streams: `max_age` as is, and
 /// `max_len` split evenly, `ceil(max_len / partitions)` each, so the partitions together
 /// keep at least `max_len` entries (and at most `partitions - 1` more), as one stream
 /// would. A partition with a `[streams.<name>:p<n>] retention` of its own is left to that.
@@ -109,15 +110,9 @@ fn targets(config: &Config) -> Vec<Target<'_>> {
             max_age: retention.max_age,
             groups: readers(config, stream),
         });
-        // `check` lets partitioned groups on one stream disagree on the count; the
-        // partition streams are then those of the largest.
-        let Some(partitions) = config
-            .groups
-            .values()
-            .filter(|g| &g.stream == stream)
-            .filter_map(|g| g.partitions)
-            .max()
-        else {
+        // Partitioned by a group reading it or by a forward writing it (a forward-only
+        // deployment trims the partitions it fills); `check` makes them agree on the count.
+        let Some(partitions) = config.partitions_of(stream) else {
             continue;
         };
         for key in crate::partition::partition_streams(stream, partitions) {
@@ -260,7 +255,7 @@ handler = "noop"
     }
 
     #[test]
-    fn a_partitions_own_retention_wins_and_counts_may_differ() {
+    fn a_partitions_own_retention_wins() {
         let config = load(
             r#"
 [streams.orders]
@@ -272,7 +267,7 @@ retention = { max_len = 100, max_age = "1h" }
 [groups.billing]
 stream = "orders"
 handler = "noop"
-partitions = 2
+partitions = 3
 
 [groups.shipping]
 stream = "orders"
@@ -284,10 +279,39 @@ partitions = 3
             targets(&config),
             vec![
                 target("orders", Some(5), &[]),
-                // ceil(5 / 3): the partition streams are the larger group's.
+                // ceil(5 / 3)
                 target("orders:p0", Some(2), &["billing", "shipping"]),
-                target("orders:p2", Some(2), &["shipping"]),
+                target("orders:p2", Some(2), &["billing", "shipping"]),
                 target("orders:p1", Some(100), &["billing", "shipping"]),
+            ]
+        );
+    }
+
+    /// A forward fanning out into a partitioned stream, deployed without its readers: the
+    /// target's retention trims the partitions the forward fills, not a bare `events:byuser`
+    /// that nobody writes.
+    #[test]
+    fn a_forwards_partitioned_target_is_trimmed_per_partition() {
+        let config = load(
+            r#"
+[streams."events:byuser"]
+retention = { max_len = 8, max_age = "1h" }
+
+[groups.fanout]
+stream = "events"
+handler = "forward"
+[groups.fanout.options]
+to = "events:byuser"
+partition_by = "user_id"
+partitions = 2
+"#,
+        );
+        assert_eq!(
+            targets(&config),
+            vec![
+                target("events:byuser", Some(8), &[]),
+                target("events:byuser:p0", Some(4), &[]),
+                target("events:byuser:p1", Some(4), &[]),
             ]
         );
     }

@@ -398,7 +398,7 @@ impl ForwardOptions {
                 if self.max_len.is_some() {
                     problem(
                         "max_len".into(),
-                        "cannot be combined with partition_by: cap the partitions with [streams.<partition>] retention instead".into(),
+                        format!("cannot be combined with partition_by: cap the partitions with [streams.\"{}\"] retention instead (split over its partitions)", self.to),
                     );
                 }
                 if crate::hash_input(&self.to) != self.to {

@@ -422,6 +422,22 @@ impl GroupConfig {
 }
 
 impl GroupConfig {
+    /// A partitioned group's dead-letter streams, one per partition, as the first and the
+    /// last (`{orders:p0}:dlq:billing … {orders:p3}:dlq:billing`), for messages; a group of
+    /// 1024 partitions would not fit a line if each were named.
+    pub fn partition_dead_letter_streams(&self, partitions: u32) -> String {
+        let dlq = |p| {
+            crate::dead_letter::default_stream(
+                &crate::partition::partition_stream(&self.stream, p),
+                &self.name,
+            )
+        };
+        match partitions {
+            0 | 1 => dlq(0),
+            n => format!("{} … {}", dlq(0), dlq(n - 1)),
+        }
+    }
+
     /// The partition lease: configured, or the default for this group's handler timeout.
     pub fn partition_lease(&self) -> Duration {
         self.settings
@@ -441,6 +457,35 @@ impl std::ops::Deref for GroupConfig {
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
 
 impl Config {
+    /// Who in this configuration says how many partitions the stream `stream` has, and how
+    /// many: each group reading it partitioned (`groups.<name>.partitions`) and each forward
+    /// fanning out into it (`groups.<name>.options.partitions` with `partition_by`), as
+    /// (key, count). `check` refuses counts that disagree: a key's partition is
+    /// `crc32(key) % partitions`, so writers and readers must share one count.
+    pub fn partition_counts(&self, stream: &str) -> Vec<(String, u32)> {
+        let mut counts = Vec::new();
+        for (name, g) in &self.groups {
+            if let (Some(n), true) = (g.partitions, g.stream == stream) {
+                counts.push((format!("groups.{name}.partitions"), n));
+            }
+            if let Some(f) = g
+                .handler
+                .options::<streamworker_handlers::forward::ForwardOptions>()
+                .filter(|f| f.to == stream && f.partition_by.is_some())
+                && let Some(n) = f.partitions
+            {
+                counts.push((format!("groups.{name}.options.partitions"), n));
+            }
+        }
+        counts
+    }
+
+    /// How many partitions the stream `stream` has by this configuration, if it is
+    /// partitioned here (read by a partitioned group, or a forward's partitioned target).
+    pub fn partitions_of(&self, stream: &str) -> Option<u32> {
+        self.partition_counts(stream).first().map(|(_, n)| *n)
+    }
+
     /// The resolved configuration as TOML, every secret replaced by `<redacted>`.
     pub fn to_redacted_toml(&self) -> String {
         #[derive(Serialize)]
@@ -465,10 +510,15 @@ impl Config {
             .iter()
             .map(|(name, g)| {
                 let mut table = toml::Table::try_from(&g.settings).expect("settings serialize");
-                table.insert(
-                    "dead_letter_stream".into(),
-                    toml::Value::String(g.dead_letter_stream()),
-                );
+                // A partitioned group has no one dead-letter stream (each partition has its
+                // own, named in the note on `partitions`), and `check` refuses an explicit
+                // one on it: printing one would be untrue and would not load again.
+                if g.partitions.is_none() {
+                    table.insert(
+                        "dead_letter_stream".into(),
+                        toml::Value::String(g.dead_letter_stream()),
+                    );
+                }
                 let handler = g.handler.redacted_table();
                 table.extend(handler);
                 (name.as_str(), table)
@@ -494,10 +544,11 @@ impl Config {
                 notes.insert(
                     format!("groups.{name}.partitions"),
                     format!(
-                        "partition of a key: {}; streams {} … {}",
+                        "partition of a key: {}; streams {} … {}; dead letters {}",
                         crate::partition::PARTITION_FUNCTION,
                         crate::partition::partition_stream(&g.stream, 0),
-                        crate::partition::partition_stream(&g.stream, last)
+                        crate::partition::partition_stream(&g.stream, last),
+                        g.partition_dead_letter_streams(n)
                     ),
                 );
             }

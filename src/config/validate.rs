@@ -592,10 +592,7 @@ pub(super) fn validate(config: &Config) -> Vec<(String, String)> {
                     key("dead_letter_stream"),
                     format!(
                         "is set, but a partitioned group keeps dead letters per partition ({}): leave it out",
-                        crate::dead_letter::default_stream(
-                            &crate::partition::partition_stream(&g.stream, 0),
-                            name
-                        )
+                        g.partition_dead_letter_streams(n)
                     ),
                 );
             }
@@ -622,6 +619,28 @@ pub(super) fn validate(config: &Config) -> Vec<(String, String)> {
                         "({}) must be at least three handler_timeouts ({}): a replica that cannot renew stops reading a partition when a third of its lease is left, and its handlers must end before the lease expires; raise partition_lease or lower handler_timeout",
                         human(lease),
                         human(g.handler_timeout.saturating_mul(3))
+                    ),
+                );
+            }
+        }
+        // Readers and writers of one partitioned stream must agree on its partitions: a
+        // key's partition is `crc32(key) % partitions`. Each count that differs from the
+        // first one stated for the stream is refused where it is written.
+        let forward_to = g
+            .handler
+            .options::<streamworker_handlers::forward::ForwardOptions>()
+            .filter(|f| f.partition_by.is_some())
+            .map(|f| (f.to.as_str(), key("options.partitions")));
+        let partitioned = g.partitions.map(|_| (g.stream.as_str(), key("partitions")));
+        for (stream, mine) in partitioned.into_iter().chain(forward_to) {
+            let counts = config.partition_counts(stream);
+            if let Some((first, n)) = counts.first()
+                && let Some((_, m)) = counts.iter().find(|(k, m)| *k == mine && m != n)
+            {
+                problem(
+                    mine,
+                    format!(
+                        "= {m}, but {first} = {n} for the same stream {stream:?}: a key's partition is crc32(key) % partitions, so every group and forward on one partitioned stream must use the same number; make them equal"
                     ),
                 );
             }
@@ -1159,10 +1178,15 @@ mod tests {
         let text = c.to_redacted_toml();
         assert!(
             text.contains(
-                "\npartitions = 8 # partition of a key: crc32(key) % partitions; streams s:p0 … s:p7\n"
+                "\npartitions = 8 # partition of a key: crc32(key) % partitions; streams s:p0 … s:p7; dead letters {s:p0}:dlq:g … {s:p7}:dlq:g\n"
             ),
             "{text}"
         );
+        // No one dead-letter stream (`{s}:dlq:g` holds nothing), and the output loads again:
+        // an explicit dead_letter_stream on a partitioned group is refused.
+        assert!(!text.contains("dead_letter_stream"), "{text}");
+        let again = load(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(again.groups["g"].settings, c.groups["g"].settings);
         assert!(
             text.contains("\npartition_lease = \"1m 30s\" # derived from handler_timeout\n"),
             "{text}"
@@ -1220,5 +1244,36 @@ mod tests {
             "groups.g.partition_lease",
             "must be at least 1s",
         );
+
+        // Every reader and writer of one partitioned stream uses the same count.
+        let on_s = |name: &str, extra: &str| {
+            format!("[groups.{name}]\nstream = \"s\"\nhandler = \"noop\"\n{extra}\n")
+        };
+        let a4 = on_s("a", "partitions = 4");
+        refused(
+            &format!("{a4}{}", on_s("b", "partitions = 8")),
+            "groups.b.partitions",
+            "= 8, but groups.a.partitions = 4 for the same stream \"s\"",
+        );
+        let forward = |n: u32| {
+            format!(
+                "[groups.f]\nstream = \"in\"\nhandler = \"forward\"\n[groups.f.options]\nto = \"s\"\npartition_by = \"k\"\npartitions = {n}\n"
+            )
+        };
+        refused(
+            &format!("{a4}{}", forward(2)),
+            "groups.f.options.partitions",
+            "= 2, but groups.a.partitions = 4",
+        );
+        // Agreeing counts, and a plain group reading the stream's own key, are fine.
+        let fine = format!(
+            "{a4}{}{}{}",
+            on_s("b", "partitions = 4"),
+            on_s("c", ""),
+            forward(4)
+        );
+        let c = load(&fine).unwrap_or_else(|e| panic!("{fine}\n→ {e}"));
+        assert_eq!(c.partitions_of("s"), Some(4));
+        assert_eq!(c.partitions_of("in"), None);
     }
 }

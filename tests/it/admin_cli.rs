@@ -545,3 +545,112 @@ fn alert_runbooks_use_streamworker_commands_that_parse() {
         );
     }
 }
+
+/// A partitioned group has a dead-letter stream per partition (`{orders:p<N>}:dlq:billing`)
+/// and no `{orders}:dlq:billing`: `dlq` must not report that one as empty, but say which
+/// streams hold the dead letters, and reach one with `--partition N`, replaying to the
+/// partition's own stream.
+#[test]
+fn dlq_on_a_partitioned_group_names_its_partitions_and_works_on_one() {
+    let redis = RedisServer::start();
+    let mut con = redis.connection();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        &dir,
+        &config(
+            &redis.url(),
+            "r1",
+            &format!(
+                "{BILLING}partitions = 4\n[groups.plain]\nstream = \"other\"\nhandler = \"noop\"\n"
+            ),
+        ),
+    );
+    let fields = vec![
+        ("n", "7".to_owned()),
+        ("dlq_origin_stream", "orders:p2".into()),
+        ("dlq_origin_id", "1-0".into()),
+        ("dlq_group", "billing".into()),
+        ("dlq_deliveries", "5".into()),
+        ("dlq_error", "boom".into()),
+        ("dlq_failed_at", "2024-05-01T12:00:00Z".into()),
+        ("dlq_consumer", "r1".into()),
+    ];
+    let ids = produce(&mut con, "{orders:p2}:dlq:billing", &[fields]);
+    let dlq = |args: &[&str]| {
+        let mut all = vec!["dlq", args[0], "-c", &path];
+        all.extend_from_slice(&args[1..]);
+        run_cli(&all, &[])
+    };
+
+    // Without a partition: refused, naming the streams and the way to reach one.
+    for command in [
+        &["list", "--group", "billing"][..],
+        &["show", "--group", "billing", &ids[0]],
+        &["replay", "--group", "billing", "--all"],
+        &["purge", "--group", "billing", "--all", "--yes"],
+    ] {
+        let (code, out, err) = dlq(command);
+        assert_eq!(code, 2, "{command:?}: {out}{err}");
+        assert!(!out.contains("{orders}:dlq:billing"), "{out}");
+        assert!(
+            err.contains("{orders:p0}:dlq:billing … {orders:p3}:dlq:billing")
+                && err.contains("--partition"),
+            "{command:?}: {err}"
+        );
+    }
+    // `pending` and `rewind` too: the group has no pending list or position on `orders`.
+    for command in [
+        &["pending", "-c", &path, "--group", "billing"][..],
+        &["rewind", "-c", &path, "--group", "billing", "--to", "0"],
+    ] {
+        let (code, out, err) = run_cli(command, &[]);
+        assert_eq!(code, 2, "{command:?}: {out}{err}");
+        assert!(err.contains("--partition"), "{command:?}: {err}");
+    }
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg("orders:p2")
+        .arg("billing")
+        .arg("0")
+        .arg("MKSTREAM")
+        .query(&mut con)
+        .unwrap();
+    let (code, out, err) = run_cli(
+        &[
+            "pending",
+            "-c",
+            &path,
+            "--group",
+            "billing",
+            "--partition",
+            "2",
+            "--json",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, _, err) = dlq(&["list", "--group", "billing", "--partition", "4"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("0 to 3"), "{err}");
+    let (code, _, err) = dlq(&["list", "--group", "plain", "--partition", "0"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("not partitioned"), "{err}");
+
+    // With one, the partition's own dead letters, replayed to the partition's stream.
+    let (code, out, err) = dlq(&["list", "--group", "billing", "--partition", "2"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("{orders:p2}:dlq:billing: 1 dead letter"),
+        "{out}"
+    );
+    let (code, out, err) = dlq(&["list", "--group", "billing", "--partition", "1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("{orders:p1}:dlq:billing is empty"), "{out}");
+    let (code, out, err) = dlq(&["replay", "--group", "billing", "--partition", "2", "--all"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("replayed 1 dead letter to orders:p2"), "{err}");
+    assert!(entries(&mut con, "{orders:p2}:dlq:billing").is_empty());
+    let replayed = entries(&mut con, "orders:p2");
+    assert_eq!(replayed.len(), 1, "{replayed:?}");
+    assert!(entries(&mut con, "orders").is_empty());
+}

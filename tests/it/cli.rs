@@ -161,6 +161,57 @@ secret = "s3cr3t-signing-key"
     );
 }
 
+/// A partitioned group keeps its dead letters per partition (`{orders:p<N>}:dlq:<group>`),
+/// so `check` must not print the unpartitioned stream's `{orders}:dlq:billing`, and its
+/// output must load again: an explicit `dead_letter_stream` on a partitioned group is
+/// refused, so printing one would make the resolved configuration invalid.
+#[test]
+fn check_names_a_partitioned_groups_dead_letter_streams_and_its_output_loads_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        &dir,
+        r#"
+[groups.billing]
+stream = "orders"
+handler = "noop"
+partitions = 4
+"#,
+    );
+    let (code, stdout, stderr) = run_cli(&["check", "-c", &path], &[]);
+    assert_eq!(code, 0, "stderr: {stderr}");
+    assert!(!stdout.contains("{orders}:dlq:billing"), "{stdout}");
+    assert!(
+        stdout.contains("dead letters {orders:p0}:dlq:billing … {orders:p3}:dlq:billing"),
+        "{stdout}"
+    );
+
+    let again = dir.path().join("resolved.toml");
+    std::fs::write(&again, &stdout).unwrap();
+    let again = again.to_str().unwrap();
+    let (code, _, stderr) = run_cli(&["check", "-c", again], &[]);
+    assert_eq!(
+        code, 0,
+        "check's own output is refused:\n{stderr}\n{stdout}"
+    );
+
+    // The same values (the TOML's comments aside: a derived value is explicit now).
+    let json = |path: &str| {
+        let (code, out, stderr) = run_cli(&["check", "-c", path, "--json"], &[]);
+        assert_eq!(code, 0, "stderr: {stderr}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let resolved = json(&path);
+    assert_eq!(json(again), resolved, "the output loads to the same values");
+    let out = resolved.to_string();
+    assert_eq!(resolved["groups"]["billing"]["partitions"], 4);
+    assert!(
+        resolved["groups"]["billing"]
+            .get("dead_letter_stream")
+            .is_none(),
+        "{out}"
+    );
+}
+
 #[test]
 fn version_and_usage() {
     let (code, stdout, _) = run_cli(&["--version"], &[]);
