@@ -45,6 +45,10 @@ pub(super) enum Resync {
 
 /// The most reads one loop keeps queued at Redis while the backlog is deep.
 const PIPELINED_READS: usize = 4;
+/// A read whose reply is larger keeps Redis busy writing it for long enough that two
+/// queued reads do: more would only hold more memory (measured: 16 KB entries drained
+/// slower with four reads of 512 queued than with two, BENCHMARKS.md).
+const LARGE_READ_BYTES: usize = 1 << 20;
 
 impl<H: Handler> Loop<'_, H> {
     /// Starts the fetching that can start now: a connection, a resync page, a reclaim or
@@ -136,11 +140,12 @@ impl<H: Handler> Loop<'_, H> {
                 } else {
                     // While the backlog is deep, keep up to `PIPELINED_READS` reads queued
                     // at Redis (as many as free slots allow whole batches for), so that it
-                    // serves the next while this loop handles the last: with one or two,
-                    // Redis waited for the daemon a third of a drain (BENCHMARKS.md).
+                    // serves the next while this loop handles the last: with two, Redis
+                    // waited for the daemon a fifth of a drain of small entries
+                    // (BENCHMARKS.md). Two when the reads are large (`read_depth`).
                     let start_read = match self.reads.len() {
                         0 => roomy(free),
-                        n => n < PIPELINED_READS && self.backlog && free >= want,
+                        n => n < self.read_depth && self.backlog && free >= want,
                     };
                     if start_read {
                         let count = free.min(cfg.batch_size);
@@ -281,6 +286,19 @@ impl<H: Handler> Loop<'_, H> {
             Ok(entries) => {
                 self.fetched(Source::Read, &entries);
                 self.backlog = entries.len() == count;
+                // The reply's size, from its first entry: large replies need fewer reads
+                // queued behind them.
+                let size = entries.first().map_or(0, |e| {
+                    e.fields
+                        .iter()
+                        .map(|(n, v)| n.len() + v.len())
+                        .sum::<usize>()
+                }) * entries.len();
+                self.read_depth = if size > LARGE_READ_BYTES {
+                    2
+                } else {
+                    PIPELINED_READS
+                };
                 if entries.is_empty() && self.breaker.wants_probe() {
                     // Nothing fresh to probe with: a reclaimed entry may.
                     self.probe_claims = true;

@@ -239,6 +239,8 @@ struct Loop<'g, H> {
     reserved: usize,
     /// The last read or claim returned a full page: more is waiting.
     backlog: bool,
+    /// How many reads to keep queued at Redis while there is a backlog (`fetch.rs`).
+    read_depth: usize,
     claiming: Option<BoxFuture<'static, (usize, crate::client::Result<Claimed>)>>,
     claim_cursor: EntryId,
     claim_at: Instant,
@@ -323,6 +325,7 @@ impl<'g, H: Handler> Loop<'g, H> {
             reads: FuturesOrdered::new(),
             reserved: 0,
             backlog: false,
+            read_depth: 2,
             claiming: None,
             claim_cursor: EntryId::ZERO,
             claim_at: now,
