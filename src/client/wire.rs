@@ -167,8 +167,11 @@ where
         while !waiting.is_empty() {
             // The usual reply arrives in one read: parse it straight away. Only one that
             // is still incomplete is scanned, so the extra pass costs a big reply, not
-            // every reply.
+            // every reply. A buffer that does not end a line cannot end a reply: parsing
+            // it would build entries only to drop them (with reads pipelined, replies
+            // are often cut, and that waste was a tenth of the daemon's CPU).
             if scan.is_fresh()
+                && buf.ends_with(b"\r\n")
                 && let Ok(Some((entries, used))) = parse_read(&buf)
             {
                 buf.drain(..used);
