@@ -376,49 +376,70 @@ impl Owner {
         // Start looking where this replica's share would begin if partitions were dealt
         // out in order, so replicas joining together do not all race for partition 0.
         let offset = (index as u64 * u64::from(partitions) / members.max(1) as u64) as u32;
-        for i in 0..partitions {
-            if active >= share {
+        let mut candidates = (0..partitions)
+            .map(|i| (offset + i) % partitions)
+            .filter(|p| !running.contains_key(p) && !failed.contains_key(p))
+            .collect::<Vec<_>>()
+            .into_iter();
+        // Ask for as many leases as the share lacks at once (one round trip, not one per
+        // partition: 16 partitions took 16 on start-up), then for more in place of those
+        // another replica holds.
+        while active < share {
+            let batch: Vec<(u32, String)> = candidates
+                .by_ref()
+                .take((share - active) as usize)
+                .map(|p| (p, self.lease_key(p)))
+                .collect();
+            if batch.is_empty() {
                 break;
             }
-            let p = (offset + i) % partitions;
-            if running.contains_key(&p) || failed.contains_key(&p) {
-                continue;
-            }
             self.fence(running, lease);
-            let stream = self.stream(p);
-            let key = self.lease_key(p);
             let sent = Instant::now();
-            let take = self.client.lease(&key, &self.consumer, lease);
-            match tokio::time::timeout(lease / 6, take).await {
-                Ok(Ok(None)) => {
-                    tracing::info!(stream = %stream, group = %self.group.name, "partition taken");
-                    let stop = Shutdown::new(self.shutdown.timeout());
-                    let config = crate::partition::group_of(&self.group, p);
-                    let run = (self.start)(config, stop.clone());
-                    let done = Arc::clone(done);
-                    let task = tokio::spawn(async move {
-                        let result = run.await;
-                        done.notify_one();
-                        result
-                    });
-                    running.insert(
-                        p,
-                        Running {
-                            stop,
-                            task,
-                            renewed_at: sent,
-                            state: State::Active,
-                        },
-                    );
-                    active += 1;
+            let takes = futures_util::future::join_all(
+                batch
+                    .iter()
+                    .map(|(_, key)| self.client.lease(key, &self.consumer, lease)),
+            );
+            // On a timeout they may have been taken: those leases are then ours for a
+            // lifetime, unused.
+            let Ok(results) = tokio::time::timeout(lease / 6, takes).await else {
+                break;
+            };
+            let mut trouble = false;
+            for ((p, key), result) in batch.into_iter().zip(results) {
+                match result {
+                    Ok(None) => {
+                        let stream = self.stream(p);
+                        tracing::info!(stream = %stream, group = %self.group.name, "partition taken");
+                        let stop = Shutdown::new(self.shutdown.timeout());
+                        let config = crate::partition::group_of(&self.group, p);
+                        let run = (self.start)(config, stop.clone());
+                        let done = Arc::clone(done);
+                        let task = tokio::spawn(async move {
+                            let result = run.await;
+                            done.notify_one();
+                            result
+                        });
+                        running.insert(
+                            p,
+                            Running {
+                                stop,
+                                task,
+                                renewed_at: sent,
+                                state: State::Active,
+                            },
+                        );
+                        active += 1;
+                    }
+                    Ok(Some(_)) => {}
+                    Err(e) => {
+                        tracing::debug!(lease = %key, error = %e, "could not take the partition's lease");
+                        trouble = true;
+                    }
                 }
-                Ok(Ok(Some(_))) => {}
-                Ok(Err(e)) => {
-                    tracing::debug!(lease = %key, error = %e, "could not take the partition's lease");
-                    break;
-                }
-                // It may have been taken: its lease is then ours for a lifetime, unused.
-                Err(_) => break,
+            }
+            if trouble {
+                break;
             }
         }
     }
