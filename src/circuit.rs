@@ -151,7 +151,14 @@ impl Breaker {
     }
 
     /// Records a finished entry.
-    pub fn record(&mut self, id: EntryId, outcome: Outcome, now: Instant) -> Option<Transition> {
+    /// `now` is asked only when the circuit opens: most results change no state, and a
+    /// clock read per entry showed in the daemon's profile.
+    pub fn record(
+        &mut self,
+        id: EntryId,
+        outcome: Outcome,
+        now: impl FnOnce() -> Instant,
+    ) -> Option<Transition> {
         if self.config.threshold == 0 {
             return None;
         }
@@ -175,7 +182,7 @@ impl Breaker {
                 }
                 if self.failures >= self.config.threshold {
                     let failures = self.failures;
-                    self.open(now);
+                    self.open(now());
                     return Some(Transition::Opened {
                         failures,
                         window: self.config.window(),
@@ -189,7 +196,7 @@ impl Breaker {
             State::HalfOpen if self.probe == Some(id) => {
                 self.probe = None;
                 if failed {
-                    self.open(now);
+                    self.open(now());
                     Some(Transition::Reopened {
                         pause: self.config.pause,
                     })
@@ -286,15 +293,15 @@ mod tests {
         let now = Instant::now();
         // threshold 3, window 6 (derived: twice the threshold).
         let mut b = breaker(3);
-        assert_eq!(b.record(id(1), FRESH, now), None);
-        assert_eq!(b.record(id(2), FRESH, now), None);
+        assert_eq!(b.record(id(1), FRESH, || now), None);
+        assert_eq!(b.record(id(2), FRESH, || now), None);
         assert_eq!(
-            b.record(id(3), OK, now),
+            b.record(id(3), OK, || now),
             None,
             "a success alone does not reset"
         );
         assert!(matches!(
-            b.record(id(4), FRESH, now),
+            b.record(id(4), FRESH, || now),
             Some(Transition::Opened {
                 failures: 3,
                 window: 6,
@@ -311,7 +318,7 @@ mod tests {
         // 2 failures in every 6: the window never holds 3.
         for n in 0..600 {
             let outcome = if n % 3 == 0 { FRESH } else { OK };
-            assert_eq!(b.record(id(n), outcome, now), None, "result {n}");
+            assert_eq!(b.record(id(n), outcome, || now), None, "result {n}");
         }
         assert!(b.is_closed());
     }
@@ -322,17 +329,17 @@ mod tests {
         let mut b = breaker(3);
         // Poison entries' retries come back together and all fail.
         for n in 0..100 {
-            assert_eq!(b.record(id(n), RETRY, now), None);
+            assert_eq!(b.record(id(n), RETRY, || now), None);
         }
         assert!(b.is_closed());
         // A retry's success still says the downstream answers.
-        b.record(id(200), FRESH, now);
-        b.record(id(201), FRESH, now);
+        b.record(id(200), FRESH, || now);
+        b.record(id(201), FRESH, || now);
         for n in 300..304 {
-            b.record(id(n), OK, now);
+            b.record(id(n), OK, || now);
         }
         assert_eq!(
-            b.record(id(202), FRESH, now),
+            b.record(id(202), FRESH, || now),
             None,
             "2 of the last 6 failed"
         );
@@ -342,7 +349,7 @@ mod tests {
     fn half_open_probes_with_one_entry_and_closes_on_success() {
         let now = Instant::now();
         let mut b = breaker(1);
-        b.record(id(1), FRESH, now);
+        b.record(id(1), FRESH, || now);
         assert_eq!(b.tick(now + Duration::from_secs(1)), None, "still paused");
         assert_eq!(
             b.tick(now + Duration::from_secs(5)),
@@ -357,11 +364,11 @@ mod tests {
         b.started(id(7));
         assert_eq!(b.may_fetch(0), Some(0), "one probe at a time");
         assert_eq!(
-            b.record(id(2), OK, now),
+            b.record(id(2), OK, || now),
             None,
             "a straggler is not the probe"
         );
-        assert_eq!(b.record(id(7), OK, now), Some(Transition::Closed));
+        assert_eq!(b.record(id(7), OK, || now), Some(Transition::Closed));
         assert_eq!(b.may_fetch(5), None);
     }
 
@@ -369,11 +376,11 @@ mod tests {
     fn a_failed_probe_opens_again() {
         let now = Instant::now();
         let mut b = breaker(1);
-        b.record(id(1), FRESH, now);
+        b.record(id(1), FRESH, || now);
         b.tick(now + Duration::from_secs(5));
         b.started(id(2));
         assert!(matches!(
-            b.record(id(2), RETRY, now),
+            b.record(id(2), RETRY, || now),
             Some(Transition::Reopened { .. })
         ));
         assert!(matches!(b.state(), State::Open { .. }));
@@ -384,7 +391,7 @@ mod tests {
         let now = Instant::now();
         let mut b = breaker(0);
         for n in 0..100 {
-            assert_eq!(b.record(id(n), FRESH, now), None);
+            assert_eq!(b.record(id(n), FRESH, || now), None);
         }
         assert!(b.is_closed());
     }

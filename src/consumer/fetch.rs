@@ -140,9 +140,9 @@ impl<H: Handler> Loop<'_, H> {
                 } else {
                     // While the backlog is deep, keep up to `PIPELINED_READS` reads queued
                     // at Redis (as many as free slots allow whole batches for), so that it
-                    // serves the next while this loop handles the last: with two, Redis
-                    // waited for the daemon a fifth of a drain of small entries
-                    // (BENCHMARKS.md). Two when the reads are large (`read_depth`).
+                    // serves the next while this loop handles the last (with two, it waited
+                    // for the daemon between them; BENCHMARKS.md, 2026-12-01). Two when
+                    // the reads are large (`read_depth`).
                     let start_read = match self.reads.len() {
                         0 => roomy(free),
                         n => n < self.read_depth && self.backlog && free >= want,

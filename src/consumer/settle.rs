@@ -508,7 +508,7 @@ impl<H: Handler> Loop<'_, H> {
         // The fate depends on the circuit as it was when the result came in: the failure
         // that opens the circuit is the entry's own, like the failures before it.
         let circuit = self.breaker.state();
-        if let Some(t) = self.breaker.record(entry.id, outcome, Instant::now()) {
+        if let Some(t) = self.breaker.record(entry.id, outcome, Instant::now) {
             self.on_transition(t);
         }
         let (result, effects) = match result {

@@ -126,7 +126,7 @@ fn config(servers: &Servers<'_>, partitions: Option<u32>, listen: &str) -> Strin
     let partitions = partitions.map_or(String::new(), |p| format!("partitions = {p}\n"));
     format!(
         "[redis]\n{redis}\n[worker]\nconsumer = {CONSUMER:?}\n[http]\nlisten = \"{listen}\"\n[telemetry]\nlog_format = \"json\"\n[groups.{GROUP}]\nstream = {STREAM:?}\n{partitions}handler = \"noop\"\n{}",
-        super::DRAIN_SETTINGS
+        super::drain_settings()
     )
 }
 
@@ -409,7 +409,9 @@ pub fn run(options: &Options) -> Result<String, LocalRedisError> {
     }
 
     let mut out = format!(
-        "\nScale-out: {n} entries of {size} bytes, spread over the partitions by `crc32(user_id) % partitions` (900 distinct user ids). One daemon, one group `{GROUP}` on stream `{STREAM}` (with `partitions = P` on the cluster: the daemon takes every partition's lease and runs a loop per partition), noop handler, batch_size 512, concurrency 2048; median of {} runs, interleaved. One private redis-server, and a private cluster of {PRIMARIES} primaries (no replicas, slots split in thirds; \"even slots\": a second cluster whose slots put partition p on primary p mod {PRIMARIES}), all on this machine. Redis CPU is summed over the primaries; busy is each primary's main thread CPU time ÷ the drain's wall time; leased is how many partitions' leases the daemon held when the drain was done (the fewest in any run); taken is how long after the first entry read every partition's loop had created its group, part of the drain's time; \"once all ran\" is the rate of the entries left from then on.\n\n",
+        "\nScale-out: {n} entries of {size} bytes, spread over the partitions by `crc32(user_id) % partitions` (900 distinct user ids). One daemon, one group `{GROUP}` on stream `{STREAM}` (with `partitions = P` on the cluster: the daemon takes every partition's lease and runs a loop per partition), noop handler, batch_size {}, concurrency {}; median of {} runs, interleaved. One private redis-server, and a private cluster of {PRIMARIES} primaries (no replicas, slots split in thirds; \"even slots\": a second cluster whose slots put partition p on primary p mod {PRIMARIES}), all on this machine. Redis CPU is summed over the primaries; busy is each primary's main thread CPU time ÷ the drain's wall time; leased is how many partitions' leases the daemon held when the drain was done (the fewest in any run); taken is how long after the first entry read every partition's loop had created its group, part of the drain's time; \"once all ran\" is the rate of the entries left from then on.\n\n",
+        super::DRAIN_BATCH,
+        super::DRAIN_CONCURRENCY,
         options.runs
     );
     out.push_str("| setup | partitions per primary | leased | taken ms | entries/s | ÷ one stream | entries/s once all ran | ÷ one stream | Redis CPU µs/entry (all primaries) | busy per primary | consumer CPU µs/entry |\n");

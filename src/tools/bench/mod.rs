@@ -1,7 +1,7 @@
 //! `streamworker bench`: measures streamworker against the consumers people write by hand,
 //! side by side in one run, on a private `redis-server`.
 //!
-//! - drain: N pre-loaded entries, `noop` handler, `batch_size` 512, concurrency 2048,
+//! - drain: N pre-loaded entries, `noop` handler, `batch_size` 512, concurrency 2048 (`DRAIN_BATCH`),
 //!   reclaim and metrics on as in production; 1 and 3 replicas; entries/s, Redis
 //!   main-thread CPU per entry (`INFO cpu`), how busy Redis's main thread was while the
 //!   drain ran (its CPU time ÷ wall time, from `/proc`), the consumer's own CPU per entry,
@@ -282,11 +282,16 @@ impl Running {
     }
 }
 
-/// The drained group's settings, one-stream and scale-out alike: batches of 512, and room
-/// for four of them in flight, so that the loop keeps up to four reads queued at Redis
-/// while the backlog is deep (`src/consumer/fetch.rs`); with room for two, Redis waited
-/// for the daemon about a sixth of a drain (BENCHMARKS.md).
-pub(crate) const DRAIN_SETTINGS: &str = "batch_size = 512\nconcurrency = 2048\n";
+/// The drained group's batch size and concurrency, one-stream and scale-out alike: room
+/// for four batches in flight, so that the loop keeps up to four reads queued at Redis
+/// while the backlog is deep (`src/consumer/fetch.rs`, BENCHMARKS.md 2026-12-01).
+pub(crate) const DRAIN_BATCH: usize = 512;
+pub(crate) const DRAIN_CONCURRENCY: usize = 4 * DRAIN_BATCH;
+
+/// [`DRAIN_BATCH`] and [`DRAIN_CONCURRENCY`] as lines of a group's table.
+pub(crate) fn drain_settings() -> String {
+    format!("batch_size = {DRAIN_BATCH}\nconcurrency = {DRAIN_CONCURRENCY}\n")
+}
 
 fn daemon_config(url: &str, consumer: &str, listen: &str) -> String {
     format!(
@@ -301,7 +306,8 @@ log_format = "json"
 [groups.{GROUP}]
 stream = "{STREAM}"
 handler = "noop"
-{DRAIN_SETTINGS}"#
+{}"#,
+        drain_settings()
     )
 }
 
@@ -636,7 +642,7 @@ pub fn run(options: &Options) -> Result<String, crate::tools::local_redis::Local
     }
 
     let mut out = format!(
-        "Drain: pre-loaded entries of 4 fields, noop handler, batch_size 512, concurrency 2048, reclaim and metrics on; median of {} runs, interleaved. One private redis-server on the same machine. Redis busy = its main thread's CPU time ÷ the drain's wall time.\n",
+        "Drain: pre-loaded entries of 4 fields, noop handler, batch_size {DRAIN_BATCH}, concurrency {DRAIN_CONCURRENCY}, reclaim and metrics on; median of {} runs, interleaved. One private redis-server on the same machine. Redis busy = its main thread's CPU time ÷ the drain's wall time.\n",
         options.runs
     );
     for &size in &options.entry_sizes {
